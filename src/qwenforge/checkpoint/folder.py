@@ -1,0 +1,98 @@
+"""Checkpoint folders: reading their config, and writing new ones safely (temp folder, then rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from qwenforge.errors import QwenforgeError
+
+COMPLETE_MARKER = ".qwenforge-complete"
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise QwenforgeError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise QwenforgeError(f"{path}: malformed JSON ({error}); fix or replace the file") from error
+
+
+def read_config(folder: Path) -> dict:
+    """config.json of a checkpoint folder, with a clear error for a missing folder or file."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise QwenforgeError(f"{folder}: no such folder; give a checkpoint folder, config.json, GGUF file or preset")
+    if not (folder / "config.json").exists():
+        raise QwenforgeError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
+    return read_json(folder / "config.json")
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; rename it to `out` only when the block completes.
+
+    An existing `out` is refused unless `force`; a failed or killed run leaves only a
+    `.tmp-*` folder that never looks complete (and is removed on ordinary failures).
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    temp.mkdir()
+    try:
+        yield temp
+        (temp / COMPLETE_MARKER).write_text("")
+        if out.exists():
+            old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(temp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(temp, out)
+        (out / COMPLETE_MARKER).unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
+    """Copy the tokenizer and generation files of a checkpoint folder; returns the names copied."""
+    names = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+        "generation_config.json",
+        "added_tokens.json",
+    ]
+    copied = []
+    for name in names:
+        if (Path(source) / name).exists():
+            shutil.copy2(Path(source) / name, Path(target) / name)
+            copied.append(name)
+    return copied

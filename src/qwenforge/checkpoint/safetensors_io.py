@@ -1,0 +1,235 @@
+"""Streaming read and write of sharded safetensors checkpoints.
+
+Reading is lazy (safetensors' `safe_open`), one tensor at a time. Writing streams too: the
+safetensors library can only save a whole dict at once, so `ShardedWriter` writes each shard's
+header from the planned shapes first and then appends tensors one by one. Peak memory is the
+largest single tensor, never a shard or the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qwenforge.errors import QwenforgeError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+DTYPE_TO_SAFETENSORS = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+SAFETENSORS_TO_DTYPE = {v: k for k, v in DTYPE_TO_SAFETENSORS.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _read_header(file: Path) -> dict:
+    try:
+        with open(file, "rb") as handle:
+            raw = handle.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than a header")
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100_000_000:
+                raise ValueError("implausible header length")
+            header = json.loads(handle.read(length))
+        data_size = file.stat().st_size - 8 - length
+        end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
+        if end > data_size:
+            raise ValueError(f"data ends at byte {end} but the file holds {data_size}")
+        return header
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise QwenforgeError(f"{file}: not a readable safetensors file ({error}); re-download or re-export it") from error
+
+
+def list_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """All tensors of a checkpoint folder (sharded with an index, or one file), without loading them."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as error:
+            raise QwenforgeError(f"{index}: malformed index ({error}); rebuild it or remove it") from error
+        files = sorted({folder / name for name in weight_map.values()})
+    elif (folder / SINGLE_NAME).exists():
+        files = [folder / SINGLE_NAME]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+            raise QwenforgeError(
+                f"{folder}: only pickle checkpoints (*.bin/*.pt) found; qwenforge reads safetensors only "
+                "(convert them with transformers' save_pretrained(safe_serialization=True))"
+            )
+        raise QwenforgeError(f"{folder}: no *.safetensors weights found")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        if not file.exists():
+            raise QwenforgeError(f"{file}: shard listed in {INDEX_NAME} is missing; download it again")
+        for name, info in _read_header(file).items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_TO_DTYPE.get(info["dtype"])
+            if dtype is None:
+                raise QwenforgeError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+            tensors[name] = TensorInfo(name, tuple(info["shape"]), dtype, file)
+    return tensors
+
+
+class TensorReader:
+    """Lazy access to a folder's tensors; keeps shard handles open, loads one tensor per call."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.tensors = list_tensors(self.folder)
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None:
+            raise QwenforgeError(f"{self.folder}: tensor {name} is missing from the checkpoint")
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        return handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.tensors:
+            yield name, self.get(name)
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' / '500MB' / 1000 -> bytes (decimal units, as transformers' max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(text)
+    except ValueError:
+        raise QwenforgeError(f"shard size {size!r} not understood; use e.g. 5GB or 500MB") from None
+
+
+def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> list[list]:
+    """Group (name, shape, dtype) entries, in order, into shards of at most max_shard_bytes."""
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * torch.empty((), dtype=entry[2]).element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+class ShardedWriter:
+    """Writes planned tensors into shards, streaming: `write(name, tensor)` in plan order, then `close()`.
+
+    The plan (names, shapes, dtypes) is fixed up front so every shard's header can be written
+    before its data; a tensor that differs from its plan is a bug and raises.
+    """
+
+    def __init__(self, folder: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size="5GB"):
+        self.folder = Path(folder)
+        self.shards = plan_shards(entries, parse_size(max_shard_size))
+        count = len(self.shards)
+        self.files = (
+            [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self._order = [(shard_index, entry) for shard_index, shard in enumerate(self.shards) for entry in shard]
+        self._position = 0
+        self._handle = None
+        self._shard = -1
+        self.total_bytes = 0
+
+    def _open_shard(self, index: int) -> None:
+        if self._handle:
+            self._handle.close()
+        header, offset = {}, 0
+        for name, shape, dtype in self.shards[index]:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPE_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data start to 8 bytes
+        self._handle = open(self.folder / self.files[index], "wb")
+        self._handle.write(struct.pack("<Q", len(encoded)))
+        self._handle.write(encoded)
+        self._shard = index
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard_index, (planned, shape, dtype) = self._order[self._position]
+        if name != planned or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise RuntimeError(f"writer expected {planned} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if shard_index != self._shard:
+            self._open_shard(shard_index)
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(data)  # numpy's buffer is written directly: no second copy
+        self.total_bytes += data.nbytes
+        self._position += 1
+
+    def close(self) -> None:
+        if self._position != len(self._order):
+            raise RuntimeError(f"writer closed after {self._position} of {len(self._order)} tensors")
+        if self._handle:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+        if len(self.files) > 1:
+            weight_map = {name: self.files[i] for i, entry in self._order for name in [entry[0]]}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_state_dict(folder: Path, state: dict[str, torch.Tensor], max_shard_size="5GB") -> list[str]:
+    """Save an in-memory state dict as (sharded) safetensors; returns the files written."""
+    entries = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    writer = ShardedWriter(folder, entries, max_shard_size)
+    for name, tensor in state.items():
+        writer.write(name, tensor)
+    writer.close()
+    return writer.files

