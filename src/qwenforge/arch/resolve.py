@@ -30,6 +30,15 @@ def load_model_config(model: str) -> tuple[dict, str]:
         return gguf_metadata(path)["config"], str(path)
     if path.exists():
         raise QwenforgeError(f"{path}: not a checkpoint folder, config.json or .gguf file")
-    close = difflib.get_close_matches(model, preset_names(), n=3, cutoff=0.4)
+    close = closest_presets(model)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `qwenforge spec --list` shows the presets"
     raise QwenforgeError(f"{model}: no such file, folder or preset{hint}")
+
+
+def closest_presets(text: str) -> list[str]:
+    """Up to three preset names a typo most likely meant: case-insensitive prefix matches first."""
+    names = preset_names()
+    lowered = {name.lower(): name for name in names}
+    prefix = [name for name in names if name.lower().startswith(text.lower())]
+    fuzzy = [lowered[m] for m in difflib.get_close_matches(text.lower(), list(lowered), n=3, cutoff=0.4)]
+    return list(dict.fromkeys(prefix + fuzzy))[:3]

@@ -1,0 +1,249 @@
+"""Vocabulary transplant: embedding and head rows re-indexed to a target tokenizer by token string.
+
+Tokens are matched by their string, never by id. Shared tokens keep the source's vectors; new
+tokens get vectors from a chosen method; padding rows (beyond the tokenizer) get the mean of
+the real rows, so a padding id's logit is the mean logit, strictly below the maximum and, on
+real text, far below any top-k (a zero row would score 0, which can beat every real token).
+Memory: the source matrix, the output matrix and a sample of rows for the donor projection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qwenforge.errors import QwenforgeError
+
+NEW_TOKEN_METHODS = ("donor-projected", "subword", "mean", "zero")
+PROJECTION_SAMPLE_ROWS = 4096  # plus twice the widest matrix: enough rows for a well-posed least squares
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """What the transplant needs from a tokenizer folder: token strings by id and its chat template."""
+
+    folder: Path
+    vocab: dict[str, int]  # token string -> id, added tokens included
+    special: dict[str, bool]  # added token string -> declared special
+    declared: dict[str, str]  # role (eos_token, pad_token, ...) -> token string
+    chat_template: str | None
+
+    def __len__(self) -> int:
+        return max(self.vocab.values()) + 1
+
+    def token(self, index: int) -> str | None:
+        return self._by_id().get(index)
+
+    def _by_id(self) -> dict[int, str]:
+        return {i: s for s, i in self.vocab.items()}
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """Read a tokenizer folder (tokenizer.json + tokenizer_config.json) without transformers."""
+    folder = Path(folder)
+    file = folder / "tokenizer.json"
+    if not file.exists():
+        raise QwenforgeError(f"{folder}: no tokenizer.json; give a folder with a fast tokenizer (--tokenizer)")
+    try:
+        data = json.loads(file.read_text())
+        vocab = dict(data["model"]["vocab"])
+        special = {}
+        for added in data.get("added_tokens", []):
+            vocab[added["content"]] = added["id"]
+            special[added["content"]] = bool(added.get("special", False))
+    except (ValueError, KeyError, TypeError) as error:
+        raise QwenforgeError(f"{file}: not a readable tokenizer.json ({error}); re-export the tokenizer") from error
+    config = {}
+    if (folder / "tokenizer_config.json").exists():
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    declared = {}
+    for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(role)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value:
+            declared[role] = value
+    template = config.get("chat_template")
+    if (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # named templates: check them all
+        template = "\n".join(item.get("template", "") for item in template)
+    return Tokenizer(folder, vocab, special, declared, template)
+
+
+def template_tokens(template: str | None) -> list[str]:
+    """Special tokens a chat template writes: the `<|...|>` markers (plain tags like `<tools>` are text)."""
+    return sorted(set(re.findall(r"<\|[A-Za-z0-9_]+\|>", template or "")))
+
+
+def check_tokenizer(tokenizer: Tokenizer) -> None:
+    """Every token the chat template or tokenizer_config names must be a single token of the vocabulary."""
+    needed = {token: "chat template" for token in template_tokens(tokenizer.chat_template)}
+    needed.update({token: f"tokenizer_config {role}" for role, token in tokenizer.declared.items()})
+    for token, where in needed.items():
+        if token not in tokenizer.vocab:
+            raise QwenforgeError(
+                f"{tokenizer.folder}: the {where} uses {token} but the tokenizer has no such token; "
+                "use the tokenizer that belongs to this chat template"
+            )
+
+
+@dataclass
+class VocabMap:
+    """target id -> source id for shared tokens; the rest of the tokenizer's ids are new; rows beyond are padding."""
+
+    target_rows: int
+    target_size: int  # ids below this belong to the tokenizer
+    shared: dict[int, int]
+    new: list[int]
+    identity: bool
+    new_tokens: dict[int, str] = field(default_factory=dict)
+
+
+def align(source: Tokenizer, target: Tokenizer, source_rows: int, target_rows: int) -> VocabMap:
+    """Match target tokens to source tokens by string."""
+    if len(source) > source_rows:
+        raise QwenforgeError(
+            f"{source.folder}: tokenizer has {len(source)} tokens but the checkpoint only {source_rows} embedding rows; "
+            "this tokenizer does not belong to this checkpoint"
+        )
+    if len(target) > target_rows:
+        raise QwenforgeError(f"{target.folder}: tokenizer has {len(target)} tokens, more than the {target_rows} output rows")
+    shared, new, new_tokens = {}, [], {}
+    by_id = target._by_id()
+    for index in range(len(target)):
+        token = by_id.get(index)
+        if token is not None and token in source.vocab:
+            shared[index] = source.vocab[token]
+        else:
+            new.append(index)
+            new_tokens[index] = token
+    identity = source_rows == target_rows and not new and all(t == s for t, s in shared.items()) and len(source) == len(target)
+    return VocabMap(target_rows, len(target), shared, new, identity, new_tokens)
+
+
+def special_token_map(source: Tokenizer, target: Tokenizer, vocab_map: VocabMap, method: str) -> list[dict]:
+    """Each added/special token of the target tokenizer, one by one: where its vectors come from."""
+    rows = []
+    for token, index in sorted(target.special.items(), key=lambda item: target.vocab[item[0]]):
+        index = target.vocab[token]
+        source_id = vocab_map.shared.get(index)
+        rows.append(
+            {
+                "token": token,
+                "target_id": index,
+                "special": target.special[token],
+                "source_id": source_id,
+                "init": "copied from source" if source_id is not None else method,
+                "in_chat_template": token in (target.chat_template or ""),
+            }
+        )
+    return rows
+
+
+def read_rows(folder_file: Path, name: str, rows: list[int]) -> torch.Tensor:
+    """Rows of a 2-D tensor read by contiguous runs (safetensors slices), never the whole matrix."""
+    if not rows:
+        return torch.empty(0)
+    with safe_open(str(folder_file), framework="pt") as handle:
+        view = handle.get_slice(name)
+        parts, start = [], 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                parts.append(view[rows[start] : rows[i - 1] + 1])
+                start = i
+        return torch.cat(parts).float()
+
+
+def projection_sample(vocab_map: VocabMap, widest: int) -> list[int]:
+    """Evenly spread chunks of shared target ids for fitting the donor -> source map."""
+    shared = sorted(vocab_map.shared)
+    want = min(len(shared), PROJECTION_SAMPLE_ROWS + 2 * widest)
+    if want == len(shared):
+        return shared
+    chunks = 64
+    size = max(1, want // chunks)
+    step = len(shared) // chunks
+    sample = []
+    for c in range(chunks):
+        sample.extend(shared[c * step : c * step + size])
+    return sample
+
+
+def fit_projection(donor_rows: torch.Tensor, source_rows: torch.Tensor) -> torch.Tensor:
+    """Least-squares linear map (with bias column) from donor space to source space on shared tokens."""
+    design = torch.cat([donor_rows.double(), torch.ones(len(donor_rows), 1, dtype=torch.float64)], dim=1)
+    return torch.linalg.lstsq(design, source_rows.double(), driver="gelsd").solution
+
+
+def apply_projection(mapping: torch.Tensor, donor_rows: torch.Tensor) -> torch.Tensor:
+    design = torch.cat([donor_rows.double(), torch.ones(len(donor_rows), 1, dtype=torch.float64)], dim=1)
+    return (design @ mapping).float()
+
+
+def subword_rows(source_matrix: torch.Tensor, source: Tokenizer, tokens: list[str]) -> torch.Tensor:
+    """Mean of the source rows of each token's pieces under the source tokenizer."""
+    from tokenizers import Tokenizer as FastTokenizer
+
+    fast = FastTokenizer.from_file(str(source.folder / "tokenizer.json"))
+    rows = []
+    mean = None
+    for token in tokens:
+        ids = fast.encode(token or "", add_special_tokens=False).ids if token else []
+        if ids:
+            rows.append(source_matrix[ids].float().mean(0))
+        else:
+            mean = source_matrix.float().mean(0) if mean is None else mean
+            rows.append(mean)
+    return torch.stack(rows) if rows else torch.empty(0, source_matrix.shape[1])
+
+
+def transplant(
+    source_matrix: torch.Tensor,
+    vocab_map: VocabMap,
+    source_size: int,
+    new_rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """The output matrix: shared rows copied, new rows given, padding rows the mean of the real rows."""
+    if vocab_map.identity:
+        return source_matrix
+    out = torch.empty((vocab_map.target_rows, source_matrix.shape[1]), dtype=source_matrix.dtype)
+    targets = torch.tensor(sorted(vocab_map.shared), dtype=torch.long)
+    sources = torch.tensor([vocab_map.shared[t] for t in sorted(vocab_map.shared)], dtype=torch.long)
+    out[targets] = source_matrix[sources]
+    if vocab_map.new:
+        out[torch.tensor(vocab_map.new, dtype=torch.long)] = new_rows.to(source_matrix.dtype)
+    if vocab_map.target_size < vocab_map.target_rows:
+        out[vocab_map.target_size :] = out[: vocab_map.target_size].float().mean(0).to(source_matrix.dtype)
+    return out
+
+
+def new_token_rows(
+    method: str,
+    source_matrix: torch.Tensor,
+    source: Tokenizer,
+    vocab_map: VocabMap,
+    donor_projected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Vectors of the target tokens the source lacks, by method (donor-projected rows come precomputed)."""
+    count = len(vocab_map.new)
+    width = source_matrix.shape[1]
+    if count == 0:
+        return torch.empty(0, width)
+    real = source_matrix[: len(source)].float()
+    if method == "zero":
+        return torch.zeros(count, width)
+    if method == "mean":
+        return real.mean(0).expand(count, width).clone()
+    if method == "subword":
+        return subword_rows(source_matrix, source, [vocab_map.new_tokens[i] for i in vocab_map.new])
+    if method == "donor-projected":
+        if donor_projected is None:
+            raise QwenforgeError("--new-token-init donor-projected needs --donor; choose subword, mean or zero")
+        return donor_projected
+    raise QwenforgeError(f"--new-token-init {method}: choose one of {', '.join(NEW_TOKEN_METHODS)}")
