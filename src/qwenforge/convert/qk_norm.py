@@ -1,0 +1,63 @@
+"""q_norm / k_norm weights for a model trained without them: from a donor, calibrated on text, or ones.
+
+Qwen3 divides every query and key head vector by its own RMS before RoPE; no weight undoes that
+exactly. `calibrated` runs the source on text and picks, per layer and per head dimension, the
+weight w_d minimising sum (w_d * n_d - q_d)^2 over tokens and heads, where q is the source's
+projection (bias included) and n the converted model's normalised projection: the least-squares
+closest the norm can get to the source's activations. Calibration loads the source model once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+QK_NORM_METHODS = ("donor", "calibrated", "ones")
+
+
+def calibrate(source: Path, text: str, keep_bias: bool, max_tokens: int = 1024, window: int = 512) -> dict[str, torch.Tensor]:
+    """{output tensor name: weight} for every layer's q_norm and k_norm, fitted on `text`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    model.eval()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    eps = float(getattr(config, "rms_norm_eps", 1e-6))
+    sums: dict[str, list[torch.Tensor]] = {}
+
+    def hook(name: str, bias: torch.Tensor | None):
+        def accumulate(module, inputs, output):
+            target = output.detach().float().reshape(-1, head_dim)
+            converted = target if keep_bias or bias is None else target - bias.float().reshape(1, -1).repeat(
+                output.shape[-1] // bias.numel(), 1
+            ).reshape(-1, head_dim)[: 1].expand(0, head_dim) if False else target
+            if bias is not None and not keep_bias:
+                converted = (output.detach().float() - bias.float()).reshape(-1, head_dim)
+            normed = converted * torch.rsqrt(converted.pow(2).mean(-1, keepdim=True) + eps)
+            numerator = (target * normed).sum(0)
+            denominator = normed.pow(2).sum(0)
+            if name in sums:
+                sums[name][0] += numerator
+                sums[name][1] += denominator
+            else:
+                sums[name] = [numerator, denominator]
+
+        return accumulate
+
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        for kind in ("q", "k"):
+            projection = getattr(layer.self_attn, f"{kind}_proj")
+            name = f"model.layers.{index}.self_attn.{kind}_norm.weight"
+            handles.append(projection.register_forward_hook(hook(name, projection.bias)))
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:max_tokens]
+    with torch.no_grad():
+        for start in range(0, len(ids), window):
+            model(ids[start : start + window].unsqueeze(0))
+    for handle in handles:
+        handle.remove()
+    del model
+    return {name: numerator / denominator.clamp_min(1e-12) for name, (numerator, denominator) in sums.items()}
