@@ -98,6 +98,501 @@ def demo(
     run_demo(console, workdir=workdir, quick=quick)
 
 
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="Qwen2/Qwen2.5 or Llama-shaped checkpoint folder."),
+    out: Path = typer.Argument(..., help="Qwen3 checkpoint folder to create."),
+    donor: Optional[Path] = typer.Option(None, help="A Qwen3 checkpoint: its tokenizer (default target) and, with --qk-norm donor, its q/k-norm."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Target tokenizer folder (default: the donor's, else the source's own)."),
+    keep_bias: bool = typer.Option(False, "--keep-bias", help="Keep q/k/v biases exactly (attention_bias=True, zero o_proj bias)."),
+    qk_norm: Optional[str] = typer.Option(None, help="donor | calibrated | ones (default: donor with --donor, else calibrated)."),
+    new_token_init: Optional[str] = typer.Option(None, help="donor-projected | subword | mean | zero (default: donor-projected with --donor, else subword)."),
+    calibration_text: Optional[Path] = typer.Option(None, help="Text for q/k-norm calibration (default: qwenforge's calibration.txt)."),
+    fidelity_text: Optional[Path] = typer.Option(None, help="Text for the fidelity measurement (default: qwenforge's heldout.txt)."),
+    max_shard_size: str = typer.Option("5GB", help="Largest output shard, as in transformers (e.g. 5GB, 500MB)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (every output tensor, its source and operation) and write nothing."),
+    strict: bool = typer.Option(False, "--strict", help="Turn pre-flight warnings into errors."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle *.bin weights (tensors only)."),
+    measure: bool = typer.Option(True, "--measure/--no-measure", help="Load the result for a smoke test and a fidelity measurement (loads both models)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (plan or metadata) instead of tables."),
+) -> None:
+    """Rebuild a Qwen2/Qwen2.5 (or Llama-shaped) checkpoint in the Qwen3 architecture, streaming, with provenance.
+
+    Example: [bold]qwenforge convert Qwen2.5-7B-Instruct/ q3/ --donor Qwen3-8B/ --keep-bias --dry-run[/bold]
+
+    Without a donor the source keeps its own tokenizer and q/k-norm is calibrated on text.
+    OUT gets conversion_metadata.json, config_diff.json and a README with the measured fidelity.
+    """
+    from rich.progress import Progress
+
+    from qwenforge.convert import convert as run_convert
+    from qwenforge.convert.plan import format_plan
+
+    options = dict(
+        donor=donor, tokenizer=tokenizer, keep_bias=keep_bias, qk_norm=qk_norm, new_token_init=new_token_init,
+        calibration_text=calibration_text, fidelity_text=fidelity_text, max_shard_size=max_shard_size,
+        strict=strict, force=force, allow_pickle=allow_pickle, measure=measure,
+    )
+    if dry_run:
+        result = run_convert(source, out, dry_run=True, **options)
+        if as_json:
+            print_json({k: v for k, v in result.items() if k != "plan"} | {
+                "tensors": [s.to_dict() for s in result["plan"]["steps"]], "dropped": result["plan"]["dropped"]})
+            return
+        console.print(format_plan(result["plan"]), highlight=False, soft_wrap=True)
+        console.print(f"vocabulary: {result['vocabulary']['summary']}")
+        for warning in result["warnings"]:
+            console.print(f"[yellow]warning:[/yellow] {warning['message']}")
+        return
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("converting", total=None)
+        result = run_convert(source, out, progress=lambda done, total, name: bar.update(task, completed=done, total=total), **options)
+    record = result["metadata"]
+    if as_json:
+        print_json(record)
+        return
+    from qwenforge.compare import summary_line
+
+    for warning in record["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning['message']}")
+    console.print(f"vocabulary: {record['vocabulary']['summary']}")
+    if record.get("smoke_test"):
+        console.print(f"smoke test: {record['smoke_test']['prompt']!r} -> {record['smoke_test']['reply']!r}")
+    if record.get("fidelity"):
+        console.print(f"fidelity vs source: {summary_line(record['fidelity'])}")
+    console.print(f"[green]wrote[/green] {out} ({record['seconds']}s)")
+
+
+@app.command()
+def compare(
+    a: Path = typer.Argument(..., help="Reference checkpoint folder (e.g. the source of a conversion)."),
+    b: Path = typer.Argument(..., help="Candidate checkpoint folder."),
+    text: Path = typer.Option(..., "--text", help="Plain-text file to measure on."),
+    max_tokens: int = typer.Option(1024, help="Use the first N tokens of the text (reference tokenization)."),
+    plot: Optional[Path] = typer.Option(None, help="Write a per-layer hidden-state cosine plot (PNG)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Fidelity of B against A on a text: bits per byte of each; KL(A||B), top-1 agreement, perplexity and per-layer cosine where tokenization is identical.
+
+    Example: [bold]qwenforge compare Qwen2.5-7B/ q3/ --text notes.txt --plot layers.png[/bold]
+    """
+    from qwenforge.compare import compare_files, summary_line
+
+    with console.status("Measuring ..."):
+        result = compare_files(a, b, text, max_tokens=max_tokens, plot=plot)
+    if as_json:
+        print_json(result)
+        return
+    console.print(f"{result['tokens']['reference']} tokens, {result['text_bytes']} bytes of {text}")
+    console.print(summary_line(result))
+    if not result["same_tokenization"]:
+        console.print("tokenizations differ: only bits per byte is comparable")
+    if "layer_cosine" in result:
+        console.print("hidden-state cosine per layer: " + " ".join(f"{v:.3f}" for v in result["layer_cosine"]))
+    if plot:
+        console.print(f"[green]wrote[/green] {plot}")
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="Preset name, checkpoint folder, config.json, GGUF file, or 'embedded'."),
+    mode: str = typer.Option("infer", help="infer, lora, qlora or full."),
+    weights: Optional[str] = typer.Option(
+        None, help="fp32, bf16, fp16, int8, nf4, gptq-int4, awq-int4, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (default: bf16; nf4 for qlora)."
+    ),
+    context: int = typer.Option(4096, help="Tokens per sequence: prompt + output for inference, sequence length for training."),
+    batch: int = typer.Option(1, help="Sequences at once (the micro-batch when training)."),
+    kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV-cache dtype: auto (the engine's default), fp32, bf16, fp16, fp8 (vLLM) or q8_0 (llama.cpp)."),
+    device: Optional[str] = typer.Option(None, help="Device preset, e.g. H100-80GB, RTX-4090, M2-Ultra-64GB."),
+    memory_gb: Optional[float] = typer.Option(None, "--memory", help="Usable memory in GB (GiB) of any other machine."),
+    kind: str = typer.Option("cuda", help="With --memory: cuda, mps or cpu (sets the framework overhead)."),
+    fit: Optional[str] = typer.Option(None, "--fit", help="Rank the setups that fit this device preset."),
+    lora_rank: int = typer.Option(16, help="LoRA rank."),
+    lora_alpha: int = typer.Option(32, help="LoRA alpha (recorded; does not change memory)."),
+    lora_targets: str = typer.Option("all-linear", help="Comma-separated modules (q_proj,...,down_proj) or all-linear."),
+    lora_layers: Optional[str] = typer.Option(None, help="Layer ranges that get adapters, e.g. 0-19,60-79 (default: all)."),
+    lora_dropout: float = typer.Option(0.0, help="LoRA dropout (> 0 keeps a dropout copy of each adapter input)."),
+    zones: Optional[Path] = typer.Option(None, help="A `qwenforge train` YAML: its zones give the per-layer targets and ranks."),
+    optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit or paged."),
+    gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    rope_factor: float = typer.Option(1.0, help="YaRN rope-scaling factor allowing context up to factor x max positions."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG: one stacked bar per candidate setup."),
+) -> None:
+    """Memory needed to run or train MODEL, one line per component with its assumption; what fits a device.
+
+    Examples: [bold]qwenforge plan Qwen2.5-72B-Instruct --mode qlora --context 4096 --device M2-Ultra-64GB[/bold]
+    and [bold]qwenforge plan Qwen3-32B --fit RTX-4090 --context 8192[/bold]
+    """
+    from qwenforge.plan_report import plan_report, plot_report, print_plan
+
+    report = plan_report(
+        model, device=device, memory_gb=memory_gb, kind=kind, fit=fit, mode=mode, weights=weights, context=context, batch=batch,
+        kv_dtype=kv_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, lora_layers=lora_layers,
+        lora_dropout=lora_dropout, zones=zones, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, rope_factor=rope_factor,
+    )
+    if plot:
+        plot_report(report, plot)
+    if as_json:
+        print_json(report)
+        return
+    print_plan(console, report)
+    if plot:
+        console.print(f"[green]wrote[/green] {plot}")
+
+
+@app.command()
+def heal(
+    converted: Path = typer.Argument(..., help="The converted Qwen3 checkpoint folder (qwenforge convert's output)."),
+    out: Path = typer.Argument(..., help="Folder for the healed checkpoint."),
+    teacher: Path = typer.Option(..., "--teacher", help="The source checkpoint the conversion started from."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Healing text (.txt); default: the packaged calibration text."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Evaluation text, different from --text; default: the packaged held-out text."),
+    steps: int = typer.Option(300, "--steps", help="Steps per phase (layerwise, global)."),
+    train: str = typer.Option("norms+qk-lora", "--train", help="What is trained: norms, norms+qk-lora (merged back) or attention."),
+    method: str = typer.Option("layerwise+global", "--method", help="global, layerwise, layerwise+global, or linearize (closed form, seconds)."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop after this much healing time."),
+    divergence: str = typer.Option("forward", "--divergence", help="forward, reverse, jsd or tvd (global phase)."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default depends on --train."),
+    lora_rank: int = typer.Option(16, "--lora-rank"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted heal into the same OUT."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Give back the fidelity a conversion cost: self-distill the converted model from its source.
+
+    Example: [bold]qwenforge heal smol-qwen3 smol-healed --teacher smol --train norms+qk-lora --budget-minutes 10[/bold]
+    """
+    from qwenforge.heal import HealOptions
+    from qwenforge.heal import heal as run_heal
+
+    options = HealOptions(
+        train=train, method=method, steps=steps, budget_minutes=budget_minutes, text=str(text) if text else None,
+        heldout=str(heldout) if heldout else None, divergence=divergence, temperature=temperature,
+        learning_rate=learning_rate, lora_rank=lora_rank,
+    )
+    report = run_heal(converted, out, teacher, options, force=force, resume=resume, console=None if as_json else console)
+    if as_json:
+        print_json({key: report[key] for key in ("before", "after", "trainable_parameters", "seconds_total")})
+        return
+    before, after = report["before"], report["after"]
+    console.print(
+        f"held-out top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}; "
+        f"bits/byte {before['bits_per_byte']:.4f} -> {after['bits_per_byte']:.4f} (source {after['teacher_bits_per_byte']:.4f}); "
+        f"KL {before['kl']:.4f} -> {after['kl']:.4f}"
+    )
+    console.print(f"[green]wrote[/green] {out} (heal_report.json, heal_kl.png)")
+
+
+distill_app = typer.Typer(help="Teacher-to-student logit distillation: capture, train, online, init-student.", no_args_is_help=True)
+app.add_typer(distill_app, name="distill")
+
+
+def _distill_options(**values):
+    from qwenforge.distill.train import DistillOptions
+
+    return DistillOptions(**{key: value for key, value in values.items() if value is not None})
+
+
+@distill_app.command("capture")
+def distill_capture(
+    teacher: Path = typer.Argument(..., help="Teacher checkpoint folder."),
+    data: Path = typer.Option(..., "--data", help="Text (.txt) or JSONL with a \"text\" field."),
+    out: Path = typer.Option(..., "--out", help="Logit store folder to create."),
+    k: int = typer.Option(64, "--k", help="Top-k log-probabilities kept per position."),
+    values: str = typer.Option("float16", "--values", help="float16 or uint8 (square-root quantized)."),
+    sequence_length: int = typer.Option(512, "--sequence-length"),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed capture from its last complete shard."),
+    force: bool = typer.Option(False, "--force"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run the teacher once and store its top-k next-token log-probabilities (sharded, resumable).
+
+    Example: [bold]qwenforge distill capture teacher --data corpus.txt --out teacher-logits --k 64[/bold]
+    """
+    from qwenforge.distill.store import capture
+
+    index = capture(teacher, data, out, k=k, encoding=values, sequence_length=sequence_length, resume=resume, force=force, console=None if as_json else console)
+    facts = {key: index[key] for key in ("tokens", "k", "values", "bytes_per_token", "bytes_on_disk_per_token")}
+    print_json(facts) if as_json else console.print(f"[green]wrote[/green] {out}: {facts}")
+
+
+@distill_app.command("train")
+def distill_train(
+    student: Path = typer.Argument(..., help="Student checkpoint folder (same tokenizer as the store)."),
+    logits: Path = typer.Option(..., "--logits", help="A store written by `distill capture`."),
+    out: Path = typer.Option(..., "--out"),
+    steps: int = typer.Option(200, "--steps"),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes"),
+    learning_rate: float = typer.Option(1e-4, "--lr"),
+    divergence: str = typer.Option("forward", "--divergence", help="forward, reverse, jsd or tvd on the top-k support plus tail."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    ce_weight: float = typer.Option(0.0, "--ce-weight", help="Weight of cross-entropy on the text (1 = no distillation)."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="0 trains every weight; else LoRA of this rank, merged back."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Train a student on a captured logit store; the store's last sequences are held out.
+
+    Example: [bold]qwenforge distill train student --logits teacher-logits --out distilled --steps 500[/bold]
+    """
+    from qwenforge.distill.train import train_from_store
+
+    options = _distill_options(steps=steps, budget_minutes=budget_minutes, learning_rate=learning_rate, divergence=divergence,
+                               temperature=temperature, ce_weight=ce_weight, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
+    report = train_from_store(student, logits, out, options, force=force, console=console)
+    console.print(f"held-out KL {report['before']['kl']:.4f} -> {report['best']['kl']:.4f}; bits/byte {report['before']['bits_per_byte']:.4f} -> {report['best']['bits_per_byte']:.4f}")
+    console.print(f"[green]wrote[/green] {out}")
+
+
+@distill_app.command("online")
+def distill_online(
+    teacher: Path = typer.Argument(..., help="Teacher checkpoint folder."),
+    student: Path = typer.Argument(..., help="Student checkpoint folder (same tokenizer)."),
+    data: Path = typer.Option(..., "--data", help="Training text (.txt or JSONL)."),
+    heldout: Path = typer.Option(..., "--heldout", help="Evaluation text."),
+    out: Path = typer.Option(..., "--out"),
+    steps: int = typer.Option(200, "--steps"),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes"),
+    learning_rate: float = typer.Option(1e-4, "--lr"),
+    divergence: str = typer.Option("forward", "--divergence"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    ce_weight: float = typer.Option(0.0, "--ce-weight"),
+    lora_rank: int = typer.Option(0, "--lora-rank"),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Distill with teacher and student in one process (the engine heal uses).
+
+    Example: [bold]qwenforge distill online teacher student --data train.txt --heldout eval.txt --out distilled[/bold]
+    """
+    from qwenforge.distill.train import train_online
+
+    options = _distill_options(steps=steps, budget_minutes=budget_minutes, learning_rate=learning_rate, divergence=divergence,
+                               temperature=temperature, ce_weight=ce_weight, lora_rank=lora_rank)
+    report = train_online(teacher, student, data, heldout, out, options, force=force, console=console)
+    console.print(f"held-out KL {report['before']['kl']:.4f} -> {report['best']['kl']:.4f}; bits/byte {report['before']['bits_per_byte']:.4f} -> {report['best']['bits_per_byte']:.4f}")
+    console.print(f"[green]wrote[/green] {out}")
+
+
+@distill_app.command("init-student")
+def distill_init_student(
+    teacher: Path = typer.Argument(..., help="Teacher checkpoint folder."),
+    out: Path = typer.Argument(..., help="Student folder to create."),
+    keep_layers: str = typer.Option("half", "--keep-layers", help="'half', 'first:N', or indices like 0,2,4-7."),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """A student made of a subset of the teacher's layers, written as a standard checkpoint.
+
+    Example: [bold]qwenforge distill init-student teacher student --keep-layers half[/bold]
+    """
+    from qwenforge.distill.init_student import init_student
+
+    recipe = init_student(teacher, out, keep_layers, force=force)
+    console.print(f"[green]wrote[/green] {out}: {recipe['layers']} layers {recipe['keep_layers']}")
+
+
+_ENGINE_HELP = "transformers (default), llama.cpp (GGUF models; pip install 'qwenforge[llama-cpp]'), or vllm (serve only)."
+
+
+def _load_options(engine, dtype, quant, device, base, threads, max_context) -> dict:
+    return {"engine": engine, "dtype": dtype, "quant": quant, "device": device, "base": base, "threads": threads, "max_context": max_context}
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument("embedded", help="Checkpoint folder, PEFT adapter folder, .gguf file, or 'embedded'."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    temperature: float = typer.Option(0.7, help="0 = greedy."),
+    top_p: float = typer.Option(0.8),
+    max_new_tokens: int = typer.Option(512),
+    seed: Optional[int] = typer.Option(None),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
+    load: Optional[Path] = typer.Option(None, "--load", help="Start from a conversation saved with /save."),
+    engine: str = typer.Option("transformers", help=_ENGINE_HELP),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),
+    quant: Optional[str] = typer.Option(None, help="none, nf4, int8 (bitsandbytes) or int8-dynamic (CPU)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps or auto (offload)."),
+    base: Optional[str] = typer.Option(None, help="Base model of an adapter folder (default: from adapter_config.json)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
+    max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
+) -> None:
+    """Talk to a model in the terminal: streaming Markdown answers through its own chat template.
+
+    Commands inside: /help /system /set temperature=0.7 top_p=0.8 max_new_tokens=512 /think on|off /reset /save FILE /load FILE /exit.
+    Ctrl-C stops an answer, not the session.
+
+    Example: [bold]qwenforge chat embedded --temperature 0[/bold]
+    """
+    from qwenforge.infer.chat import start_chat
+
+    start_chat(
+        console, model, _load_options(engine, dtype, quant, device, base, threads, max_context),
+        system=system, sampling=dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+        enable_thinking=think, conversation_file=load,
+    )
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Checkpoint folder, PEFT adapter folder, .gguf file, or 'embedded'."),
+    input: Path = typer.Option(..., "--input", "-i", help='JSONL: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} per line.'),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL answers; ids already there are skipped (resume)."),
+    batch_size: int = typer.Option(8, help="Prompts per batch (left-padded)."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
+    top_p: float = typer.Option(1.0),
+    max_new_tokens: int = typer.Option(256),
+    seed: int = typer.Option(0, help="Seeds each batch from its position, so runs (and resumed runs) repeat."),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
+    engine: str = typer.Option("transformers", help=_ENGINE_HELP),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),
+    quant: Optional[str] = typer.Option(None, help="none, nf4, int8 (bitsandbytes) or int8-dynamic (CPU)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps or auto (offload)."),
+    base: Optional[str] = typer.Option(None, help="Base model of an adapter folder."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
+    max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Answer a JSONL file of prompts in batches; resumable, deterministic with --seed.
+
+    Example: [bold]qwenforge generate embedded -i prompts.jsonl -o answers.jsonl[/bold]
+    """
+    from qwenforge.infer.batch import run_generate
+
+    summary = run_generate(
+        console, model, _load_options(engine, dtype, quant, device, base, threads, max_context), input, output,
+        sampling=dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+        batch_size=batch_size, enable_thinking=think, quiet=as_json,
+    )
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(
+            f"[green]wrote[/green] {summary['generated']} answers to {summary['output']} "
+            f"({summary['skipped']} already there), {summary['tokens_per_second']} tokens/s"
+        )
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument("embedded", help="Checkpoint folder, PEFT adapter folder, .gguf file, or 'embedded'."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    served_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the model folder's name)."),
+    engine: str = typer.Option("transformers", help=_ENGINE_HELP),
+    tensor_parallel: int = typer.Option(1, help="GPUs per model (vllm engine)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),
+    quant: Optional[str] = typer.Option(None, help="none, nf4, int8 (bitsandbytes) or int8-dynamic (CPU)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps or auto (offload)."),
+    base: Optional[str] = typer.Option(None, help="Base model of an adapter folder."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
+    max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="vllm engine: print the vllm serve command instead of running it."),
+) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions (streaming or not), /v1/models, /health.
+
+    Example: [bold]qwenforge serve embedded --port 8000[/bold], then
+    OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    """
+    from qwenforge.infer.server import start_server
+
+    start_server(
+        console, model, _load_options(engine, dtype, quant, device, base, threads, max_context),
+        host=host, port=port, api_key=api_key, served_name=served_name, tensor_parallel=tensor_parallel, dry_run=dry_run,
+    )
+
+
+class _TrainGroup(typer.core.TyperGroup):
+    """`qwenforge train CONFIG ...` is `qwenforge train run CONFIG ...`; `train merge` stays a sub-command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+train_app = typer.Typer(
+    cls=_TrainGroup,
+    no_args_is_help=True,
+    help="Zone-LoRA curriculum training: per topic SFT -> evaluate -> DPO -> evaluate. "
+    "Example: [bold]qwenforge train voice.yaml --show-zones[/bold]; [bold]qwenforge train merge RUN OUT[/bold].",
+)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("run")
+def train_run(
+    config_file: Optional[Path] = typer.Argument(None, metavar="CONFIG", help="The training YAML (see --print-config)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config with every default, then exit."),
+    show_zones: bool = typer.Option(False, "--show-zones", help="List which modules of which layers get adapters, then exit."),
+    resume: bool = typer.Option(False, "--resume", help="Continue after the last finished topic or saved step."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    max_steps: Optional[int] = typer.Option(None, help="Override sft.max_steps (a short trial run)."),
+    dpo_steps: Optional[int] = typer.Option(None, help="Override dpo.steps."),
+    output: Optional[str] = typer.Option(None, help="Override the config's output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Train a model's knowledge and voice over a curriculum of topics, zone by zone.
+
+    Example: [bold]qwenforge train --print-config > voice.yaml[/bold], edit it, then
+    [bold]qwenforge train voice.yaml --show-zones[/bold] and [bold]qwenforge train voice.yaml[/bold].
+    Ctrl-C saves a resumable state; [bold]--resume[/bold] continues it.
+    """
+    import yaml
+
+    from qwenforge.train.config import config_to_dict, example_config, load_config
+
+    overrides = {"sft.max_steps": max_steps, "dpo.steps": dpo_steps, "output": output}
+    if config_file is None:
+        if not print_config:
+            raise QwenforgeError("train needs a CONFIG file; `qwenforge train --print-config > train.yaml` writes a full example")
+        data = example_config()
+    else:
+        data = config_to_dict(load_config(config_file, overrides))
+    if print_config:
+        print_json(data) if as_json else sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+        return
+    if show_zones:
+        from qwenforge.train.zones import print_zones, zones_report
+
+        report = zones_report(load_config(config_file, overrides))
+        print_json(report) if as_json else print_zones(console, report)
+        return
+    from qwenforge.train.pipeline import train
+
+    result = train(load_config(config_file, overrides), resume=resume, force=force, console=console)
+    if as_json:
+        print_json(result)
+        return
+    for topic in result["topics"]:
+        stages = [(name, topic.get(name)) for name in ("before", "after_sft", "after_dpo")]
+        scores = ", ".join(f"{name} acc {s['accuracy']:.3f} voice {s['voice']:.3f}" for name, s in stages if s)
+        console.print(f"{topic['topic']}: {scores}; {'passed' if topic['passed'] else 'FAILED'}")
+    console.print(f"[green]wrote[/green] {result['output']} in {result['seconds']:.0f}s (adapters, metrics.jsonl, metrics.png)")
+
+
+@train_app.command("merge")
+def train_merge(
+    run: Path = typer.Argument(..., help="Output folder of `qwenforge train`."),
+    out: Path = typer.Argument(..., help="Checkpoint folder to create."),
+    dtype: str = typer.Option("float32", help="Weight dtype of the output: float32, bfloat16 or float16."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Merge a run's adapters into its base model: a plain checkpoint folder.
+
+    Example: [bold]qwenforge train merge runs/voice merged-voice[/bold]
+    """
+    from qwenforge.train.merge import merge_run
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise QwenforgeError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    with console.status("merging adapters ..."):
+        info = merge_run(run, out, force=force, dtype=dtype)
+    console.print(f"[green]wrote[/green] {out} ({len(info['adapters'])} adapter(s) merged)")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     debug = "--debug" in sys.argv

@@ -9,20 +9,19 @@ closest the norm can get to the source's activations. Calibration loads the sour
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 QK_NORM_METHODS = ("donor", "calibrated", "ones")
 
 
-def calibrate(source: Path, text: str, keep_bias: bool, max_tokens: int = 1024, window: int = 512) -> dict[str, torch.Tensor]:
-    """{output tensor name: weight} for every layer's q_norm and k_norm, fitted on `text`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def calibrate(source, text: str, keep_bias: bool, max_tokens: int = 1024, window: int = 512) -> dict[str, torch.Tensor]:
+    """{output tensor name: weight} for every layer's q_norm and k_norm, fitted on `text`.
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
-    model.eval()
+    `source` is the source folder or a loaded (model, tokenizer) pair.
+    """
+    from qwenforge.compare import load
+
+    model, tokenizer = load(source)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     eps = float(getattr(config, "rms_norm_eps", 1e-6))
@@ -31,9 +30,7 @@ def calibrate(source: Path, text: str, keep_bias: bool, max_tokens: int = 1024, 
     def hook(name: str, bias: torch.Tensor | None):
         def accumulate(module, inputs, output):
             target = output.detach().float().reshape(-1, head_dim)
-            converted = target if keep_bias or bias is None else target - bias.float().reshape(1, -1).repeat(
-                output.shape[-1] // bias.numel(), 1
-            ).reshape(-1, head_dim)[: 1].expand(0, head_dim) if False else target
+            converted = target  # what the converted model normalises: the projection without a dropped bias
             if bias is not None and not keep_bias:
                 converted = (output.detach().float() - bias.float()).reshape(-1, head_dim)
             normed = converted * torch.rsqrt(converted.pow(2).mean(-1, keepdim=True) + eps)
@@ -59,5 +56,4 @@ def calibrate(source: Path, text: str, keep_bias: bool, max_tokens: int = 1024, 
             model(ids[start : start + window].unsqueeze(0))
     for handle in handles:
         handle.remove()
-    del model
     return {name: numerator / denominator.clamp_min(1e-12) for name, (numerator, denominator) in sums.items()}

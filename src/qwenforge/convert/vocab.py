@@ -36,9 +36,6 @@ class Tokenizer:
     def __len__(self) -> int:
         return max(self.vocab.values()) + 1
 
-    def token(self, index: int) -> str | None:
-        return self._by_id().get(index)
-
     def _by_id(self) -> dict[int, str]:
         return {i: s for s, i in self.vocab.items()}
 
@@ -146,11 +143,14 @@ def special_token_map(source: Tokenizer, target: Tokenizer, vocab_map: VocabMap,
     return rows
 
 
-def read_rows(folder_file: Path, name: str, rows: list[int]) -> torch.Tensor:
-    """Rows of a 2-D tensor read by contiguous runs (safetensors slices), never the whole matrix."""
+def read_rows(reader, name: str, rows: list[int]) -> torch.Tensor:
+    """Rows of a 2-D tensor in float32, read by contiguous runs (safetensors slices), never the whole matrix."""
     if not rows:
         return torch.empty(0)
-    with safe_open(str(folder_file), framework="pt") as handle:
+    info = reader.tensors[name]
+    if info.file.suffix != ".safetensors":  # pickle sources are loaded whole anyway
+        return reader.get(name)[torch.tensor(rows)].float()
+    with safe_open(str(info.file), framework="pt") as handle:
         view = handle.get_slice(name)
         parts, start = [], 0
         for i in range(1, len(rows) + 1):

@@ -73,6 +73,7 @@ class DpoSettings:
     steps: int = 20
     batch_size: int = 2
     max_seq_length: int = 512
+    gradient_checkpointing: bool = False
     save_steps: int = 50
 
 
@@ -191,7 +192,7 @@ def _coerce(hint, value, source: str, where: str):
         return _coerce(options[0], value, source, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, source, f"{where}.")
-    if origin is tuple:
+    if origin is tuple or hint is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
             raise QwenforgeError(f"{source}: {where}: expected a list, got {value!r}")

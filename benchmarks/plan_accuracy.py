@@ -1,0 +1,230 @@
+"""How close `qwenforge plan` comes to measured memory: real workloads on this CPU, one fresh process each.
+
+    python benchmarks/plan_accuracy.py            # all cases (~5 minutes on 2 cores)
+    python benchmarks/plan_accuracy.py --quick    # three cases
+
+Each case loads a model (tiny models built from real presets, and the embedded SmolLM2-135M), then
+either generates (inference at a context and batch) or takes one LoRA/QLoRA training step.
+Measured, in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536` so freed tensors go back to the OS:
+  - weights: the bytes of every parameter and buffer storage (deduplicated, so tied embeddings count once);
+  - optimizer states: the bytes of AdamW's state tensors after a warm-up step;
+  - dynamic peak: the rise of peak RSS (VmHWM, reset through /proc/self/clear_refs) over the RSS just
+    before the measured call, after a warm-up call of the same shape has faulted in code and weights.
+The plan's model-dependent part (every line but framework overhead) is compared with weights +
+optimizer states + dynamic peak; the dynamic lines alone (activations, logits, KV cache, gradients)
+are compared with the dynamic peak. The ratio printed is predicted / measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+GENERATED_TOKENS = 4
+WIDE_QWEN3 = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "head_dim": 64}  # head_dim x heads = 512 != hidden: the Qwen3 case
+
+CASES = [
+    # (label, model key, mode, weights, context, batch, lora modules, gradient checkpointing)
+    ("tiny qwen2 infer", "tiny-qwen2", "infer", "fp32", 1024, 1, None, False),
+    ("tiny qwen2-tied infer", "tiny-qwen2-tied", "infer", "fp32", 512, 4, None, False),
+    ("wide qwen3 infer", "wide-qwen3", "infer", "fp32", 2048, 1, None, False),
+    ("SmolLM2 infer", "embedded", "infer", "fp32", 512, 1, None, False),
+    ("SmolLM2 infer", "embedded", "infer", "fp32", 2048, 1, None, False),
+    ("SmolLM2 infer", "embedded", "infer", "fp32", 1024, 4, None, False),
+    ("SmolLM2 infer", "embedded", "infer", "bf16", 1024, 1, None, False),
+    ("SmolLM2 infer", "embedded", "infer", "nf4", 1024, 1, None, False),
+    ("tiny qwen2 LoRA step", "tiny-qwen2", "lora", "fp32", 512, 2, "all-linear", False),
+    ("wide qwen3 LoRA step", "wide-qwen3", "lora", "fp32", 512, 2, "all-linear", True),
+    ("SmolLM2 LoRA step", "embedded", "lora", "fp32", 512, 1, "q_proj,v_proj", False),
+    ("SmolLM2 LoRA step", "embedded", "lora", "fp32", 512, 1, "all-linear", True),
+    ("SmolLM2 LoRA step", "embedded", "lora", "bf16", 256, 1, "all-linear", False),
+    ("SmolLM2 QLoRA step", "embedded", "qlora", "nf4", 256, 1, "all-linear", True),
+]
+QUICK = {0, 4, 10}
+
+
+# ---------------------------------------------------------------- the measuring process
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for tensor in tensors:
+        if tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def measure(case: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "nf4": torch.bfloat16}[case["weights"]]
+    kwargs = {"dtype": dtype}
+    if case["weights"] == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    model = AutoModelForCausalLM.from_pretrained(case["folder"], **kwargs)
+    vocab = model.config.vocab_size
+    optimizer = None
+    if case["mode"] == "infer":
+        model.eval()
+
+        def run(length: int) -> None:
+            ids = torch.randint(0, vocab, (case["batch"], length))
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GENERATED_TOKENS,
+                               do_sample=False)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        modules = case["lora"].split(",") if case["lora"] != "all-linear" else "all-linear"
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, lora_dropout=0.0))
+        model.train()
+        if case["checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def run(length: int) -> None:
+            ids = torch.randint(0, vocab, (case["batch"], length))
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    length = case["context"] - (GENERATED_TOKENS if case["mode"] == "infer" else 0)
+    run(length)  # warm-up of the same shape: faults in code pages and weights, creates the optimizer states
+    before = _status("VmRSS")
+    _reset_peak()
+    run(length)
+    peak = _status("VmHWM") - before
+    weights = _storage_bytes(list(model.parameters()) + list(model.buffers()))
+    states = _storage_bytes(t for state in (optimizer.state.values() if optimizer else []) for t in state.values() if torch.is_tensor(t))
+    return {"weight_bytes": weights, "optimizer_bytes": states, "dynamic_bytes": peak}
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def build_models(root: Path, needed: set[str]) -> dict[str, Path]:
+    from qwenforge.cache import cache_root, embedded_model
+    from qwenforge.fixtures.tiny import build_tiny_checkpoint
+    from qwenforge.fixtures.tokenizers import tokenizer_folder
+
+    folders = {}
+    if "embedded" in needed:
+        folders["embedded"] = embedded_model()
+    if "tiny-qwen2" in needed:
+        folders["tiny-qwen2"] = build_tiny_checkpoint("qwen2", root / "qwen2", tokenizer_folder("qwen2.5", cache_root()))
+    if "tiny-qwen2-tied" in needed:
+        folders["tiny-qwen2-tied"] = build_tiny_checkpoint("qwen2-tied", root / "qwen2-tied", tokenizer_folder("qwen2.5", cache_root()))
+    if "wide-qwen3" in needed:
+        folders["wide-qwen3"] = build_tiny_checkpoint("qwen3", root / "wide-qwen3", tokenizer_folder("qwen3", cache_root()), **WIDE_QWEN3)
+    return folders
+
+
+def predict(folder: Path, case: dict):
+    from qwenforge import plan
+    from qwenforge.arch.resolve import load_model_config
+    from qwenforge.arch.spec import spec_from_config
+
+    config, source = load_model_config(str(folder))
+    spec = spec_from_config(config, source)
+    targets = ()
+    if case["mode"] != "infer":
+        modules = "all-linear" if case["lora"] == "all-linear" else case["lora"].split(",")
+        targets = plan.lora_targets(spec, modules, rank=8)
+    setup = plan.Setup(mode=case["mode"], weights=case["weights"], context=case["context"], batch=case["batch"],
+                       kv_dtype=plan.default_kv_dtype(case["weights"]), lora=targets, gradient_checkpointing=case["checkpointing"])
+    return plan.plan_memory(spec, setup, model=str(folder))
+
+
+def run_case(case: dict) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{case['label']}: worker failed\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="three cases only")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return
+    import importlib.util
+
+    chosen = [c for i, c in enumerate(CASES) if not args.quick or i in QUICK]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        print("bitsandbytes is not installed: skipping the nf4 cases")
+        chosen = [c for c in chosen if c[3] != "nf4"]
+    keys = ("label", "model", "mode", "weights", "context", "batch", "lora", "checkpointing")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = build_models(Path(tmp), {c[1] for c in chosen})
+        header = f"{'case':24s} {'weights':7s} {'ctx':>5s} {'b':>2s} {'ckpt':>4s} | {'pred MiB':>9s} {'meas MiB':>9s} {'error':>7s} | {'dyn pred':>9s} {'dyn meas':>9s} {'error':>7s}"
+        print(header)
+        print("-" * len(header))
+        for values in chosen:
+            case = dict(zip(keys, values)) | {"folder": str(folders[values[1]])}
+            measured = run_case(case)
+            plan_result = predict(folders[values[1]], case)
+            lines = {line.component: line.bytes for line in plan_result.lines}
+            dynamic_lines = ("activations", "logits", "KV cache", "gradients")
+            predicted_dynamic = sum(lines[name] for name in dynamic_lines)
+            predicted = plan_result.model_dependent
+            measured_total = measured["weight_bytes"] + measured["optimizer_bytes"] + measured["dynamic_bytes"]
+            row = case | measured | {
+                "predicted": predicted, "measured": measured_total, "error": predicted / measured_total - 1,
+                "predicted_dynamic": predicted_dynamic, "dynamic_error": predicted_dynamic / measured["dynamic_bytes"] - 1,
+                "lines": lines,
+            }
+            rows.append(row)
+            mib = 2**20
+            print(f"{case['label']:24s} {case['weights']:7s} {case['context']:5d} {case['batch']:2d} {'yes' if case['checkpointing'] else 'no':>4s} | "
+                  f"{predicted / mib:9.1f} {measured_total / mib:9.1f} {row['error']:+7.1%} | "
+                  f"{predicted_dynamic / mib:9.1f} {measured['dynamic_bytes'] / mib:9.1f} {row['dynamic_error']:+7.1%}", flush=True)
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    worst_dynamic = max(rows, key=lambda r: abs(r["dynamic_error"]))
+    print(f"\nworst model-dependent error: {worst['error']:+.1%} ({worst['label']}, {worst['weights']}, context {worst['context']}, batch {worst['batch']})")
+    print(f"worst dynamic-part error:    {worst_dynamic['dynamic_error']:+.1%} ({worst_dynamic['label']}, {worst_dynamic['weights']}, "
+          f"context {worst_dynamic['context']}, batch {worst_dynamic['batch']})")
+    print(f"cases within 10%: {sum(abs(r['error']) <= 0.10 for r in rows)}/{len(rows)} (model-dependent), "
+          f"{sum(abs(r['dynamic_error']) <= 0.10 for r in rows)}/{len(rows)} (dynamic part)")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Reading a pickle (`*.bin`) source, only when the user passes --allow-pickle.
+
+Pickle files can run code when loaded; `weights_only=True` refuses anything but tensors, and
+`mmap=True` keeps a shard on disk until a tensor is read. Same interface as `TensorReader`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qwenforge.checkpoint.safetensors_io import TensorInfo, TensorReader
+from qwenforge.errors import QwenforgeError
+
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def has_only_pickle(folder: Path) -> bool:
+    folder = Path(folder)
+    return not list(folder.glob("*.safetensors")) and bool(list(folder.glob("*.bin")))
+
+
+class PickleReader:
+    """Lazy-ish access to `pytorch_model*.bin` shards (memory-mapped, tensors only)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / PICKLE_INDEX
+        if index.exists():
+            files = sorted({self.folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(self.folder.glob("*.bin"))
+        self._states: dict[Path, dict] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            if not file.exists():
+                raise QwenforgeError(f"{file}: shard listed in {PICKLE_INDEX} is missing; download it again")
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:  # noqa: BLE001 - any unpickling failure is the user's file
+                raise QwenforgeError(f"{file}: not a readable tensors-only pickle ({error}); re-export as safetensors") from error
+            self._states[file] = state
+            for name, tensor in state.items():
+                self.tensors[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None:
+            raise QwenforgeError(f"{self.folder}: tensor {name} is missing from the checkpoint")
+        return self._states[info.file][name]
+
+
+def open_source(folder: Path, allow_pickle: bool):
+    """A reader for the source weights: safetensors, or pickle shards when allowed."""
+    if has_only_pickle(folder):
+        if not allow_pickle:
+            raise QwenforgeError(
+                f"{folder}: pickle weights (*.bin) can run code when loaded; pass --allow-pickle to read them "
+                "(tensors only), or convert them to safetensors first"
+            )
+        return PickleReader(folder)
+    return TensorReader(folder)

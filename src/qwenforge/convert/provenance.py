@@ -1,0 +1,125 @@
+"""What a conversion leaves beside its weights: conversion_metadata.json, config_diff.json, README.md.
+
+The metadata is the recipe (qwenforge version, every option, sha256 of every input file) and
+the record (per-tensor operations, dropped tensors, warnings, special-token map, smoke test,
+measured fidelity); the model card says the same in prose.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from qwenforge import __version__
+from qwenforge.checkpoint.folder import sha256_of, write_json
+
+METADATA_NAME = "conversion_metadata.json"
+CONFIG_DIFF_NAME = "config_diff.json"
+
+
+def input_files(folder: Path) -> list[Path]:
+    """The files of an input folder worth fingerprinting (weights, configs, tokenizer)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def hash_in_background(folders: dict[str, Path]) -> tuple[ThreadPoolExecutor, dict[str, Future]]:
+    """sha256 of every input file on a worker thread (hashlib releases the GIL), overlapping the conversion."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    futures = {}
+    for role, folder in folders.items():
+        for file in input_files(folder):
+            futures[f"{role}:{file.name}"] = pool.submit(sha256_of, file)
+    return pool, futures
+
+
+def collect_hashes(folders: dict[str, Path], futures: dict[str, Future]) -> dict:
+    out = {}
+    for role, folder in folders.items():
+        files = {key.split(":", 1)[1]: future.result() for key, future in futures.items() if key.startswith(role + ":")}
+        out[role] = {"path": str(Path(folder).resolve()), "sha256": files}
+    return out
+
+
+def metadata(options: dict, inputs: dict, plan: dict, warnings: list, special_tokens: list, extra: dict) -> dict:
+    return {
+        "qwenforge_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "options": options,
+        "inputs": inputs,
+        "tensors": [step.to_dict() for step in plan["steps"]],
+        "dropped": plan["dropped"],
+        "warnings": warnings,
+        "special_tokens": special_tokens,
+        **extra,
+    }
+
+
+def _fidelity_lines(fidelity: dict | None) -> list[str]:
+    if not fidelity:
+        return ["Fidelity was not measured (`--no-measure`); run `qwenforge compare SOURCE THIS --text FILE`."]
+    ref, cand = fidelity["reference"], fidelity["candidate"]
+    lines = [
+        f"Measured against the source on `{fidelity.get('text', 'the evaluation text')}` ({fidelity['text_bytes']} bytes):",
+        "",
+        "| metric | source | converted |",
+        "|---|---|---|",
+        f"| bits per byte | {ref['bits_per_byte']:.4f} | {cand['bits_per_byte']:.4f} |",
+    ]
+    if fidelity["same_tokenization"]:
+        lines += [
+            f"| perplexity | {ref['perplexity']:.3f} | {cand['perplexity']:.3f} |",
+            f"| KL(source ‖ converted), mean per token | | {fidelity['kl']:.4f} |",
+            f"| top-1 agreement with the source | | {100 * fidelity['top1_agreement']:.1f}% |",
+        ]
+    return lines
+
+
+def model_card(record: dict, source_name: str) -> str:
+    """README.md of the converted folder: what was done, what it cost, how to repeat it."""
+    options = record["options"]
+    counts: dict[str, int] = {}
+    for step in record["tensors"]:
+        counts[step["op"]] = counts.get(step["op"], 0) + 1
+    lines = [
+        f"# {Path(options['out']).name}",
+        "",
+        f"`{source_name}` rebuilt in the Qwen3 architecture by qwenforge {record['qwenforge_version']} "
+        "(stock `Qwen3ForCausalLM`, no custom code).",
+        "",
+        "## What was done",
+        "",
+        f"- tensors: " + ", ".join(f"{count} {op}" for op, count in sorted(counts.items())),
+        f"- q/k-norm: {options['qk_norm']}; attention biases: {'kept exactly (attention_bias=True, zero o_proj bias)' if options['keep_bias'] else 'dropped'}",
+        f"- vocabulary: {record['vocabulary']['summary']}",
+        f"- dropped tensors: {len(record['dropped'])}"
+        + (f" (largest dropped bias norm {record['bias_dropped']['max_norm']:.4g})" if record.get("bias_dropped") else ""),
+        "",
+        "## Fidelity",
+        "",
+        *_fidelity_lines(record.get("fidelity")),
+        "",
+        "## Smoke test",
+        "",
+        f"Prompt `{record['smoke_test']['prompt']}` -> `{record['smoke_test']['reply']}`" if record.get("smoke_test") else "not run",
+        "",
+        "## Warnings",
+        "",
+        *([f"- {w['message']} [{w['code']}]" for w in record["warnings"]] or ["none"]),
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        options["command"],
+        "```",
+        "",
+        f"Inputs are fingerprinted (sha256) in `{METADATA_NAME}`; the config change is in `{CONFIG_DIFF_NAME}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_provenance(folder: Path, record: dict, diff: dict, source_name: str) -> None:
+    write_json(Path(folder) / METADATA_NAME, record)
+    write_json(Path(folder) / CONFIG_DIFF_NAME, diff)
+    (Path(folder) / "README.md").write_text(model_card(record, source_name))

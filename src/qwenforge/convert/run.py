@@ -1,0 +1,307 @@
+"""`qwenforge convert SOURCE OUT`: a Qwen2/Qwen2.5 (or Llama-shaped) checkpoint rebuilt as Qwen3.
+
+    qwenforge convert Qwen2.5-7B-Instruct/ out/ --donor Qwen3-8B/ --keep-bias
+
+Read top to bottom: pre-flight (configs, tokenizers, options), plan (every output tensor from
+headers alone), prepare (q/k-norm calibration, donor projection of new-token rows), stream
+(tensor by tensor into the ShardedWriter inside a temporary folder), check (stock
+transformers load + generation, fidelity against the source), provenance, rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.resources
+import json
+import shlex
+import time
+from pathlib import Path
+
+import torch
+
+from qwenforge.arch.spec import spec_from_config
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
+from qwenforge.checkpoint.safetensors_io import ShardedWriter, TensorReader
+from qwenforge.convert import preflight, provenance, vocab
+from qwenforge.convert.pickle_source import open_source
+from qwenforge.convert.plan import build_plan
+from qwenforge.convert.qk_norm import QK_NORM_METHODS
+from qwenforge.convert.target_config import config_diff, qwen3_config
+from qwenforge.errors import QwenforgeError
+
+SMOKE_PROMPT = "What is the capital of France?"
+
+
+def default_text(name: str) -> Path:
+    """A text shipped with qwenforge: calibration.txt (fitting) or heldout.txt (evaluation)."""
+    return Path(str(importlib.resources.files("qwenforge").joinpath(f"data/{name}")))
+
+
+def padded_rows(count: int, multiple: int = 128) -> int:
+    return -(-count // multiple) * multiple
+
+
+def _remap_ids(values: dict, source_tok: vocab.Tokenizer, target_tok: vocab.Tokenizer) -> dict:
+    """bos/eos/pad ids moved to the target tokenizer by token string (unknown strings drop)."""
+    by_id = source_tok._by_id()
+
+    def move(value):
+        if isinstance(value, list):
+            moved = [move(v) for v in value]
+            return [v for v in moved if v is not None]
+        token = by_id.get(value) if value is not None else None
+        return target_tok.vocab.get(token) if token is not None else None
+
+    return {key: move(value) for key, value in values.items() if key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def _bias_record(reader, plan: dict) -> dict | None:
+    """Sizes of the dropped attention biases (small tensors, read now)."""
+    names = [d["name"] for d in plan["dropped"] if d["name"].endswith("_proj.bias")]
+    if not names:
+        return None
+    norms = {name: reader.get(name).float().norm().item() for name in names}
+    return {"count": len(names), "max_norm": max(norms.values()), "norms": norms}
+
+
+def _donor_projections(
+    method: str, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, names: list[str], donor_tied: bool
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """New-token rows by least-squares projection of the donor's rows into the source space, per matrix."""
+    if method != "donor-projected" or not vocab_map.new:
+        return {}, {}
+    target_by_id = target_tok._by_id()
+    out, fits = {}, {}
+    for name in names:
+        donor_name = "model.embed_tokens.weight" if donor_tied else name
+        source_width = reader.tensors[name].shape[1]
+        donor_width = donor_reader.tensors[donor_name].shape[1]
+        fit_ids = [t for t in vocab.projection_sample(vocab_map, max(source_width, donor_width)) if target_by_id[t] in donor_tok.vocab]
+        source_rows = vocab.read_rows(reader, name, [vocab_map.shared[t] for t in fit_ids])
+        donor_rows = vocab.read_rows(donor_reader, donor_name, [donor_tok.vocab[target_by_id[t]] for t in fit_ids])
+        mapping = vocab.fit_projection(donor_rows, source_rows)
+        residual = (vocab.apply_projection(mapping, donor_rows) - source_rows).norm() / source_rows.norm()
+        in_donor = [t for t in vocab_map.new if vocab_map.new_tokens[t] in donor_tok.vocab]
+        rows = torch.full((len(vocab_map.new), source_width), float("nan"))
+        if in_donor:
+            projected = vocab.apply_projection(mapping, vocab.read_rows(donor_reader, donor_name, [donor_tok.vocab[vocab_map.new_tokens[t]] for t in in_donor]))
+            position = {t: i for i, t in enumerate(vocab_map.new)}
+            rows[[position[t] for t in in_donor]] = projected
+        out[name] = rows  # NaN rows (tokens the donor lacks) are filled by subword in _new_rows
+        fits[name] = {"donor_tensor": donor_name, "fit_rows": len(fit_ids), "relative_residual": residual.item(), "projected_tokens": len(in_donor)}
+    return out, fits
+
+
+def _new_rows(method: str, matrix: torch.Tensor, source_tok, vocab_map, projected: torch.Tensor | None) -> torch.Tensor:
+    rows = vocab.new_token_rows(method, matrix, source_tok, vocab_map, projected)
+    if method == "donor-projected" and torch.isnan(rows).any():
+        missing = torch.isnan(rows[:, 0])
+        tokens = [vocab_map.new_tokens[t] for t, m in zip(vocab_map.new, missing.tolist()) if m]
+        rows[missing] = vocab.subword_rows(matrix, source_tok, tokens)
+    return rows
+
+
+def smoke_test(model, tokenizer) -> dict:
+    """Greedy reply to a chat prompt with stock transformers."""
+    messages = [{"role": "user", "content": SMOKE_PROMPT}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        output = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    reply_ids = output[0, ids.shape[1] :]
+    return {
+        "loaded_with": type(model).__name__,
+        "prompt": SMOKE_PROMPT,
+        "reply": tokenizer.decode(reply_ids, skip_special_tokens=True).strip(),
+        "new_tokens": len(reply_ids),
+    }
+
+
+def _command_line(options: dict) -> str:
+    parts = ["qwenforge", "convert", options["source"], options["out"]]
+    for key in ("donor", "tokenizer", "calibration_text", "fidelity_text"):
+        if options.get(key):
+            parts += [f"--{key.replace('_', '-')}", options[key]]
+    parts += ["--qk-norm", options["qk_norm"], "--new-token-init", options["new_token_init"], "--max-shard-size", str(options["max_shard_size"])]
+    for flag in ("keep_bias", "strict", "allow_pickle"):
+        if options[flag]:
+            parts.append(f"--{flag.replace('_', '-')}")
+    if not options["measure"]:
+        parts.append("--no-measure")
+    return shlex.join(parts)
+
+
+def convert(
+    source: Path,
+    out: Path,
+    donor: Path | None = None,
+    tokenizer: Path | None = None,
+    keep_bias: bool = False,
+    qk_norm: str | None = None,
+    new_token_init: str | None = None,
+    calibration_text: Path | None = None,
+    fidelity_text: Path | None = None,
+    fidelity_tokens: int = 1024,
+    calibration_tokens: int = 1024,
+    max_shard_size: str | int = "5GB",
+    dry_run: bool = False,
+    strict: bool = False,
+    force: bool = False,
+    allow_pickle: bool = False,
+    measure: bool = True,
+    progress=None,
+) -> dict:
+    """Convert SOURCE into a Qwen3 checkpoint at OUT; returns the plan, warnings and (unless dry_run) the metadata.
+
+    Streams tensor by tensor: peak memory is about two embedding matrices, unless q/k-norm
+    calibration or the fidelity measurement (`measure`) load the models. `progress(done, total,
+    name)` is called after each tensor is written.
+    """
+    started = time.time()
+    source, out = Path(source), Path(out)
+    if Path(out).exists() and not force and not dry_run:
+        raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
+    # 1. pre-flight
+    source_config = read_config(source)
+    spec = spec_from_config(source_config, str(source / "config.json"))
+    preflight.check_source(spec, source)
+    donor_spec = donor_reader = None
+    if donor is not None:
+        donor = Path(donor)
+        donor_spec = spec_from_config(read_config(donor), str(donor / "config.json"))
+    qk_norm = qk_norm or ("donor" if donor is not None else "calibrated")
+    new_token_init = new_token_init or ("donor-projected" if donor is not None else "subword")
+    if qk_norm not in QK_NORM_METHODS:
+        raise QwenforgeError(f"--qk-norm {qk_norm}: choose one of {', '.join(QK_NORM_METHODS)}")
+    if new_token_init not in vocab.NEW_TOKEN_METHODS:
+        raise QwenforgeError(f"--new-token-init {new_token_init}: choose one of {', '.join(vocab.NEW_TOKEN_METHODS)}")
+    warnings = preflight.check_options(spec, donor_spec, qk_norm, new_token_init, keep_bias)
+    if donor_spec is not None:
+        warnings += preflight.check_donor(spec, donor_spec, donor, qk_norm)
+        donor_reader = TensorReader(donor)
+    reader = open_source(source, allow_pickle)
+    source_tok = vocab.load_tokenizer(source)
+    target_dir = Path(tokenizer) if tokenizer else (donor if donor is not None else source)
+    target_tok = vocab.load_tokenizer(target_dir)
+    vocab.check_tokenizer(target_tok)
+    donor_tok = vocab.load_tokenizer(donor) if donor is not None else None
+    if target_dir == source:
+        rows = spec.embedding_rows
+    elif donor_spec is not None and donor_spec.embedding_rows >= len(target_tok):
+        rows = donor_spec.embedding_rows
+    else:
+        rows = max(spec.embedding_rows, padded_rows(len(target_tok)))
+    vocab_map = vocab.align(source_tok, target_tok, spec.embedding_rows, rows)
+    # 2. plan
+    plan = build_plan(reader.tensors, spec, rows, keep_bias, qk_norm, new_token_init, not vocab_map.identity, source)
+    bias_dropped = _bias_record(reader, plan)
+    if bias_dropped and bias_dropped["max_norm"] > 0:
+        warnings.append(
+            {"code": "bias-dropped", "message": f"{bias_dropped['count']} attention biases dropped (largest norm {bias_dropped['max_norm']:.4g}); outputs change (--keep-bias keeps them exactly)"}
+        )
+    preflight.apply_strict(warnings, strict)
+    attention_bias = keep_bias and (spec.qkv_bias or spec.o_bias)
+    token_ids = _remap_ids(source_config, source_tok, target_tok)
+    target_config = qwen3_config(source_config, spec, rows, attention_bias, token_ids)
+    vocabulary = {
+        "tokenizer": str(target_dir),
+        "source_tokens": len(source_tok),
+        "target_tokens": len(target_tok),
+        "rows": rows,
+        "shared": len(vocab_map.shared),
+        "new": len(vocab_map.new),
+        "padding_rows": rows - vocab_map.target_size,
+        "new_token_init": new_token_init,
+        "summary": "unchanged (the source's own tokenizer)" if vocab_map.identity else (
+            f"{len(vocab_map.shared)} tokens shared by string, {len(vocab_map.new)} new ({new_token_init}), "
+            f"{rows - vocab_map.target_size} padding rows (mean of real rows)"
+        ),
+    }
+    special_tokens = vocab.special_token_map(source_tok, target_tok, vocab_map, new_token_init)
+    calibration_file = Path(calibration_text) if calibration_text else default_text("calibration.txt")
+    fidelity_file = Path(fidelity_text) if fidelity_text else default_text("heldout.txt")
+    for file in (calibration_file, fidelity_file):
+        if not file.exists():
+            raise QwenforgeError(f"{file}: text file not found")
+    options = {
+        "source": str(source), "out": str(out), "donor": str(donor) if donor else None, "tokenizer": str(tokenizer) if tokenizer else None,
+        "keep_bias": keep_bias, "qk_norm": qk_norm, "new_token_init": new_token_init,
+        "calibration_text": str(calibration_text) if calibration_text else None, "fidelity_text": str(fidelity_text) if fidelity_text else None,
+        "fidelity_tokens": fidelity_tokens, "calibration_tokens": calibration_tokens, "max_shard_size": max_shard_size, "strict": strict, "allow_pickle": allow_pickle, "measure": measure,
+    }
+    options["command"] = _command_line(options)
+    result = {"plan": plan, "warnings": warnings, "config": target_config, "vocabulary": vocabulary, "special_tokens": special_tokens}
+    if dry_run:
+        return result
+
+    # 3. prepare what cannot be streamed: calibrated norms, projected new-token rows
+    source_model = None
+    norms = {}
+    if qk_norm == "calibrated":
+        from qwenforge import compare
+        from qwenforge.convert.qk_norm import calibrate
+
+        source_model = compare.load(source)
+        norms = calibrate(source_model, calibration_file.read_text(), keep_bias, max_tokens=calibration_tokens)
+    matrices = [s.name for s in plan["steps"] if s.op == "transplant-rows"]
+    projected, projection_fits = _donor_projections(
+        new_token_init, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, matrices, bool(donor_spec and donor_spec.tied_embeddings)
+    )
+    folders = {"source": source} | ({"donor": donor} if donor else {}) | ({"tokenizer": Path(tokenizer)} if tokenizer else {})
+    pool, hashes = provenance.hash_in_background(folders)
+
+    def produce(step) -> torch.Tensor:
+        if step.op == "copy":
+            return reader.get(step.source)
+        if step.op == "transplant-rows":
+            matrix = reader.get(step.source)
+            new = _new_rows(new_token_init, matrix, source_tok, vocab_map, projected.get(step.name))
+            return vocab.transplant(matrix, vocab_map, len(source_tok), new)
+        if step.op == "donor":
+            return donor_reader.get(step.name).to(step.dtype)
+        if step.op == "calibrated":
+            return norms[step.name].to(step.dtype)
+        if step.op == "ones":
+            return torch.ones(step.shape, dtype=step.dtype)
+        if step.op == "zeros":
+            return torch.zeros(step.shape, dtype=step.dtype)
+        raise AssertionError(f"unknown plan op {step.op}")
+
+    # 4. stream into a temporary folder; 5. check; 6. provenance; rename
+    try:
+        with atomic_output(out, force) as temp:
+            writer = ShardedWriter(temp, [(s.name, s.shape, s.dtype) for s in plan["steps"]], max_shard_size)
+            for done, step in enumerate(plan["steps"], 1):
+                writer.write(step.name, produce(step))
+                if progress:
+                    progress(done, len(plan["steps"]), step.name)
+            writer.close()
+            write_json(temp / "config.json", target_config)
+            copy_tokenizer_files(target_dir, temp)
+            generation = json.loads((source / "generation_config.json").read_text()) if (source / "generation_config.json").exists() else {}
+            generation.update(_remap_ids(generation, source_tok, target_tok) or token_ids)
+            generation.pop("transformers_version", None)
+            write_json(temp / "generation_config.json", generation)
+            extra = {"vocabulary": vocabulary, "bias_dropped": bias_dropped, "projection": projection_fits, "calibration_text": str(calibration_file)}
+            if measure:
+                from qwenforge import compare
+
+                converted = compare.load(temp)
+                extra["smoke_test"] = smoke_test(*converted)
+                fidelity = compare.fidelity(source_model or source, converted, fidelity_file.read_text(), max_tokens=fidelity_tokens)
+                fidelity["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
+                extra["fidelity"] = fidelity
+                del converted
+            inputs = provenance.collect_hashes(folders, hashes)
+            extra["seconds"] = round(time.time() - started, 2)
+            record = provenance.metadata(options, inputs, plan, warnings, special_tokens, extra)
+            provenance.write_provenance(temp, record, config_diff(source_config, target_config), source.name)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise QwenforgeError(f"{out}: disk full while writing; free space (the output needs about the source's size) and retry") from error
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    result["metadata"] = record
+    result["out"] = out
+    return result

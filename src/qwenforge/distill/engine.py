@@ -1,0 +1,291 @@
+"""The distillation engine: divergences, held-out fidelity, and the one training loop.
+
+`qwenforge heal` (teacher = the source model) and `qwenforge distill` (teacher = a larger model
+or its stored top-k logits) both call `run_loop`; they differ only in the loss they hand it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from qwenforge.errors import QwenforgeError
+
+DIVERGENCES = ("forward", "reverse", "jsd", "tvd")
+
+
+# --- divergences -------------------------------------------------------------------------------
+
+
+def _divergence_from_logprobs(teacher: torch.Tensor, student: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-position divergence between two log-probability tensors over the same support (last dim)."""
+    if kind == "forward":
+        return (teacher.exp() * (teacher - student)).sum(-1)
+    if kind == "reverse":
+        return (student.exp() * (student - teacher)).sum(-1)
+    if kind == "jsd":
+        mixture = torch.logsumexp(torch.stack([teacher, student]), 0) - math.log(2.0)
+        return 0.5 * (teacher.exp() * (teacher - mixture)).sum(-1) + 0.5 * (student.exp() * (student - mixture)).sum(-1)
+    if kind == "tvd":
+        return 0.5 * (teacher.exp() - student.exp()).abs().sum(-1)
+    raise QwenforgeError(f"divergence {kind!r}: choose one of {', '.join(DIVERGENCES)}")
+
+
+def full_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward", temperature: float = 1.0) -> torch.Tensor:
+    """Per-position divergence on the full shared vocabulary, both sides softened by `temperature`.
+
+    Scaled by T^2 (Hinton) so gradients keep their size across temperatures.
+    """
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    student = F.log_softmax(student_logits[..., :vocab].float() / temperature, -1)
+    teacher = F.log_softmax(teacher_logits[..., :vocab].float() / temperature, -1)
+    return _divergence_from_logprobs(teacher, student, kind) * temperature**2
+
+
+def topk_divergence(
+    student_logits: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    kind: str = "forward",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-position divergence on the teacher's top-k tokens plus one explicit tail bucket.
+
+    The teacher's tail mass is 1 - sum(top-k); the student's is its probability outside those k
+    tokens. Both become (k+1)-way distributions, so no mass is silently dropped. With a
+    temperature, each side's k+1 log-probabilities are divided by T and renormalized.
+    """
+    student_all = F.log_softmax(student_logits.float(), -1)
+    student_top = student_all.gather(-1, teacher_indices.long())
+    teacher_top = teacher_logprobs.float()
+    teacher_tail = torch.log1p(-teacher_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+    student_tail = torch.log1p(-student_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+    teacher = torch.cat([teacher_top, teacher_tail], -1)
+    student = torch.cat([student_top, student_tail], -1)
+    if temperature != 1.0:
+        teacher = F.log_softmax(teacher / temperature, -1)
+        student = F.log_softmax(student / temperature, -1)
+    return _divergence_from_logprobs(teacher, student, kind) * temperature**2
+
+
+# --- held-out fidelity ---------------------------------------------------------------------------
+
+
+@dataclass
+class Fidelity:
+    """Sums over evaluated positions; `summary()` turns them into the reported figures."""
+
+    positions: int = 0
+    text_bytes: int = 0
+    kl_sum: float = 0.0
+    agree: int = 0
+    student_nll: float = 0.0
+    teacher_nll: float = 0.0
+
+    def add(self, student_logits, teacher_logprobs, labels, text_bytes: int) -> None:
+        """Add one sequence's positions: logits [T, V], teacher log-probs [T, V] (full), labels [T]."""
+        vocab = min(student_logits.shape[-1], teacher_logprobs.shape[-1])
+        student = F.log_softmax(student_logits[..., :vocab].float(), -1)
+        teacher = teacher_logprobs[..., :vocab].float()
+        self.positions += labels.numel()
+        self.text_bytes += text_bytes
+        self.kl_sum += float((teacher.exp() * (teacher - student)).sum())
+        self.agree += int((student.argmax(-1) == teacher.argmax(-1)).sum())
+        self.student_nll -= float(student.gather(-1, labels[:, None]).sum())
+        self.teacher_nll -= float(teacher.gather(-1, labels[:, None]).sum())
+
+    def summary(self) -> dict:
+        if not self.positions:
+            raise QwenforgeError("no held-out positions were evaluated; give a longer held-out text")
+        bits = 1 / math.log(2) / max(self.text_bytes, 1)
+        return {
+            "kl": self.kl_sum / self.positions,
+            "top1_agreement": self.agree / self.positions,
+            "bits_per_byte": self.student_nll * bits,
+            "teacher_bits_per_byte": self.teacher_nll * bits,
+            "perplexity": math.exp(self.student_nll / self.positions),
+            "teacher_perplexity": math.exp(self.teacher_nll / self.positions),
+            "positions": self.positions,
+        }
+
+
+def teacher_logprobs_for(teacher, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The teacher's full next-token log-probabilities per held-out sequence, computed once (no grad)."""
+    with torch.no_grad():
+        return [F.log_softmax(teacher(ids[None]).logits[0, :-1].float(), -1) for ids in sequences]
+
+
+def evaluate_fidelity(student, sequences: list[torch.Tensor], teacher_logprobs: list[torch.Tensor], byte_counts: list[int]) -> dict:
+    """Held-out KL(teacher||student), top-1 agreement, bits per byte and perplexity of `student`."""
+    fidelity = Fidelity()
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        for ids, teacher, nbytes in zip(sequences, teacher_logprobs, byte_counts):
+            logits = student(ids[None]).logits[0, :-1]
+            fidelity.add(logits, teacher, ids[1:], nbytes)
+    student.train(was_training)
+    return fidelity.summary()
+
+
+# --- text -> sequences ---------------------------------------------------------------------------
+
+
+def token_sequences(tokenizer, text: str, length: int, limit_tokens: int | None = None, what: str = "text") -> list[torch.Tensor]:
+    """Cut a text's tokens into consecutive sequences of `length` (+1 for the shifted label)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if limit_tokens:
+        ids = ids[:limit_tokens]
+    if len(ids) < min(length, 64) + 1:
+        raise QwenforgeError(f"{what}: only {len(ids)} tokens; give at least {min(length, 64) + 1}")
+    length = min(length, len(ids) - 1)
+    tensor = torch.tensor(ids)
+    return [tensor[start : start + length + 1] for start in range(0, len(ids) - length, length)]
+
+
+def byte_counts(tokenizer, sequences: list[torch.Tensor]) -> list[int]:
+    """UTF-8 bytes of the predicted part of each sequence (for bits per byte)."""
+    return [len(tokenizer.decode(ids[1:].tolist()).encode("utf-8")) for ids in sequences]
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    steps: int = 200
+    budget_seconds: float | None = None
+    learning_rate: float = 1e-3
+    eval_every: int = 20
+    patience: int = 5  # evaluations without a better held-out KL before stopping early
+    weight_decay: float = 0.0
+
+
+@dataclass
+class LoopResult:
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    stopped: str = "steps"
+
+
+def run_loop(
+    named_parameters: dict[str, torch.nn.Parameter],
+    step_loss: Callable[[int], torch.Tensor],
+    evaluate: Callable[[], dict],
+    settings: LoopSettings,
+    *,
+    label: str = "distill",
+    console=None,
+    start_step: int = 0,
+    elapsed: float = 0.0,
+    history: list[dict] | None = None,
+    optimizer_state: dict | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+) -> LoopResult:
+    """Train `named_parameters` on `step_loss(step)`; evaluate every `eval_every` steps.
+
+    Keeps the parameters of the best held-out KL (restored at the end), stops at the step
+    budget, the time budget, or after `patience` evaluations without improvement.
+    `on_checkpoint` receives the loop state after each evaluation (for --resume).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    parameters = list(named_parameters.values())
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    result = LoopResult(history=list(history or []), steps=start_step)
+    best_state = None
+    if result.history:
+        result.best = min(result.history, key=lambda row: row["kl"])
+    else:
+        metrics = evaluate()
+        result.best = {"step": start_step, "seconds": elapsed, "loss": None, **metrics}
+        result.history.append(result.best)
+    best_state = {name: p.detach().clone() for name, p in named_parameters.items()}
+    bad_evals = 0
+    started = time.perf_counter() - elapsed
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("{task.fields[status]}")]
+    status = lambda: f"KL {result.best['kl']:.4f} top-1 {result.best['top1_agreement']:.1%}"  # noqa: E731
+    with Progress(*columns, console=console, transient=False, disable=console is None) as progress:
+        task = progress.add_task(label, total=settings.steps, completed=start_step, status=status())
+        loss_value = float("nan")
+        for step in range(start_step, settings.steps):
+            if settings.budget_seconds is not None and time.perf_counter() - started > settings.budget_seconds:
+                result.stopped = "time"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss = step_loss(step)
+            loss.backward()
+            optimizer.step()
+            loss_value = float(loss.detach())
+            result.steps = step + 1
+            progress.update(task, advance=1, status=f"loss {loss_value:.4f} | best {status()}")
+            if result.steps % settings.eval_every == 0 or result.steps == settings.steps:
+                metrics = evaluate()
+                row = {"step": result.steps, "seconds": time.perf_counter() - started, "loss": loss_value, **metrics}
+                result.history.append(row)
+                if row["kl"] < result.best["kl"]:
+                    result.best, bad_evals = row, 0
+                    best_state = {name: p.detach().clone() for name, p in named_parameters.items()}
+                else:
+                    bad_evals += 1
+                progress.update(task, status=f"held-out KL {row['kl']:.4f} top-1 {row['top1_agreement']:.1%} | best {status()}")
+                if on_checkpoint:
+                    on_checkpoint({"step": result.steps, "seconds": row["seconds"], "history": result.history, "optimizer": optimizer.state_dict(), "best_state": best_state})
+                if bad_evals >= settings.patience:
+                    result.stopped = "early"
+                    break
+    if result.history[-1]["step"] != result.steps:  # time budget hit between evaluations
+        metrics = evaluate()
+        row = {"step": result.steps, "seconds": time.perf_counter() - started, "loss": loss_value, **metrics}
+        result.history.append(row)
+        if row["kl"] < result.best["kl"]:
+            result.best = row
+            best_state = {name: p.detach().clone() for name, p in named_parameters.items()}
+    with torch.no_grad():
+        for name, parameter in named_parameters.items():
+            parameter.copy_(best_state[name])
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def batches_forever(sequences: list[torch.Tensor], batch_size: int, seed: int = 0) -> Iterable[torch.Tensor]:
+    """Stacked batches of equal-length sequences, reshuffled every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    usable = [s for s in sequences if len(s) == len(sequences[0])]
+    while True:
+        order = torch.randperm(len(usable), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield torch.stack([usable[i] for i in chunk])
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kind: str = "forward",
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+) -> torch.Tensor:
+    """Mean divergence to the teacher (full logits or stored top-k) mixed with cross-entropy on the text."""
+    if teacher_logits is not None:
+        divergence = full_divergence(student_logits, teacher_logits, kind, temperature)
+    elif teacher_topk is not None:
+        divergence = topk_divergence(student_logits, teacher_topk[0], teacher_topk[1], kind, temperature)
+    else:
+        divergence = torch.zeros(student_logits.shape[:-1])
+    loss = (1 - ce_weight) * divergence.mean()
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(student_logits.flatten(0, -2).float(), labels.flatten())
+    return loss

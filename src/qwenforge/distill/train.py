@@ -1,0 +1,240 @@
+"""`qwenforge distill train` (from a logit store) and `qwenforge distill online` (teacher in-process).
+
+Both build a loss for the engine's loop: divergence to the teacher (top-k + tail from the store,
+or full distributions online) mixed with cross-entropy by `ce_weight`; `ce_weight=1` is plain
+cross-entropy training, the baseline distillation must beat. The student is trained fully or
+through LoRA (merged back), and written as a plain checkpoint with distill_report.json.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from qwenforge import __version__
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
+from qwenforge.distill import engine, store
+from qwenforge.errors import QwenforgeError
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    steps: int = 200
+    budget_minutes: float | None = None
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+    sequence_length: int = 256
+    divergence: str = "forward"
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    lora_rank: int = 0  # 0: full fine-tuning
+    gradient_checkpointing: bool = False
+    eval_every: int = 20
+    patience: int = 5
+    heldout_sequences: int = 4  # store mode: the store's last sequences, never trained on
+    max_tokens: int | None = None
+    threads: int | None = None
+    seed: int = 0
+
+
+def _load_student(folder: Path, options: DistillOptions):
+    from transformers import AutoModelForCausalLM
+
+    read_config(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if options.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=options.lora_rank, lora_alpha=2 * options.lora_rank, target_modules=targets, lora_dropout=0.0))
+    model.train()
+    return model
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save(model, student_dir: Path, out: Path, report: dict, force: bool) -> None:
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with atomic_output(out, force=force) as folder:
+        model.save_pretrained(folder)
+        copy_tokenizer_files(student_dir, folder)
+        write_json(folder / "distill_report.json", report)
+        _plot(report["history"], folder / "distill_curve.png")
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    steps = [row["step"] for row in history]
+    left.plot(steps, [row["kl"] for row in history], marker=".")
+    left.set_xlabel("step")
+    left.set_ylabel("held-out KL to teacher")
+    right.plot(steps, [row["bits_per_byte"] for row in history], marker=".")
+    right.set_xlabel("step")
+    right.set_ylabel("held-out bits per byte")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _settings(options: DistillOptions) -> engine.LoopSettings:
+    return engine.LoopSettings(
+        steps=options.steps,
+        budget_seconds=options.budget_minutes * 60 if options.budget_minutes else None,
+        learning_rate=options.learning_rate,
+        eval_every=options.eval_every,
+        patience=options.patience,
+    )
+
+
+def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path, out: Path | None, options: DistillOptions = DistillOptions(), *, force: bool = False, console=None) -> dict:
+    """Teacher and student in one process: the teacher's full distribution, no_grad, per batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher_dir, student_dir = Path(teacher_dir), Path(student_dir)
+    if out is not None and Path(out).exists() and not force:
+        raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    if store.tokenizer_hash(teacher_dir) != store.tokenizer_hash(student_dir):
+        raise QwenforgeError(f"{student_dir} and {teacher_dir} have different tokenizers; online distillation needs one vocabulary")
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    student = _load_student(student_dir, options)
+    max_positions = getattr(student.config, "max_position_embeddings", None)
+    if max_positions and options.sequence_length > max_positions:
+        raise QwenforgeError(f"--sequence-length {options.sequence_length} exceeds the student's context of {max_positions} tokens")
+    train_sequences = engine.token_sequences(tokenizer, store.read_text(data), options.sequence_length, options.max_tokens, str(data))
+    eval_sequences = engine.token_sequences(tokenizer, store.read_text(heldout), options.sequence_length, None, str(heldout))
+    eval_bytes = engine.byte_counts(tokenizer, eval_sequences)
+    eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
+    batches = engine.batches_forever(train_sequences, options.batch_size, options.seed)
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = next(batches)
+        student_logits = student(batch[:, :-1]).logits
+        teacher_logits = None
+        if options.ce_weight < 1:
+            with torch.no_grad():
+                teacher_logits = teacher(batch[:, :-1]).logits
+        return engine.distillation_loss(student_logits, batch[:, 1:], teacher_logits=teacher_logits, kind=options.divergence, temperature=options.temperature, ce_weight=options.ce_weight)
+
+    evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes)  # noqa: E731
+    started = time.perf_counter()
+    result = engine.run_loop(_trainable(student), step_loss, evaluate, _settings(options), label="distill online", console=console)
+    report = {
+        "qwenforge_version": __version__,
+        "mode": "online",
+        "teacher": str(teacher_dir),
+        "student": str(student_dir),
+        "data": str(data),
+        "heldout": str(heldout),
+        "options": asdict(options),
+        "trainable_parameters": sum(p.numel() for p in _trainable(student).values()),
+        "tokens_trained": result.steps * options.batch_size * options.sequence_length,
+        "before": result.history[0],
+        "best": result.best,
+        "history": result.history,
+        "steps": result.steps,
+        "stopped": result.stopped,
+        "seconds": time.perf_counter() - started,
+    }
+    if out is not None:
+        _save(student, student_dir, Path(out), report, force)
+    return report
+
+
+def _store_fidelity(student, sequences, indices, logprobs, byte_counts, options: DistillOptions) -> dict:
+    """Held-out figures against a store: top-k+tail KL, agreement with the teacher's top token, bits per byte."""
+    kl = agree = nll = positions = 0.0
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        for ids, top_indices, top_logprobs in zip(sequences, indices, logprobs):
+            logits = student(ids[None, :-1]).logits[0]
+            kl += float(engine.topk_divergence(logits, top_indices, top_logprobs, "forward").sum())
+            agree += float((logits.argmax(-1) == top_indices[:, 0]).sum())
+            nll += float(torch.nn.functional.cross_entropy(logits.float(), ids[1:], reduction="sum"))
+            positions += len(ids) - 1
+    student.train(was_training)
+    return {
+        "kl": kl / positions,
+        "top1_agreement": agree / positions,
+        "bits_per_byte": nll / math.log(2) / max(sum(byte_counts), 1),
+        "perplexity": math.exp(nll / positions),
+        "positions": int(positions),
+    }
+
+
+def train_from_store(student_dir: Path, logits: Path, out: Path | None, options: DistillOptions = DistillOptions(), *, force: bool = False, console=None) -> dict:
+    """Train the student on a captured store; the store's last sequences are the held-out set."""
+    from transformers import AutoTokenizer
+
+    student_dir, logits = Path(student_dir), Path(logits)
+    if out is not None and Path(out).exists() and not force:
+        raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    index = store.open_store(logits, student_dir)
+    ids, indices, values = (torch.cat(parts) for parts in zip(*store.iterate_store(logits, index)))
+    if len(ids) <= options.heldout_sequences:
+        raise QwenforgeError(f"{logits}: only {len(ids)} sequences; capture more data than --heldout-sequences {options.heldout_sequences}")
+    max_positions = read_config(student_dir).get("max_position_embeddings")
+    if max_positions and ids.shape[1] - 1 > max_positions:
+        raise QwenforgeError(f"{logits}: sequences of {ids.shape[1] - 1} tokens exceed the student's context of {max_positions}")
+    held = slice(len(ids) - options.heldout_sequences, None)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    eval_bytes = engine.byte_counts(tokenizer, list(ids[held]))
+    student = _load_student(student_dir, options)
+    train_count = len(ids) - options.heldout_sequences
+    generator = torch.Generator().manual_seed(options.seed)
+
+    def step_loss(step: int) -> torch.Tensor:
+        chosen = torch.randint(0, train_count, (options.batch_size,), generator=generator)
+        batch = ids[chosen]
+        student_logits = student(batch[:, :-1]).logits
+        return engine.distillation_loss(
+            student_logits, batch[:, 1:], teacher_topk=(indices[chosen], values[chosen]),
+            kind=options.divergence, temperature=options.temperature, ce_weight=options.ce_weight,
+        )
+
+    evaluate = lambda: _store_fidelity(student, ids[held], indices[held], values[held], eval_bytes, options)  # noqa: E731
+    started = time.perf_counter()
+    result = engine.run_loop(_trainable(student), step_loss, evaluate, _settings(options), label="distill train", console=console)
+    report = {
+        "qwenforge_version": __version__,
+        "mode": "store",
+        "student": str(student_dir),
+        "logits": str(logits),
+        "store": {key: index[key] for key in ("teacher", "k", "values", "bytes_per_token", "tokenizer_hash")},
+        "options": asdict(options),
+        "trainable_parameters": sum(p.numel() for p in _trainable(student).values()),
+        "tokens_trained": result.steps * options.batch_size * (ids.shape[1] - 1),
+        "before": result.history[0],
+        "best": result.best,
+        "history": result.history,
+        "steps": result.steps,
+        "stopped": result.stopped,
+        "seconds": time.perf_counter() - started,
+    }
+    if out is not None:
+        _save(student, student_dir, Path(out), report, force)
+    return report
+

@@ -1,0 +1,409 @@
+"""`qwenforge heal CONVERTED OUT --teacher SOURCE`: give back the fidelity a conversion cost.
+
+Self-distillation with the distillation engine: the source model is the teacher, the converted
+Qwen3 model the student. Two methods, combinable:
+- layerwise: each converted attention gets the source's own hidden states as input and is fit
+  to the source layer's attention output (all layers at once, independent, no LM head);
+- global: KL between the two models' next-token distributions on the healing text.
+- linearize (closed form, no training): scale each q/k projection down so that, for any input,
+  every head's mean square stays below margin^2 * eps; then RMSNorm is linear (x / sqrt(eps))
+  and the norm weight sqrt(eps)/scale undoes the scaling, so attention equals the source's up
+  to a relative error of margin^2/2. Caveat: tiny q/k weights and huge norm weights are fragile
+  under later fine-tuning and underflow in float16 (bfloat16/float32 are fine).
+Only what the conversion changed is trained (`--train norms`: q_norm/k_norm; `norms+qk-lora`:
+plus low-rank q/k updates merged back; `attention`: every attention weight). Held-out KL picks
+the best checkpoint; the output is a plain Qwen3 checkpoint plus heal_report.json and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qwenforge import __version__
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
+from qwenforge.distill import engine
+from qwenforge.errors import QwenforgeError
+
+TRAIN_CHOICES = ("norms", "norms+qk-lora", "attention")
+METHODS = ("global", "layerwise", "layerwise+global", "linearize")
+PACKAGE_DATA = Path(__file__).parent / "data"
+# Files of the converted folder that are the model itself (rewritten) rather than its provenance.
+MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json", ".qwenforge-complete"}
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    train: str = "norms+qk-lora"
+    method: str = "layerwise+global"
+    steps: int = 300  # per phase
+    budget_minutes: float | None = None
+    text: str | None = None  # healing text file; default: the packaged calibration text
+    heldout: str | None = None  # evaluation text file; default: the packaged held-out text
+    sequence_length: int = 256
+    batch_size: int = 4
+    heal_tokens: int = 16384
+    eval_tokens: int = 1024
+    learning_rate: float | None = None  # default per --train choice
+    lora_rank: int = 16
+    divergence: str = "forward"
+    temperature: float = 1.0
+    eval_every: int = 25
+    patience: int = 4
+    layerwise_share: float = 0.6  # of the time budget, for layerwise+global
+    threads: int | None = None
+    seed: int = 0
+
+
+def default_text(name: str) -> Path:
+    path = PACKAGE_DATA / name
+    if not path.exists():
+        raise QwenforgeError(f"no packaged {name}; pass the text with --text/--heldout")
+    return path
+
+
+# --- what is trained -----------------------------------------------------------------------------
+
+
+class LowRankDelta(torch.nn.Module):
+    """W + B @ A as a parametrization, so the merged weight is just the parametrized value."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.A = torch.nn.Parameter(torch.randn(rank, weight.shape[1], generator=generator) / math.sqrt(weight.shape[1]))
+        self.B = torch.nn.Parameter(torch.zeros(weight.shape[0], rank))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.B @ self.A
+
+
+def trainable_parameters(student, train: str, lora_rank: int = 16, seed: int = 0) -> dict[str, torch.nn.Parameter]:
+    """Freeze the student, then open (or attach) exactly what `train` names; returns name -> parameter."""
+    from torch.nn.utils import parametrize
+
+    if train not in TRAIN_CHOICES:
+        raise QwenforgeError(f"--train {train}: choose one of {', '.join(TRAIN_CHOICES)}")
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    for index, layer in enumerate(student.model.layers):
+        attention = layer.self_attn
+        if not hasattr(attention, "q_norm"):
+            raise QwenforgeError("the converted model has no q_norm/k_norm; heal expects a Qwen3 checkpoint (qwenforge convert writes one)")
+        opened = [attention.q_norm.weight, attention.k_norm.weight]
+        if train == "attention":
+            opened += [m.weight for m in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)]
+        if train == "norms+qk-lora":
+            for offset, projection in enumerate((attention.q_proj, attention.k_proj)):
+                parametrize.register_parametrization(projection, "weight", LowRankDelta(projection.weight, lora_rank, seed + 2 * index + offset))
+        for parameter in opened:
+            parameter.requires_grad_(True)
+    return {name: p for name, p in student.named_parameters() if p.requires_grad}
+
+
+def merge_low_rank(student) -> None:
+    """Fold every low-rank delta into its weight: the student is a plain Qwen3 model again."""
+    from torch.nn.utils import parametrize
+
+    for layer in student.model.layers:
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            if parametrize.is_parametrized(projection, "weight"):
+                parametrize.remove_parametrizations(projection, "weight", leave_parametrized=True)
+
+
+def linearize_qk_norms(student, margin: float = 1e-2) -> dict:
+    """Make every q/k RMSNorm act linearly (see the module docstring); returns the scales used.
+
+    The bound is worst-case, not measured on text: ||W_head x + b_head|| <= ||W_head||_2 ||x|| +
+    ||b_head||, with ||x||^2 <= hidden * max(input_layernorm weight^2) after RMSNorm.
+    """
+    eps = student.config.rms_norm_eps
+    scales = []
+    with torch.no_grad():
+        for layer in student.model.layers:
+            attention = layer.self_attn
+            head_dim = attention.head_dim
+            input_norm = layer.input_layernorm.weight.abs().max() * math.sqrt(attention.q_proj.in_features)
+            for projection, norm in ((attention.q_proj, attention.q_norm), (attention.k_proj, attention.k_norm)):
+                heads = projection.weight.view(-1, head_dim, projection.in_features)
+                largest = torch.linalg.matrix_norm(heads, ord=2) * input_norm
+                if projection.bias is not None:
+                    largest = largest + projection.bias.view(-1, head_dim).norm(dim=-1)
+                mean_square_bound = float((largest**2).max()) / head_dim
+                scale = margin * math.sqrt(eps / mean_square_bound)
+                projection.weight.mul_(scale)
+                if projection.bias is not None:
+                    projection.bias.mul_(scale)
+                norm.weight.fill_(math.sqrt(eps) / scale)
+                scales.append(scale)
+    return {"margin": margin, "smallest_scale": min(scales), "largest_scale": max(scales)}
+
+
+# --- layer-wise targets ------------------------------------------------------------------------
+
+
+def capture_attention_io(teacher, batch: torch.Tensor) -> list[tuple[dict, torch.Tensor]]:
+    """For each teacher layer: the keyword inputs its attention received and the output it produced."""
+    captured: list[tuple[dict, torch.Tensor]] = []
+
+    def hook(module, args, kwargs, output):
+        keep = {k: kwargs[k] for k in ("hidden_states", "attention_mask", "position_embeddings") if k in kwargs}
+        captured.append((keep, output[0].detach()))
+
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in teacher.model.layers]
+    try:
+        with torch.no_grad():
+            teacher.model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def layerwise_loss(student, targets: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:
+    """Mean over layers of the relative squared error of each converted attention on the source's inputs."""
+    losses = []
+    for layer, (inputs, expected) in zip(student.model.layers, targets):
+        produced = layer.self_attn(**inputs)[0]
+        losses.append((produced - expected).pow(2).mean() / expected.pow(2).mean().clamp_min(1e-12))
+    return torch.stack(losses).mean()
+
+
+# --- the verb ------------------------------------------------------------------------------------
+
+
+def _check_pair(teacher_dir: Path, student_dir: Path, teacher, student, method: str) -> int:
+    """Shared vocabulary size (tokens with the same string at the same id); refuses unusable pairs."""
+    from transformers import AutoTokenizer
+
+    teacher_vocab = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+    student_vocab = AutoTokenizer.from_pretrained(student_dir).get_vocab()
+    shared = sum(1 for token, index in student_vocab.items() if teacher_vocab.get(token) == index)
+    if shared == 0:
+        raise QwenforgeError(f"{student_dir} and {teacher_dir} share no vocabulary (no token at the same id); heal needs the converted model's source as --teacher")
+    if "layerwise" in method and len(teacher.model.layers) != len(student.model.layers):
+        raise QwenforgeError(
+            f"--method {method} matches layer to layer, but the teacher has {len(teacher.model.layers)} layers and the student "
+            f"{len(student.model.layers)}; use --method global"
+        )
+    return shared
+
+
+def _load(folder: Path, what: str):
+    from transformers import AutoModelForCausalLM
+
+    read_config(folder)
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    except (OSError, ValueError) as error:
+        raise QwenforgeError(f"{folder}: cannot load the {what} ({str(error).splitlines()[0]}); give a checkpoint folder") from error
+
+
+def _plot(history_by_phase: dict[str, list[dict]], path: Path, before: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for phase, rows in history_by_phase.items():
+        axis.plot([r["seconds"] for r in rows], [r["kl"] for r in rows], marker=".", label=phase)
+    axis.axhline(before["kl"], color="grey", linestyle=":", label="converted (before)")
+    axis.set_yscale("log")
+    axis.set_xlabel("healing time (s)")
+    axis.set_ylabel("held-out KL (nats/token)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _work_folder(out: Path) -> Path:
+    return out.parent / f".heal-work-{out.name}"
+
+
+def _save_progress(work: Path, phase: str, student, state: dict) -> None:
+    """What --resume needs: the trainable weights now and the loop's history (optimizer restarts)."""
+    from safetensors.torch import save_file
+
+    work.mkdir(parents=True, exist_ok=True)
+    trainable = {name: p.detach().contiguous() for name, p in student.named_parameters() if p.requires_grad}
+    save_file(trainable, str(work / f"{phase}.safetensors"))
+    write_json(work / f"{phase}.json", {"step": state["step"], "seconds": state["seconds"], "history": state["history"]})
+
+
+def _load_progress(work: Path, phase: str, student) -> dict | None:
+    from safetensors.torch import load_file
+
+    if not (work / f"{phase}.json").exists():
+        return None
+    saved = load_file(str(work / f"{phase}.safetensors"))
+    parameters = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            parameters[name].copy_(value)
+    return json.loads((work / f"{phase}.json").read_text())
+
+
+def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = HealOptions(), *, force: bool = False, resume: bool = False, console=None) -> dict:
+    """Heal `converted` against its source `teacher_dir`; writes OUT and returns the report."""
+    from transformers import AutoTokenizer
+
+    converted, out, teacher_dir = Path(converted), Path(out), Path(teacher_dir)
+    if options.method not in METHODS:
+        raise QwenforgeError(f"--method {options.method}: choose one of {', '.join(METHODS)}")
+    if options.train not in TRAIN_CHOICES:
+        raise QwenforgeError(f"--train {options.train}: choose one of {', '.join(TRAIN_CHOICES)}")
+    if out.exists() and not force:
+        raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    started = time.perf_counter()
+
+    text_path = Path(options.text) if options.text else default_text("calibration.txt")
+    heldout_path = Path(options.heldout) if options.heldout else default_text("heldout.txt")
+    for path in (text_path, heldout_path):
+        if not path.exists():
+            raise QwenforgeError(f"{path}: text file not found")
+    heal_text, heldout_text = text_path.read_text(), heldout_path.read_text()
+    if heal_text.strip() == heldout_text.strip():
+        raise QwenforgeError(f"{text_path} and {heldout_path} are the same text; evaluate on text the model was not healed on")
+
+    teacher = _load(teacher_dir, "teacher")
+    student = _load(converted, "converted model")
+    shared_vocab = _check_pair(teacher_dir, converted, teacher, student, options.method)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    train_sequences = engine.token_sequences(tokenizer, heal_text, options.sequence_length, options.heal_tokens, str(text_path))
+    eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout_path))
+    eval_bytes = engine.byte_counts(tokenizer, eval_sequences)
+    eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
+    evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes)  # noqa: E731
+
+    before = evaluate()
+    if options.method == "linearize":
+        return _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, text_path, heldout_path, started, force)
+    named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
+    trainable_count = sum(p.numel() for p in named.values())
+    learning_rate = options.learning_rate or {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4}[options.train]
+    batches = [torch.stack(train_sequences[i : i + options.batch_size]) for i in range(0, len(train_sequences), options.batch_size)]
+    batches = [b for b in batches if len(b) == options.batch_size] or batches[:1]
+    work = _work_folder(out)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+
+    phases = {"layerwise": ["layerwise"], "global": ["global"], "layerwise+global": ["layerwise", "global"]}[options.method]
+    budget = options.budget_minutes * 60 if options.budget_minutes else None
+    shares = {"layerwise": options.layerwise_share if len(phases) == 2 else 1.0, "global": 1 - options.layerwise_share if len(phases) == 2 else 1.0}
+    results: dict[str, engine.LoopResult] = {}
+    history_by_phase: dict[str, list[dict]] = {}
+    offset_seconds = 0.0
+    for phase in phases:
+        if phase == "layerwise":
+            targets = [capture_attention_io(teacher, batch) for batch in batches]
+            step_loss = lambda step: layerwise_loss(student, targets[step % len(targets)])  # noqa: E731
+        else:
+            targets = None
+
+            def step_loss(step: int) -> torch.Tensor:
+                batch = batches[step % len(batches)]
+                with torch.no_grad():
+                    teacher_logits = teacher(batch[:, :-1]).logits
+                student_logits = student(batch[:, :-1]).logits
+                return engine.distillation_loss(student_logits, batch[:, 1:], teacher_logits=teacher_logits, kind=options.divergence, temperature=options.temperature)
+
+        saved = _load_progress(work, phase, student) if resume else None
+        if saved and saved.get("done"):
+            results[phase] = engine.LoopResult(history=saved["history"], best=min(saved["history"], key=lambda r: r["kl"]), steps=saved["step"], seconds=saved["seconds"], stopped="resumed")
+        else:
+            settings = engine.LoopSettings(
+                steps=options.steps,
+                budget_seconds=budget * shares[phase] if budget else None,
+                learning_rate=learning_rate if phase == "global" or options.train != "attention" else learning_rate * 2,
+                eval_every=options.eval_every,
+                patience=options.patience,
+            )
+            results[phase] = engine.run_loop(
+                named, step_loss, evaluate, settings, label=f"heal {phase}", console=console,
+                start_step=saved["step"] if saved else 0, elapsed=saved["seconds"] if saved else 0.0,
+                history=saved["history"] if saved else None,
+                on_checkpoint=lambda state, phase=phase: _save_progress(work, phase, student, state),
+            )
+            _save_progress(work, phase, student, {"step": results[phase].steps, "seconds": results[phase].seconds, "history": results[phase].history})
+            progress_file = work / f"{phase}.json"
+            write_json(progress_file, {**json.loads(progress_file.read_text()), "done": True})
+        history_by_phase[phase] = [{**row, "seconds": row["seconds"] + offset_seconds} for row in results[phase].history]
+        offset_seconds += results[phase].seconds
+        del targets
+
+    after = evaluate()
+    merge_low_rank(student)
+    merged_check = evaluate()
+    if abs(merged_check["kl"] - after["kl"]) > 1e-3 * max(after["kl"], 1e-3):
+        raise RuntimeError(f"merging the low-rank updates changed held-out KL {after['kl']} -> {merged_check['kl']}")
+
+    report = {
+        "qwenforge_version": __version__,
+        "converted": str(converted),
+        "teacher": str(teacher_dir),
+        "options": asdict(options),
+        "learning_rate": learning_rate,
+        "healing_text": str(text_path),
+        "heldout_text": str(heldout_path),
+        "healing_tokens": sum(b.numel() for b in batches),
+        "shared_vocabulary": shared_vocab,
+        "trainable_parameters": trainable_count,
+        "before": before,
+        "after": after,
+        "phases": {
+            phase: {"steps": r.steps, "seconds": r.seconds, "stopped": r.stopped, "best_step": r.best["step"], "history": history_by_phase[phase]}
+            for phase, r in results.items()
+        },
+        "seconds_total": time.perf_counter() - started,
+    }
+    _write(student, converted, out, report, history_by_phase, before, force)
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, text_path, heldout_path, started, force) -> dict:
+    scales = linearize_qk_norms(student)
+    after = evaluate()
+    seconds = time.perf_counter() - started
+    report = {
+        "qwenforge_version": __version__,
+        "converted": str(converted),
+        "teacher": str(teacher_dir),
+        "options": asdict(options),
+        "healing_text": None,
+        "heldout_text": str(heldout_path),
+        "shared_vocabulary": shared_vocab,
+        "trainable_parameters": 0,
+        "linearized": scales,
+        "before": before,
+        "after": after,
+        "phases": {"linearize": {"steps": 0, "seconds": seconds, "stopped": "closed form", "history": [
+            {"step": 0, "seconds": 0.0, **before}, {"step": 1, "seconds": seconds, **after}]}},
+        "seconds_total": seconds,
+    }
+    _write(student, converted, out, report, {"linearize": report["phases"]["linearize"]["history"]}, before, force)
+    return report
+
+
+def _write(student, converted: Path, out: Path, report: dict, history_by_phase: dict, before: dict, force: bool) -> None:
+    with atomic_output(out, force=force) as folder:
+        student.config.dtype = "float32"
+        student.save_pretrained(folder)
+        copy_tokenizer_files(converted, folder)
+        for item in converted.iterdir():  # carry the conversion's provenance over
+            if item.is_file() and item.name not in MODEL_FILES and not item.name.endswith(".safetensors") and not (folder / item.name).exists():
+                shutil.copy2(item, folder / item.name)
+        write_json(folder / "heal_report.json", report)
+        _plot(history_by_phase, folder / "heal_kl.png", before)

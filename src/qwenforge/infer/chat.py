@@ -1,0 +1,224 @@
+"""`qwenforge chat MODEL`: a streaming terminal conversation through the model's own chat template.
+
+    qwenforge chat embedded --system "Answer briefly." --temperature 0
+
+Answers render as Markdown while they stream; Qwen3 reasoning (<think>) is shown apart, dimmed,
+and `/think on|off` switches it. Ctrl-C stops the answer being written, not the session.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.text import Text
+
+from qwenforge.errors import QwenforgeError
+from qwenforge.infer.generation import Sampling, build_prompt, split_reasoning, stream, supports_thinking
+
+HELP = """\
+/help                      this list
+/system [TEXT]             set the system prompt (no TEXT: show it)
+/set key=value ...         temperature, top_p, max_new_tokens, seed (no args: show settings)
+/think on|off              Qwen3 reasoning on or off (models whose template supports it)
+/reset                     forget the conversation (keeps the system prompt)
+/save FILE                 write the conversation and settings as JSON
+/load FILE                 read a conversation saved with /save
+/exit                      leave (Ctrl-D too)
+End a line with \\ to continue on the next; a line of \"\"\" starts and ends a multi-line block.
+Ctrl-C stops an answer while it is written."""
+
+
+@dataclass
+class Conversation:
+    """Everything /save writes and /load reads back."""
+
+    system: str | None = None
+    messages: list[dict] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+    enable_thinking: bool | None = None
+
+    def to_dict(self) -> dict:
+        return {"system": self.system, "messages": self.messages, "sampling": self.sampling.to_dict(), "enable_thinking": self.enable_thinking}
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Conversation":
+        from qwenforge.checkpoint.folder import read_json
+
+        data = read_json(Path(path))
+        if not isinstance(data.get("messages"), list):
+            raise QwenforgeError(f"{path}: not a saved conversation (no 'messages' list); save one with /save FILE")
+        sampling = Sampling().updated(**{k: v for k, v in (data.get("sampling") or {}).items() if v is not None})
+        return cls(data.get("system"), data["messages"], sampling, data.get("enable_thinking"))
+
+    def prompt_messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+
+def render(text: str, thinking_possible: bool):
+    """Reasoning in a dim panel above the Markdown answer."""
+    reasoning, answer = split_reasoning(text) if thinking_possible else ("", text)
+    parts = []
+    if reasoning:
+        parts.append(Panel(Text(reasoning, style="dim italic"), title="reasoning", title_align="left", border_style="dim"))
+    if answer.strip():
+        parts.append(Markdown(answer))
+    return Group(*parts)
+
+
+def read_message(console: Console, read=input) -> str | None:
+    """One user turn: continuation lines ending in \\, or a \"\"\" block; None at end of input."""
+    try:
+        line = read(">>> ")
+    except EOFError:
+        return None
+    if line.strip() == '"""':
+        lines = []
+        while True:
+            try:
+                more = read("... ")
+            except EOFError:
+                break
+            if more.strip() == '"""':
+                break
+            lines.append(more)
+        return "\n".join(lines)
+    lines = [line]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        try:
+            lines.append(read("... "))
+        except EOFError:
+            break
+    return "\n".join(lines)
+
+
+def answer(console: Console, loaded, conversation: Conversation) -> None:
+    """Stream one answer into a live Markdown view; Ctrl-C keeps what was written so far."""
+    thinking_possible = supports_thinking(loaded.tokenizer)
+    prompt = build_prompt(loaded.tokenizer, conversation.prompt_messages(), conversation.enable_thinking)
+    stop = threading.Event()
+    pieces = stream(loaded, prompt, conversation.sampling, stop)
+    text = ""
+    result = None
+    with Live(render("", thinking_possible), console=console, refresh_per_second=8, vertical_overflow="visible") as live:
+        try:
+            while True:
+                try:
+                    text += next(pieces)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                live.update(render(text, thinking_possible))
+        except KeyboardInterrupt:
+            pieces.close()
+            live.update(render(text, thinking_possible))
+    _, reply = split_reasoning(text) if thinking_possible else ("", text)
+    conversation.messages.append({"role": "assistant", "content": reply.strip()})
+    if result is None:
+        console.print("[yellow]\\[stopped][/yellow]")
+    else:
+        console.print(f"[dim]{result.completion_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, first token {result.first_token_seconds:.2f}s[/dim]")
+
+
+def command(console: Console, loaded, conversation: Conversation, line: str) -> bool:
+    """Run one /command; False means leave."""
+    name, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if name in ("/exit", "/quit", "/bye"):
+        return False
+    if name == "/help":
+        console.print(HELP, highlight=False, markup=False)
+    elif name == "/reset":
+        conversation.messages.clear()
+        console.print("conversation cleared")
+    elif name == "/system":
+        if rest:
+            conversation.system = rest
+            console.print("system prompt set")
+        else:
+            console.print(f"system prompt: {conversation.system!r}", markup=False)
+    elif name == "/set":
+        if rest:
+            pairs = [item.split("=", 1) for item in rest.split()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise QwenforgeError("use /set key=value ..., e.g. /set temperature=0.7 top_p=0.8 max_new_tokens=512")
+            conversation.sampling = conversation.sampling.updated(**dict(pairs))
+        console.print(" ".join(f"{k}={v}" for k, v in conversation.sampling.to_dict().items()), markup=False)
+    elif name == "/think":
+        if not supports_thinking(loaded.tokenizer):
+            raise QwenforgeError("this model's chat template has no thinking switch (enable_thinking); /think needs a Qwen3 model")
+        if rest not in ("on", "off"):
+            raise QwenforgeError("use /think on or /think off")
+        conversation.enable_thinking = rest == "on"
+        console.print(f"thinking {rest}")
+    elif name == "/save":
+        if not rest:
+            raise QwenforgeError("use /save FILE")
+        Path(rest).expanduser().write_text(json.dumps(conversation.to_dict(), indent=2) + "\n")
+        console.print(f"saved {len(conversation.messages)} messages to {rest}", markup=False)
+    elif name == "/load":
+        if not rest:
+            raise QwenforgeError("use /load FILE")
+        loaded_conversation = Conversation.from_file(Path(rest).expanduser())
+        conversation.system, conversation.messages = loaded_conversation.system, loaded_conversation.messages
+        conversation.sampling, conversation.enable_thinking = loaded_conversation.sampling, loaded_conversation.enable_thinking
+        console.print(f"loaded {len(conversation.messages)} messages from {rest}", markup=False)
+    else:
+        raise QwenforgeError(f"unknown command {name}; /help lists the commands")
+    return True
+
+
+def run_chat(console: Console, loaded, conversation: Conversation | None = None, read=input) -> Conversation:
+    """The REPL: read a turn or a /command, answer, repeat until /exit or end of input."""
+    conversation = conversation or Conversation()
+    console.print(f"[dim]{loaded.describe()}[/dim]", highlight=False)
+    console.print("[dim]/help for commands, /exit to leave; Ctrl-C stops an answer[/dim]")
+    while True:
+        try:
+            line = read_message(console, read)
+        except KeyboardInterrupt:
+            console.print("\n[dim](Ctrl-C stops answers; /exit or Ctrl-D leaves)[/dim]")
+            continue
+        if line is None:
+            console.print()
+            return conversation
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                if not command(console, loaded, conversation, line.strip()):
+                    return conversation
+                continue
+            conversation.messages.append({"role": "user", "content": line})
+            answer(console, loaded, conversation)
+        except QwenforgeError as error:
+            if conversation.messages and conversation.messages[-1]["role"] == "user" and not line.startswith("/"):
+                conversation.messages.pop()
+            console.print(f"[red]error:[/red] {error}", highlight=False)
+
+
+def start_chat(console: Console, model: str, load_options: dict, system=None, sampling=None, enable_thinking=None, conversation_file=None) -> Conversation:
+    """`qwenforge chat`: load MODEL for this machine, then run the REPL."""
+    from qwenforge.infer.load import load_model
+
+    conversation = Conversation.from_file(conversation_file) if conversation_file else Conversation()
+    if not conversation_file:
+        conversation.sampling = Sampling().updated(**{k: v for k, v in (sampling or {}).items() if v is not None})
+    conversation.system = system or conversation.system
+    if enable_thinking is not None:
+        conversation.enable_thinking = enable_thinking
+    with console.status("loading the model ..."):
+        loaded = load_model(model, **load_options)
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    return run_chat(console, loaded, conversation)

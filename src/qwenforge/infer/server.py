@@ -1,0 +1,322 @@
+"""`qwenforge serve MODEL`: an OpenAI-compatible HTTP server on the transformers or llama.cpp path.
+
+    qwenforge serve embedded --port 8000 --api-key secret
+    # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
+
+Routes: /v1/chat/completions and /v1/completions (plain and server-sent events), /v1/models,
+/health. One generation runs at a time (a CPU has no spare compute to share); other requests
+wait their turn in arrival order. A streaming client that disconnects stops its generation at the
+next token and frees the slot. Errors are OpenAI-shaped JSON. `--engine vllm` hands the model to
+vLLM's own server instead (GPUs, tensor parallelism).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+
+from qwenforge.errors import QwenforgeError
+from qwenforge.infer.generation import Sampling, build_prompt, check_length, complete, count_tokens, split_reasoning, supports_thinking
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _number(body: dict, key: str, default, low: float, high: float, integer: bool = False):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ApiError(400, f"'{key}' must be a{'n integer' if integer else ' number'}, got {value!r}", param=key)
+    if not low <= value <= high:
+        raise ApiError(400, f"'{key}' must be between {low} and {high}, got {value}", param=key)
+    return value
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content}", param="messages")
+    clean = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+            raise ApiError(400, f"messages[{index}] needs a role of system, user, assistant or tool", param=f"messages[{index}]")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts", param=f"messages[{index}].content")
+        role = "system" if message["role"] == "developer" else message["role"]
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def build_app(loaded, api_key: str | None = None, served_name: str | None = None):
+    """The FastAPI application serving `loaded` under the model id `served_name`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    name = served_name or loaded.name
+    app = FastAPI(title="qwenforge", docs_url=None, redoc_url=None)
+    slot = asyncio.Lock()  # one generation at a time; waiters queue in arrival order
+    created = int(time.time())
+    thinking_possible = supports_thinking(loaded.tokenizer)
+    app.state.stats = {"requests": 0, "cancelled": 0}
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
+            error = ApiError(401, "missing or wrong API key; send 'Authorization: Bearer KEY'", code="invalid_api_key")
+            return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    async def read_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as error:
+            raise ApiError(400, f"request body is not valid JSON ({error})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise ApiError(400, "'model' is required (a string)", param="model")
+        if model != name:
+            raise ApiError(404, f"The model '{model}' does not exist; this server serves '{name}'", param="model", code="model_not_found")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        return body
+
+    def sampling_of(body: dict, prompt_tokens: int) -> Sampling:
+        limit = loaded.context_limit
+        room = limit - prompt_tokens
+        if room < 1:
+            raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context limit is {limit} tokens", param="messages", code="context_length_exceeded")
+        requested = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = _number({"max_tokens": requested}, "max_tokens", min(512, room), 1, 10**9, integer=True)
+        try:
+            check_length(loaded, prompt_tokens, max_tokens)
+        except QwenforgeError as error:
+            raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0) or 1.0
+        seed = _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
+        return Sampling(temperature=float(temperature), top_p=float(top_p), max_new_tokens=max_tokens, seed=seed)
+
+    async def run(prompt: str, sampling: Sampling):
+        async with slot:
+            stop = threading.Event()
+            try:
+                return await asyncio.to_thread(complete, loaded, prompt, sampling, stop)
+            finally:
+                stop.set()  # a request cancelled while its thread runs ends that generation early
+
+    async def pieces(prompt: str, sampling: Sampling, result_box: dict):
+        """Async pieces of text from the generation thread; leaving early stops it and frees the slot."""
+        import anyio
+
+        async with slot:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+            stop = threading.Event()
+
+            def work():
+                try:
+                    result = complete(loaded, prompt, sampling, stop, on_piece=lambda text: loop.call_soon_threadsafe(queue.put_nowait, ("piece", text)))
+                    loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
+                except BaseException as error:  # noqa: BLE001 - reported to the client
+                    loop.call_soon_threadsafe(queue.put_nowait, ("error", error))
+
+            task = loop.run_in_executor(None, work)
+            try:
+                while True:
+                    kind, value = await queue.get()
+                    if kind == "piece":
+                        yield value
+                    elif kind == "done":
+                        result_box["result"] = value
+                        return
+                    else:
+                        raise value
+            finally:
+                if "result" not in result_box:
+                    stop.set()
+                    app.state.stats["cancelled"] += 1
+                with anyio.CancelScope(shield=True):
+                    await task
+
+    def sse(data: dict) -> str:
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def usage(result) -> dict:
+        return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "engine": loaded.engine, "busy": slot.locked(), **app.state.stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "qwenforge"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        messages = _messages(body)
+        template_options = body.get("chat_template_kwargs") or {}
+        enable_thinking = template_options.get("enable_thinking") if isinstance(template_options, dict) else None
+        try:
+            prompt = build_prompt(loaded.tokenizer, messages, enable_thinking)
+        except Exception as error:  # a template may reject a conversation (e.g. roles out of order)
+            raise ApiError(400, f"the chat template rejected these messages: {error}", param="messages") from None
+        sampling = sampling_of(body, count_tokens(loaded, prompt))
+        app.state.stats["requests"] += 1
+        ident, stamp = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+            async def events():
+                head = {"id": ident, "object": "chat.completion.chunk", "created": stamp, "model": name}
+                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                box: dict = {}
+                async for piece in pieces(prompt, sampling, box):
+                    yield sse({**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                result = box["result"]
+                yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish(result)}]})
+                if include_usage:
+                    yield sse({**head, "choices": [], "usage": usage(result)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        result = await run(prompt, sampling)
+        reasoning, answer = split_reasoning(result.text) if thinking_possible else ("", result.text)
+        message = {"role": "assistant", "content": answer}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        return {
+            "id": ident,
+            "object": "chat.completion",
+            "created": stamp,
+            "model": name,
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish(result)}],
+            "usage": usage(result),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string (raw text: no chat template is applied on this route)", param="prompt")
+        sampling = sampling_of(body, count_tokens(loaded, prompt))
+        app.state.stats["requests"] += 1
+        ident, stamp = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": ident, "object": "text_completion", "created": stamp, "model": name}
+        if body.get("stream"):
+
+            async def events():
+                box: dict = {}
+                async for piece in pieces(prompt, sampling, box):
+                    yield sse({**head, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}]})
+                yield sse({**head, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": _finish(box["result"])}]})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        result = await run(prompt, sampling)
+        return {**head, "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": _finish(result)}], "usage": usage(result)}
+
+    return app
+
+
+def _finish(result) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def serve(loaded, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, served_name: str | None = None, say=print) -> None:
+    """Run the server until Ctrl-C."""
+    import uvicorn
+
+    app = build_app(loaded, api_key=api_key, served_name=served_name)
+    say(f"serving {served_name or loaded.name} at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def vllm_command(
+    folder: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    served_name: str | None = None,
+    dtype: str | None = None,
+    tensor_parallel: int = 1,
+    max_context: int | None = None,
+    adapter: str | None = None,
+) -> list[str]:
+    """The `vllm serve` command line equivalent to `qwenforge serve` with these options."""
+    command = ["vllm", "serve", str(folder), "--host", host, "--port", str(port)]
+    if served_name:
+        command += ["--served-model-name", served_name]
+    command += ["--dtype", dtype or "auto", "--tensor-parallel-size", str(tensor_parallel)]
+    if max_context:
+        command += ["--max-model-len", str(max_context)]
+    if api_key:
+        command += ["--api-key", api_key]
+    if adapter:
+        command += ["--enable-lora", "--lora-modules", f"{served_name or 'adapter'}={adapter}"]
+    return command
+
+
+def run_vllm(command: list[str]) -> None:
+    """Replace this process by vLLM's server; a clear error when vLLM is not installed."""
+    import importlib.util
+
+    executable = shutil.which("vllm")
+    if executable is None and importlib.util.find_spec("vllm") is None:
+        raise QwenforgeError(
+            "vLLM is not installed (it needs a CUDA GPU): pip install vllm, then run: " + " ".join(command)
+        )
+    if executable is None:
+        import sys
+
+        os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.cli.main", *command[1:]])
+    os.execv(executable, command)
+
+
+def start_server(console, model: str, load_options: dict, host="127.0.0.1", port=8000, api_key=None, served_name=None, tensor_parallel=1, dry_run=False) -> None:
+    """`qwenforge serve`: load MODEL and serve it, or hand it to vLLM's server (`--engine vllm`)."""
+    from qwenforge.infer.load import load_model, resolve_source
+
+    if load_options.get("engine") == "vllm":
+        source = resolve_source(model, load_options.get("base"))
+        command = vllm_command(
+            str(source["folder"]), host=host, port=port, api_key=api_key, served_name=served_name,
+            dtype=load_options.get("dtype"), tensor_parallel=tensor_parallel, max_context=load_options.get("max_context"),
+            adapter=str(source["adapter"]) if source["adapter"] else None,
+        )
+        if dry_run:
+            console.print(" ".join(command), markup=False, highlight=False)
+            return
+        run_vllm(command)
+        return
+    if tensor_parallel != 1:
+        raise QwenforgeError("--tensor-parallel needs --engine vllm (the transformers path runs on one device)")
+    loaded = load_model(model, **load_options, say=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
+    serve(loaded, host=host, port=port, api_key=api_key, served_name=served_name, say=console.print)

@@ -1,0 +1,328 @@
+"""`qwenforge train CONFIG`: for each topic, SFT -> evaluate -> DPO -> evaluate -> save.
+
+Run folder (OUT, from the config's `output`):
+    recipe.json                      resolved config, zone plan, qwenforge version
+    metrics.jsonl, metrics.png       every training log and evaluation, one JSON per line; the plot
+    topics/NN-<name>/sft/            the SFT trainer's checkpoints (what --resume continues)
+    topics/NN-<name>/sft-adapter/    the adapter after SFT (the DPO reference)
+    topics/NN-<name>/dpo/            the DPO trainer's checkpoints
+    topics/NN-<name>/adapter/        the topic's final PEFT adapter, with metrics.json
+Progress is read back from these files, so `--resume` continues after the last finished topic
+or saved step; Ctrl-C asks the trainer to save a checkpoint at the current step and stop.
+Between topics the adapter either keeps training (`continue`) or is merged into the weights
+before a fresh one starts (`merge`); two adapters are never stacked.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from qwenforge import __version__
+from qwenforge.checkpoint.folder import atomic_output, write_json
+from qwenforge.errors import QwenforgeError
+from qwenforge.train.config import TrainConfig, config_to_dict
+from qwenforge.train.curriculum import Curriculum, Topic, dpo_records, load_curriculum, sft_records
+from qwenforge.train.evaluate import VoiceRules, evaluate_topic
+from qwenforge.train.zones import ZonePlan, plan_zones
+
+
+def resolve_model_folder(model: str) -> Path:
+    """A trainable checkpoint folder: `embedded` or a folder with config.json and weights."""
+    from qwenforge.cache import EMBEDDED, embedded_model
+
+    if model == EMBEDDED:
+        return embedded_model()
+    folder = Path(model)
+    if not (folder / "config.json").exists():
+        raise QwenforgeError(f"model: {model}: not a checkpoint folder (no config.json); training needs weights, not a preset")
+    return folder
+
+
+def build_plan(config: TrainConfig, folder: Path) -> ZonePlan:
+    from qwenforge.arch.spec import parameter_counts, spec_from_config
+    from qwenforge.checkpoint.folder import read_config
+
+    spec = spec_from_config(read_config(folder), str(folder / "config.json"))
+    return plan_zones(config, spec, parameter_counts(spec)["total"])
+
+
+def topic_dir(out: Path, index: int, topic: Topic) -> Path:
+    return out / "topics" / f"{index + 1:02d}-{topic.name}"
+
+
+def voice_rules(config: TrainConfig, curriculum: Curriculum) -> VoiceRules:
+    """Markers from the config, else from curriculum.yaml."""
+    settings = config.evaluation
+    return VoiceRules(
+        markers=settings.voice_markers or curriculum.voice_markers,
+        negative_patterns=settings.negative_patterns or curriculum.negative_patterns,
+        markers_needed=settings.markers_needed,
+    )
+
+
+class Interrupted(QwenforgeError):
+    """Training stopped on request after saving a resumable checkpoint."""
+
+
+@contextmanager
+def ctrl_c_requests_stop(stop: threading.Event):
+    """First Ctrl-C: save at the current step and stop; a second one aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (kept open across a resumed run)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"time": round(time.time(), 3), **record}, default=str) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _prepare_output(config: TrainConfig, out: Path, resume: bool, force: bool) -> None:
+    recipe_path = out / "recipe.json"
+    if resume:
+        if not recipe_path.exists():
+            raise QwenforgeError(f"{out}: nothing to resume (no recipe.json); run without --resume")
+        saved = json.loads(recipe_path.read_text())["config"]
+        current = config_to_dict(config)
+        changed = [k for k in ("model", "curriculum", "zones", "lora", "between_topics") if saved.get(k) != current.get(k)]
+        if changed:
+            raise QwenforgeError(f"{out}: --resume with a changed {changed[0]!r}; resume with the config the run started with")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise QwenforgeError(f"{out}: already exists; pass --resume to continue it or --force to start over")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_recipe(config: TrainConfig, out: Path, plan: ZonePlan, folder: Path, curriculum: Curriculum) -> dict:
+    recipe = {
+        "qwenforge_version": __version__,
+        "command": "qwenforge train",
+        "config": config_to_dict(config),
+        "model_folder": str(folder),
+        "curriculum_folder": str(curriculum.folder),
+        "topics": [t.name for t in curriculum.topics],
+        "zone_plan": {
+            "trainable_parameters": plan.trainable_parameters,
+            "rows": [{"layer": r.layer, "zone": r.zone, "modules": list(r.modules), "r": r.r, "alpha": r.alpha} for r in plan.rows],
+        },
+    }
+    write_json(out / "recipe.json", recipe)
+    return recipe
+
+
+def _save_adapter(backend, folder: Path, extra: dict) -> None:
+    with atomic_output(folder, force=True) as temp:
+        backend.save_adapter(temp)
+        for name, data in extra.items():
+            write_json(temp / name, data)
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def train(config: TrainConfig, resume: bool = False, force: bool = False, console=None,
+          stop: threading.Event | None = None, on_log=None) -> dict:
+    """Run the whole curriculum; returns the summary (also in OUT/summary.json)."""
+    from rich.console import Console
+
+    from qwenforge.train.backends import create_backend
+
+    console = console or Console(quiet=True)
+    started = time.perf_counter()
+    curriculum = load_curriculum(config.curriculum)  # every data problem stops the run here
+    folder = resolve_model_folder(config.model)
+    plan = build_plan(config, folder)
+    out = Path(config.output)
+    _prepare_output(config, out, resume, force)
+    recipe = _write_recipe(config, out, plan, folder, curriculum)
+    metrics = MetricsLog(out / "metrics.jsonl")
+    rules = voice_rules(config, curriculum)
+    stop = stop or threading.Event()
+
+    backend = create_backend(config.backend)
+    with console.status(f"loading {folder.name} ..."):
+        backend.load(folder, plan, config.quantization, config.seed)
+    console.print(f"zones: {len(plan.rows)} of {plan.layers} layers adapted, {plan.trainable_parameters:,} trainable parameters")
+
+    summaries = []
+    with ctrl_c_requests_stop(stop):
+        for index, topic in enumerate(curriculum.topics):
+            tdir = topic_dir(out, index, topic)
+            done = _read(tdir / "adapter" / "metrics.json")
+            if done is not None:
+                console.print(f"[dim]{topic.name}: finished earlier, skipped[/dim]")
+                if config.between_topics == "merge":
+                    backend.load_adapter(tdir / "adapter")
+                    backend.merge_adapter()
+                summaries.append(done)
+                continue
+            previous = topic_dir(out, index - 1, curriculum.topics[index - 1]) / "adapter" if index else None
+            summary = _train_topic(config, backend, topic, tdir, previous, rules, metrics, stop, console, on_log)
+            summaries.append(summary)
+            if config.between_topics == "merge":
+                backend.merge_adapter()
+            if config.evaluation.stop_on_fail and not summary["passed"]:
+                console.print(f"[red]{topic.name} did not pass its thresholds; stopping (evaluation.stop_on_fail)[/red]")
+                break
+
+    result = {
+        "output": str(out),
+        "seconds": round(time.perf_counter() - started, 1),
+        "topics": summaries,
+        "trainable_parameters": plan.trainable_parameters,
+        "qwenforge_version": recipe["qwenforge_version"],
+    }
+    write_json(out / "summary.json", result)
+    from qwenforge.train.plot import plot_metrics
+
+    plot_metrics(metrics.read(), out / "metrics.png")
+    return result
+
+
+def _attach_start_adapter(config: TrainConfig, backend, previous: Path | None) -> None:
+    if backend.has_adapter():
+        return  # continue mode within one run: the previous topic's adapter keeps training
+    if config.between_topics == "continue" and previous is not None:
+        backend.load_adapter(previous)
+    else:
+        backend.start_adapter()
+
+
+def _stage_logger(metrics: MetricsLog, topic: str, stage: str, progress, task, on_log):
+    def log(record: dict) -> None:
+        if "train_runtime" in record:
+            return
+        metrics.write({"topic": topic, "stage": stage, **record})
+        progress.update(task, completed=record.get("step", 0), total=record.get("max_steps") or None)
+        if on_log:
+            on_log({"topic": topic, "stage": stage, **record})
+
+    return log
+
+
+def _evaluate(backend, topic: Topic, rules: VoiceRules, config: TrainConfig, path: Path, metrics: MetricsLog, stage: str, console) -> dict:
+    cached = _read(path)
+    if cached is not None:
+        return cached
+    with console.status(f"{topic.name}: evaluating ({stage}) on {len(topic.eval)} held-out prompts ..."):
+        scores = evaluate_topic(backend, list(topic.eval), rules, config.evaluation.max_new_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, scores)
+    metrics.write({"topic": topic.name, "stage": stage, **{k: v for k, v in scores.items() if k != "samples"}})
+    if scores.get("accuracy") is not None:
+        console.print(f"{topic.name} {stage}: accuracy {scores['accuracy']:.3f}, voice {scores['voice']:.3f}")
+    return scores
+
+
+def _train_topic(config, backend, topic, tdir, previous, rules, metrics, stop, console, on_log) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tdir.mkdir(parents=True, exist_ok=True)
+    sft_adapter = tdir / "sft-adapter"
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    sft_result = _read(tdir / "sft-result.json")
+    if sft_result is None:
+        _attach_start_adapter(config, backend, previous)
+        before = _evaluate(backend, topic, rules, config, tdir / "eval-before.json", metrics, "eval-before", console)
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(f"{topic.name}: SFT", total=None)
+            sft_result = backend.sft(
+                sft_records(topic), config.sft, tdir / "sft", seed=config.seed,
+                resume=any((tdir / "sft").glob("checkpoint-*")), stop=stop,
+                on_log=_stage_logger(metrics, topic.name, "sft", progress, task, on_log),
+            )
+        if sft_result["interrupted"]:
+            raise Interrupted(f"stopped during {topic.name} SFT at step {sft_result['steps']} (saved); continue with --resume")
+        _save_adapter(backend, sft_adapter, {})
+        write_json(tdir / "sft-result.json", sft_result)
+    else:
+        before = _read(tdir / "eval-before.json") or {}
+        if backend.has_adapter():
+            raise RuntimeError("resuming DPO needs the SFT adapter alone")
+        backend.load_adapter(sft_adapter)
+    after_sft = _evaluate(backend, topic, rules, config, tdir / "eval-sft.json", metrics, "eval-sft", console)
+
+    dpo_result, after_dpo = None, None
+    voice = after_sft.get("voice")
+    run_dpo = config.dpo.enabled and topic.dpo and (voice is None or voice < config.evaluation.run_dpo_below_voice)
+    if run_dpo:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(f"{topic.name}: DPO", total=config.dpo.steps)
+            dpo_result = backend.dpo(
+                dpo_records(topic), config.dpo, tdir / "dpo", seed=config.seed,
+                resume=any((tdir / "dpo").glob("checkpoint-*")), stop=stop,
+                on_log=_stage_logger(metrics, topic.name, "dpo", progress, task, on_log),
+            )
+        if dpo_result["interrupted"]:
+            raise Interrupted(f"stopped during {topic.name} DPO at step {dpo_result['steps']} (saved); continue with --resume")
+        after_dpo = _evaluate(backend, topic, rules, config, tdir / "eval-dpo.json", metrics, "eval-dpo", console)
+    final = after_dpo or after_sft
+    passed = all(
+        final.get(key) is None or final[key] >= threshold
+        for key, threshold in (("accuracy", config.evaluation.pass_accuracy), ("voice", config.evaluation.pass_voice))
+    )
+    summary = {
+        "topic": topic.name,
+        "before": _scores(before),
+        "after_sft": _scores(after_sft),
+        "after_dpo": _scores(after_dpo),
+        "sft": _stage_numbers(metrics, topic.name, "sft", sft_result),
+        "dpo": _stage_numbers(metrics, topic.name, "dpo", dpo_result) if dpo_result else None,
+        "passed": passed,
+        "between_topics": config.between_topics,
+    }
+    recipe = {"qwenforge_version": __version__, "config": config_to_dict(config), "topic": topic.name}
+    _save_adapter(backend, tdir / "adapter", {"metrics.json": summary, "qwenforge-recipe.json": recipe})
+    for work in ("sft", "dpo"):  # trainer checkpoints (optimizer state) are only needed until the topic is done
+        shutil.rmtree(tdir / work, ignore_errors=True)
+    metrics.write({"topic": topic.name, "stage": "topic-done", "passed": passed})
+    return summary
+
+
+def _scores(scores: dict | None) -> dict | None:
+    if not scores or scores.get("accuracy") is None:
+        return None
+    return {k: scores[k] for k in ("accuracy", "voice", "similarity", "markers", "clean") if k in scores}
+
+
+def _stage_numbers(metrics: MetricsLog, topic: str, stage: str, result: dict) -> dict:
+    """First and last logged loss (and DPO reward margin) of a stage, from metrics.jsonl."""
+    logs = [r for r in metrics.read() if r.get("topic") == topic and r.get("stage") == stage and "loss" in r]
+    numbers = {"steps": result.get("steps"), "seconds": result.get("train_runtime")}
+    if logs:
+        numbers.update(loss_first=logs[0]["loss"], loss_last=logs[-1]["loss"])
+    margins = [r["rewards/margins"] for r in logs if "rewards/margins" in r]
+    if margins:
+        numbers.update(margin_first=margins[0], margin_last=margins[-1], margin_max=max(margins))
+    return numbers

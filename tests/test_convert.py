@@ -1,0 +1,275 @@
+"""convert: tiny Qwen2 (with biases) -> Qwen3 with the real Qwen2.5 and Qwen3 tokenizers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer as FastTokenizer
+
+from qwenforge.checkpoint.folder import sha256_of
+from qwenforge.checkpoint.safetensors_io import TensorReader
+from qwenforge.convert import convert
+from qwenforge.convert.plan import format_plan
+from qwenforge.fixtures.tiny import build_tiny_checkpoint
+
+QWEN25_TOKENS = 151_665
+QWEN3_TOKENS = 151_669
+NEW_QWEN3_TOKENS = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    reader = TensorReader(folder)
+    return {name: reader.get(name) for name in reader.names()}
+
+
+@pytest.fixture(scope="module")
+def donor16(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    """A Qwen3 donor with the tiny Qwen2's head_dim (16), so --qk-norm donor applies."""
+    return build_tiny_checkpoint("qwen3-untied", tmp_path_factory.mktemp("donor") / "qwen3-hd16", qwen3_tokenizer_dir, seed=3, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_qwen2, tiny_qwen3_untied):
+    """tiny Qwen2 -> Qwen3 tokenizer, one output per new-token method (no model loads: fast)."""
+    outputs = {}
+    for method in ("subword", "mean", "zero"):
+        out = tmp_path_factory.mktemp("converted") / method
+        convert(tiny_qwen2, out, donor=tiny_qwen3_untied, qk_norm="ones", new_token_init=method, measure=False)
+        outputs[method] = out
+    return outputs
+
+
+@pytest.mark.parametrize("kind", ["tiny_qwen2", "tiny_qwen2_tied", "tiny_llama"])
+@pytest.mark.parametrize("keep_bias", [False, True])
+def test_plan_matches_stock_qwen3_exactly(kind, keep_bias, request, tmp_path, qwen3_tokenizer_dir):
+    """The dry-run plan names every tensor of stock Qwen3ForCausalLM built from the output config, with its shape."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    source = request.getfixturevalue(kind)
+    result = convert(source, tmp_path / "out", tokenizer=qwen3_tokenizer_dir, keep_bias=keep_bias, qk_norm="ones", dry_run=True)
+    assert not (tmp_path / "out").exists()
+    config = {k: v for k, v in result["config"].items() if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config(**config))
+    stock = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config["tie_word_embeddings"]:
+        stock.pop("lm_head.weight")
+    planned = {step.name: step.shape for step in result["plan"]["steps"]}
+    assert planned == stock
+    ops = {step.name: step.op for step in result["plan"]["steps"]}
+    assert ops["model.layers.1.self_attn.q_norm.weight"] == "ones"
+    assert ops["model.embed_tokens.weight"] == "transplant-rows"
+    dropped = {d["name"] for d in result["plan"]["dropped"]}
+    has_bias = kind.startswith("tiny_qwen2")
+    assert ("model.layers.0.self_attn.q_proj.bias" in dropped) == (has_bias and not keep_bias)
+    assert config["attention_bias"] == (has_bias and keep_bias)
+    assert "model.layers.0.self_attn.k_norm.weight" in format_plan(result["plan"])
+
+
+def test_shared_rows_identical_and_untied_head_kept(converted, tiny_qwen2):
+    source = load_all(tiny_qwen2)
+    out = load_all(converted["subword"])
+    config = json.loads((converted["subword"] / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["tie_word_embeddings"] is False
+    assert config["vocab_size"] == 151_936
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[name].shape == (151_936, 64)
+        # Qwen2.5 and Qwen3 share the first 151,665 token strings at the same ids
+        assert torch.equal(out[name][:QWEN25_TOKENS], source[name][:QWEN25_TOKENS])
+    assert not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
+    for name, tensor in source.items():
+        if "embed" not in name and "lm_head" not in name and "_proj.bias" not in name:
+            assert torch.equal(out[name], tensor), name
+
+
+def test_padding_rows_are_mean_of_real_rows(converted):
+    out = load_all(converted["mean"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        matrix = out[name]
+        expected = matrix[:QWEN3_TOKENS].mean(0)
+        torch.testing.assert_close(matrix[QWEN3_TOKENS:], expected.expand(151_936 - QWEN3_TOKENS, -1))
+
+
+def test_new_token_rows_by_method(converted, tiny_qwen2, qwen25_tokenizer_dir):
+    source = load_all(tiny_qwen2)
+    tokenizer = FastTokenizer.from_file(str(qwen25_tokenizer_dir / "tokenizer.json"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        real = source[name][:QWEN25_TOKENS]
+        zero = load_all(converted["zero"])[name]
+        assert torch.count_nonzero(zero[QWEN25_TOKENS:QWEN3_TOKENS]) == 0
+        mean = load_all(converted["mean"])[name]
+        torch.testing.assert_close(mean[QWEN25_TOKENS:QWEN3_TOKENS], real.mean(0).expand(4, -1))
+        subword = load_all(converted["subword"])[name]
+        for offset, token in enumerate(NEW_QWEN3_TOKENS):
+            pieces = tokenizer.encode(token, add_special_tokens=False).ids
+            assert len(pieces) > 1
+            torch.testing.assert_close(subword[QWEN25_TOKENS + offset], source[name][pieces].mean(0))
+
+
+def test_donor_projected_recovers_a_linear_donor(tmp_path, tiny_qwen2, qwen3_tokenizer_dir):
+    """A donor whose rows are an exact linear image (wider: 96) of the source's: projection returns the planted vectors."""
+    donor = build_tiny_checkpoint("qwen3-untied", tmp_path / "donor", qwen3_tokenizer_dir, hidden_size=96)
+    source = load_all(tiny_qwen2)
+    torch.manual_seed(0)
+    planted = {}
+    state = load_all(donor)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        mixing = torch.randn(64, 96, dtype=torch.float64)
+        offset = torch.randn(96, dtype=torch.float64)
+        planted[name] = torch.randn(4, 64)
+        rows = torch.zeros(151_936, 96, dtype=torch.float64)
+        rows[:QWEN25_TOKENS] = source[name][:QWEN25_TOKENS].double() @ mixing + offset
+        rows[QWEN25_TOKENS:QWEN3_TOKENS] = planted[name].double() @ mixing + offset
+        state[name] = rows.float()
+    from qwenforge.checkpoint.safetensors_io import write_state_dict
+
+    (donor / "model.safetensors").unlink()
+    write_state_dict(donor, state)
+    result = convert(tiny_qwen2, tmp_path / "out", donor=donor, qk_norm="ones", measure=False)
+    assert result["metadata"]["options"]["new_token_init"] == "donor-projected"
+    out = load_all(tmp_path / "out")
+    for name, vectors in planted.items():
+        torch.testing.assert_close(out[name][QWEN25_TOKENS:QWEN3_TOKENS], vectors, atol=2e-3, rtol=2e-3)
+        assert result["metadata"]["projection"][name]["relative_residual"] < 1e-4
+    think = [row for row in result["metadata"]["special_tokens"] if row["token"] == "<think>"][0]
+    assert think["source_id"] is None and think["init"] == "donor-projected"
+
+
+def _identity_qk_norm(model) -> None:
+    for layer in model.model.layers:
+        layer.self_attn.q_norm = torch.nn.Identity()
+        layer.self_attn.k_norm = torch.nn.Identity()
+
+
+def test_kept_biases_reproduce_source_attention_exactly(tmp_path, tiny_qwen2):
+    """With --keep-bias and q/k-norm taken out, the converted model computes the source's logits."""
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+    kept = tmp_path / "kept"
+    convert(tiny_qwen2, kept, keep_bias=True, qk_norm="ones", measure=False)
+    dropped = tmp_path / "dropped"
+    result = convert(tiny_qwen2, dropped, qk_norm="ones", measure=False)
+    source = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    ids = torch.randint(0, 151_000, (1, 12), generator=torch.Generator().manual_seed(1))
+    hidden = torch.randn(1, 12, 64)
+    with torch.no_grad():
+        reference = source(ids).logits
+        model = Qwen3ForCausalLM.from_pretrained(kept, dtype=torch.float32)
+        for kind in ("q", "k", "v"):
+            theirs = getattr(source.model.layers[0].self_attn, f"{kind}_proj")(hidden)
+            ours = getattr(model.model.layers[0].self_attn, f"{kind}_proj")(hidden)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        _identity_qk_norm(model)
+        torch.testing.assert_close(model(ids).logits, reference)
+        without = Qwen3ForCausalLM.from_pretrained(dropped, dtype=torch.float32)
+        _identity_qk_norm(without)
+        assert (without(ids).logits - reference).abs().max() > 1e-3
+    bias = result["metadata"]["bias_dropped"]
+    assert bias["count"] == 6 and bias["max_norm"] > 0
+    assert any(w["code"] == "bias-dropped" for w in result["metadata"]["warnings"])
+
+
+def test_donor_qk_norm_is_copied(tmp_path, tiny_qwen2, donor16):
+    result = convert(tiny_qwen2, tmp_path / "out", donor=donor16, measure=False)
+    assert result["metadata"]["options"]["qk_norm"] == "donor"
+    donor = load_all(donor16)
+    out = load_all(tmp_path / "out")
+    for name in ("model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"):
+        assert torch.equal(out[name], donor[name])
+    assert any(w["code"] == "donor-qk-norm" for w in result["warnings"])
+
+
+def test_calibrated_qk_norm_is_the_least_squares_fit(tmp_path, tiny_qwen2):
+    """Independent check: per dimension, the weight minimising sum (w * normed - source projection)^2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwenforge.convert.qk_norm import calibrate
+
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    norms = calibrate(tiny_qwen2, text, keep_bias=False, max_tokens=64)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    ids = AutoTokenizer.from_pretrained(tiny_qwen2)(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :64]
+    captured = {}
+    layer = model.model.layers[1].self_attn
+    handle = layer.k_proj.register_forward_hook(lambda m, i, o: captured.setdefault("k", o.detach()))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    target = captured["k"].reshape(-1, 16)
+    without_bias = (captured["k"] - layer.k_proj.bias).reshape(-1, 16)
+    normed = without_bias / without_bias.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    expected = torch.stack([torch.linalg.lstsq(normed[:, d : d + 1], target[:, d : d + 1]).solution[0, 0] for d in range(16)])
+    torch.testing.assert_close(norms["model.layers.1.self_attn.k_norm.weight"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tied_source_stays_tied(tmp_path, tiny_qwen2_tied, qwen3_tokenizer_dir):
+    convert(tiny_qwen2_tied, tmp_path / "out", tokenizer=qwen3_tokenizer_dir, qk_norm="ones", measure=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in TensorReader(tmp_path / "out").names()
+
+
+def test_output_loads_generates_and_records_provenance(tmp_path, tiny_qwen2, tiny_qwen3_untied):
+    """Full conversion with calibrated q/k-norm: stock Qwen3ForCausalLM load, generation, fidelity, exact files."""
+    out = tmp_path / "out"
+    result = convert(
+        tiny_qwen2, out, donor=tiny_qwen3_untied, qk_norm="calibrated", keep_bias=True,
+        max_shard_size="30MB", fidelity_tokens=128, calibration_tokens=128,
+    )
+    files = {p.name for p in out.iterdir()}
+    shards = {name for name in files if name.endswith(".safetensors")}
+    assert len(shards) == 3  # two 39 MB vocabulary matrices and the rest
+    assert files - shards == {
+        "README.md", "config.json", "config_diff.json", "conversion_metadata.json", "generation_config.json",
+        "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+    }
+    record = json.loads((out / "conversion_metadata.json").read_text())
+    assert record["smoke_test"]["loaded_with"] == "Qwen3ForCausalLM" and record["smoke_test"]["new_tokens"] > 0
+    fidelity = record["fidelity"]
+    assert fidelity["same_tokenization"] and 0 <= fidelity["top1_agreement"] <= 1 and fidelity["kl"] >= 0
+    assert len(fidelity["layer_cosine"]) == 3
+    assert record["inputs"]["source"]["sha256"]["model.safetensors"] == sha256_of(tiny_qwen2 / "model.safetensors")
+    assert "tokenizer.json" in record["inputs"]["donor"]["sha256"]
+    assert record["options"]["keep_bias"] is True and record["qwenforge_version"]
+    ops = {t["name"]: t["op"] for t in record["tensors"]}
+    assert ops["model.layers.0.self_attn.o_proj.bias"] == "zeros"
+    assert {row["token"] for row in record["special_tokens"]} >= {"<|im_end|>", "<think>"}
+    diff = json.loads((out / "config_diff.json").read_text())
+    assert diff["changed"]["model_type"] == {"from": "qwen2", "to": "qwen3"}
+    assert diff["changed"]["vocab_size"] == {"from": 152_064, "to": 151_936}
+    assert "head_dim" in diff["added"]
+    card = (out / "README.md").read_text()
+    assert "top-1 agreement" in card and f"{100 * fidelity['top1_agreement']:.1f}%" in card
+    assert generation_eos(out) == 151_645
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def generation_eos(folder: Path) -> int:
+    return json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+
+
+def test_no_padding_id_in_top_k_on_real_text(converted):
+    from transformers import Qwen3ForCausalLM
+
+    from qwenforge.convert.run import default_text
+
+    text = default_text("heldout.txt").read_text()
+    tokenizer = FastTokenizer.from_file(str(converted["mean"] / "tokenizer.json"))
+    ids = torch.tensor([tokenizer.encode(text).ids[:512]])
+    model = Qwen3ForCausalLM.from_pretrained(converted["mean"], dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    top = logits.topk(20, dim=-1).indices
+    assert int(top.max()) < QWEN3_TOKENS
+    # the padding logit is the mean logit over real tokens: far below the top-20 everywhere
+    assert bool((logits[:, QWEN3_TOKENS] < logits.topk(20, dim=-1).values[:, -1]).all())
+
+
+def test_safetensors_headers_written_streaming(converted):
+    """Output shards are valid safetensors with the planned dtypes."""
+    with safe_open(str(converted["zero"] / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_slice("model.layers.0.self_attn.q_norm.weight").get_dtype() == "F32"
