@@ -1,6 +1,6 @@
 """How close `qwenforge plan` comes to measured memory: real workloads on this CPU, one fresh process each.
 
-    python benchmarks/plan_accuracy.py            # all cases (~5 minutes on 2 cores)
+    python benchmarks/plan_accuracy.py            # all cases (~8 minutes on 2 shared cores)
     python benchmarks/plan_accuracy.py --quick    # three cases
 
 Each case loads a model (tiny models built from real presets, and the embedded SmolLM2-135M), then

@@ -43,8 +43,9 @@ def converted(tmp_path_factory, tiny_qwen2, tiny_qwen3_untied):
     return outputs
 
 
-@pytest.mark.parametrize("kind", ["tiny_qwen2", "tiny_qwen2_tied", "tiny_llama"])
-@pytest.mark.parametrize("keep_bias", [False, True])
+@pytest.mark.parametrize(
+    ("kind", "keep_bias"), [("tiny_qwen2", False), ("tiny_qwen2", True), ("tiny_qwen2_tied", False), ("tiny_llama", True)]
+)
 def test_plan_matches_stock_qwen3_exactly(kind, keep_bias, request, tmp_path, qwen3_tokenizer_dir):
     """The dry-run plan names every tensor of stock Qwen3ForCausalLM built from the output config, with its shape."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

@@ -41,9 +41,44 @@ def step_spec(state: DemoState) -> None:
     state.results["parameters"] = facts["parameters"]["total"]
 
 
+def step_plan(state: DemoState) -> None:
+    """Memory plans: the embedded model on this CPU, then Qwen2.5-72B-Instruct inference and QLoRA on a 64 GB Mac."""
+    from qwenforge.plan_report import plan_report, print_plan
+
+    here = plan_report(str(state.model), memory_gb=4, kind="cpu", mode="lora", weights="fp32", context=512, lora_rank=8)
+    print_plan(state.console, here)
+    mac = plan_report("Qwen2.5-72B-Instruct", fit="M2-Ultra-64GB", context=4096)
+    print_plan(state.console, mac | {"fit": mac["fit"][:5]})
+    qlora = plan_report("Qwen2.5-72B-Instruct", device="M2-Ultra-64GB", mode="qlora", context=4096)
+    state.console.print(
+        f"Qwen2.5-72B-Instruct QLoRA (nf4, LoRA r16 all-linear, 4K): {qlora['total_gib']:.1f} GiB of {qlora['usable_bytes'] / 2**30:.0f} usable "
+        f"-> {'fits' if qlora['fits'] else 'does not fit'}; largest context that fits: {qlora['largest_context']:,} (docs/plan.md explains)"
+    )
+    state.results["plan"] = {"embedded_lora_gib": here["total_gib"], "qwen72b_qlora_gib": qlora["total_gib"], "qwen72b_qlora_fits": qlora["fits"]}
+
+
+def step_convert(state: DemoState) -> None:
+    """Rebuild the model in the Qwen3 architecture (q/k-norm calibrated on text) and measure what it cost."""
+    from qwenforge.compare import summary_line
+    from qwenforge.convert import convert
+
+    out = state.workdir / "converted-qwen3"
+    tokens = 128 if state.quick else 512
+    with state.console.status("Converting to Qwen3 (calibrating q/k-norm, smoke test, fidelity) ..."):
+        result = convert(state.model, out, qk_norm="calibrated", force=True, fidelity_tokens=tokens, calibration_tokens=2 * tokens)
+    record = result["metadata"]
+    state.console.print(f"wrote {out}: {len(record['tensors'])} tensors, q/k-norm calibrated on {2 * tokens} tokens")
+    state.console.print(f"smoke test: {record['smoke_test']['prompt']!r} -> {record['smoke_test']['reply']!r}")
+    state.console.print(f"fidelity vs source ({record['fidelity']['text']}, {tokens} tokens): {summary_line(record['fidelity'])}")
+    state.results["converted"] = out
+    state.results["convert_fidelity"] = record["fidelity"]
+
+
 STEPS = [
     ("know: import the embedded model", step_import),
     ("know: qwenforge spec", step_spec),
+    ("know: qwenforge plan", step_plan),
+    ("convert: qwenforge convert (embedded -> Qwen3)", step_convert),
 ]
 
 

@@ -179,12 +179,17 @@ def layerwise_loss(student, targets: list[tuple[dict, torch.Tensor]]) -> torch.T
 # --- the verb ------------------------------------------------------------------------------------
 
 
-def _check_pair(teacher_dir: Path, student_dir: Path, teacher, student, method: str) -> int:
+def _check_pair(teacher_dir: Path, student_dir: Path, student_tokenizer, teacher, student, method: str) -> int:
     """Shared vocabulary size (tokens with the same string at the same id); refuses unusable pairs."""
     from transformers import AutoTokenizer
 
-    teacher_vocab = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
-    student_vocab = AutoTokenizer.from_pretrained(student_dir).get_vocab()
+    from qwenforge.checkpoint.folder import sha256_of
+
+    student_vocab = student_tokenizer.get_vocab()
+    same_file = all((folder / "tokenizer.json").exists() for folder in (teacher_dir, student_dir)) and sha256_of(
+        teacher_dir / "tokenizer.json"
+    ) == sha256_of(student_dir / "tokenizer.json")
+    teacher_vocab = student_vocab if same_file else AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
     shared = sum(1 for token, index in student_vocab.items() if teacher_vocab.get(token) == index)
     if shared == 0:
         raise QwenforgeError(f"{student_dir} and {teacher_dir} share no vocabulary (no token at the same id); heal needs the converted model's source as --teacher")
@@ -279,8 +284,8 @@ def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = H
 
     teacher = _load(teacher_dir, "teacher")
     student = _load(converted, "converted model")
-    shared_vocab = _check_pair(teacher_dir, converted, teacher, student, options.method)
     tokenizer = AutoTokenizer.from_pretrained(converted)
+    shared_vocab = _check_pair(teacher_dir, converted, tokenizer, teacher, student, options.method)
     train_sequences = engine.token_sequences(tokenizer, heal_text, options.sequence_length, options.heal_tokens, str(text_path))
     eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout_path))
     eval_bytes = engine.byte_counts(tokenizer, eval_sequences)

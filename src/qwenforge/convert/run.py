@@ -92,12 +92,11 @@ def _donor_projections(
     return out, fits
 
 
-def _new_rows(method: str, matrix: torch.Tensor, source_tok, vocab_map, projected: torch.Tensor | None) -> torch.Tensor:
-    rows = vocab.new_token_rows(method, matrix, source_tok, vocab_map, projected)
-    if method == "donor-projected" and torch.isnan(rows).any():
+def _new_rows(method: str, matrix: torch.Tensor, source_tok, vocab_map, projected: torch.Tensor | None, pieces) -> torch.Tensor:
+    rows = vocab.new_token_rows(method, matrix, source_tok, vocab_map, projected, pieces)
+    if method == "donor-projected" and torch.isnan(rows).any():  # tokens the donor lacks: subword instead
         missing = torch.isnan(rows[:, 0])
-        tokens = [vocab_map.new_tokens[t] for t, m in zip(vocab_map.new, missing.tolist()) if m]
-        rows[missing] = vocab.subword_rows(matrix, source_tok, tokens)
+        rows[missing] = vocab.subword_rows(matrix, [p for p, m in zip(pieces, missing.tolist()) if m])
     return rows
 
 
@@ -184,7 +183,7 @@ def convert(
     target_dir = Path(tokenizer) if tokenizer else (donor if donor is not None else source)
     target_tok = vocab.load_tokenizer(target_dir)
     vocab.check_tokenizer(target_tok)
-    donor_tok = vocab.load_tokenizer(donor) if donor is not None else None
+    donor_tok = None if donor is None else target_tok if target_dir == donor else vocab.load_tokenizer(donor)
     if target_dir == source:
         rows = spec.embedding_rows
     elif donor_spec is not None and donor_spec.embedding_rows >= len(target_tok):
@@ -247,6 +246,9 @@ def convert(
     projected, projection_fits = _donor_projections(
         new_token_init, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, matrices, bool(donor_spec and donor_spec.tied_embeddings)
     )
+    pieces = None
+    if vocab_map.new and (new_token_init == "subword" or any(torch.isnan(rows).any() for rows in projected.values())):
+        pieces = vocab.subword_pieces(source_tok, [vocab_map.new_tokens[t] for t in vocab_map.new])
     folders = {"source": source} | ({"donor": donor} if donor else {}) | ({"tokenizer": Path(tokenizer)} if tokenizer else {})
     pool, hashes = provenance.hash_in_background(folders)
 
@@ -255,7 +257,7 @@ def convert(
             return reader.get(step.source)
         if step.op == "transplant-rows":
             matrix = reader.get(step.source)
-            new = _new_rows(new_token_init, matrix, source_tok, vocab_map, projected.get(step.name))
+            new = _new_rows(new_token_init, matrix, source_tok, vocab_map, projected.get(step.name), pieces)
             return vocab.transplant(matrix, vocab_map, len(source_tok), new)
         if step.op == "donor":
             return donor_reader.get(step.name).to(step.dtype)

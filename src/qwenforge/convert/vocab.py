@@ -186,20 +186,19 @@ def apply_projection(mapping: torch.Tensor, donor_rows: torch.Tensor) -> torch.T
     return (design @ mapping).float()
 
 
-def subword_rows(source_matrix: torch.Tensor, source: Tokenizer, tokens: list[str]) -> torch.Tensor:
-    """Mean of the source rows of each token's pieces under the source tokenizer."""
+def subword_pieces(source: Tokenizer, tokens: list[str | None]) -> list[list[int]]:
+    """Each token's pieces (ids) under the source tokenizer; computed once per conversion."""
     from tokenizers import Tokenizer as FastTokenizer
 
     fast = FastTokenizer.from_file(str(source.folder / "tokenizer.json"))
+    return [fast.encode(token, add_special_tokens=False).ids if token else [] for token in tokens]
+
+
+def subword_rows(source_matrix: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
+    """Mean of the source rows of each token's pieces (the mean real row for a token without pieces)."""
     rows = []
-    mean = None
-    for token in tokens:
-        ids = fast.encode(token or "", add_special_tokens=False).ids if token else []
-        if ids:
-            rows.append(source_matrix[ids].float().mean(0))
-        else:
-            mean = source_matrix.float().mean(0) if mean is None else mean
-            rows.append(mean)
+    for ids in pieces:
+        rows.append(source_matrix[ids].float().mean(0) if ids else source_matrix.float().mean(0))
     return torch.stack(rows) if rows else torch.empty(0, source_matrix.shape[1])
 
 
@@ -229,6 +228,7 @@ def new_token_rows(
     source: Tokenizer,
     vocab_map: VocabMap,
     donor_projected: torch.Tensor | None = None,
+    pieces: list[list[int]] | None = None,
 ) -> torch.Tensor:
     """Vectors of the target tokens the source lacks, by method (donor-projected rows come precomputed)."""
     count = len(vocab_map.new)
@@ -241,7 +241,9 @@ def new_token_rows(
     if method == "mean":
         return real.mean(0).expand(count, width).clone()
     if method == "subword":
-        return subword_rows(source_matrix, source, [vocab_map.new_tokens[i] for i in vocab_map.new])
+        if pieces is None:
+            pieces = subword_pieces(source, [vocab_map.new_tokens[i] for i in vocab_map.new])
+        return subword_rows(source_matrix, pieces)
     if method == "donor-projected":
         if donor_projected is None:
             raise QwenforgeError("--new-token-init donor-projected needs --donor; choose subword, mean or zero")

@@ -31,11 +31,9 @@ VALUE_ENCODINGS = ("float16", "uint8")
 LOG_FLOOR = 30.0  # nats; uint8 values below exp(-30) are clamped
 
 
-def tokenizer_hash(folder: Path) -> str:
-    """Identity of a tokenizer: sha256 of its vocabulary (token -> id), so stores cannot mix tokenizers."""
-    from transformers import AutoTokenizer
-
-    vocab = AutoTokenizer.from_pretrained(folder).get_vocab()
+def tokenizer_hash(tokenizer) -> str:
+    """Identity of a (loaded) tokenizer: sha256 of its vocabulary, so stores cannot mix tokenizers."""
+    vocab = tokenizer.get_vocab()
     return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
 
 
@@ -124,7 +122,7 @@ def capture(
     header = {
         "qwenforge_version": __version__,
         "teacher": str(teacher_dir),
-        "tokenizer_hash": tokenizer_hash(teacher_dir),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
         "data": str(data),
         "vocab_size": vocab_size,
         "k": k,
@@ -169,14 +167,14 @@ def capture(
     return index
 
 
-def open_store(folder: Path, student_dir: Path | None = None) -> dict:
+def open_store(folder: Path, student_tokenizer=None) -> dict:
     """The index of a complete store; refuses an unfinished capture or another tokenizer's store."""
     folder = Path(folder)
     index = read_json(folder / INDEX)
     if not index.get("complete"):
         raise QwenforgeError(f"{folder}: the capture is unfinished; run `qwenforge distill capture ... --resume` to complete it")
-    if student_dir is not None and tokenizer_hash(student_dir) != index["tokenizer_hash"]:
-        raise QwenforgeError(f"{folder}: captured with another tokenizer than {student_dir}'s; capture with the student's vocabulary")
+    if student_tokenizer is not None and tokenizer_hash(student_tokenizer) != index["tokenizer_hash"]:
+        raise QwenforgeError(f"{folder}: captured with another tokenizer than the student's; capture with the student's vocabulary")
     return index
 
 

@@ -110,9 +110,9 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
-    if store.tokenizer_hash(teacher_dir) != store.tokenizer_hash(student_dir):
-        raise QwenforgeError(f"{student_dir} and {teacher_dir} have different tokenizers; online distillation needs one vocabulary")
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    if store.tokenizer_hash(tokenizer) != store.tokenizer_hash(AutoTokenizer.from_pretrained(teacher_dir)):
+        raise QwenforgeError(f"{student_dir} and {teacher_dir} have different tokenizers; online distillation needs one vocabulary")
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -192,7 +192,8 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
-    index = store.open_store(logits, student_dir)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    index = store.open_store(logits, tokenizer)
     ids, indices, values = (torch.cat(parts) for parts in zip(*store.iterate_store(logits, index)))
     if len(ids) <= options.heldout_sequences:
         raise QwenforgeError(f"{logits}: only {len(ids)} sequences; capture more data than --heldout-sequences {options.heldout_sequences}")
@@ -200,7 +201,6 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
     if max_positions and ids.shape[1] - 1 > max_positions:
         raise QwenforgeError(f"{logits}: sequences of {ids.shape[1] - 1} tokens exceed the student's context of {max_positions}")
     held = slice(len(ids) - options.heldout_sequences, None)
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
     eval_bytes = engine.byte_counts(tokenizer, list(ids[held]))
     student = _load_student(student_dir, options)
     train_count = len(ids) - options.heldout_sequences

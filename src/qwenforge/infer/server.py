@@ -20,6 +20,8 @@ import threading
 import time
 import uuid
 
+from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
+
 from qwenforge.errors import QwenforgeError
 from qwenforge.infer.generation import Sampling, build_prompt, check_length, complete, count_tokens, split_reasoning, supports_thinking
 
@@ -66,7 +68,7 @@ def _messages(body: dict) -> list[dict]:
 
 def build_app(loaded, api_key: str | None = None, served_name: str | None = None):
     """The FastAPI application serving `loaded` under the model id `served_name`."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
     name = served_name or loaded.name

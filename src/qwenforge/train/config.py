@@ -121,7 +121,8 @@ def load_config(path: Path, overrides: dict | None = None) -> TrainConfig:
     for key in ("curriculum", "output", "model"):
         value = raw.get(key)
         if isinstance(value, str) and value not in ("sample", "embedded") and not Path(value).is_absolute():
-            raw[key] = str((base / value).resolve())  # relative paths are relative to the config file
+            if key == "output" or (base / value).exists():  # relative paths are relative to the config file
+                raw[key] = str((base / value).resolve())
     return config_from_dict(raw, str(path), overrides)
 
 
@@ -141,7 +142,9 @@ def config_to_dict(config: TrainConfig) -> dict:
 
 def example_config(model: str = "embedded", output: str = "runs/voice") -> dict:
     """A full config with every default, for `--print-config` without a file."""
-    return config_to_dict(TrainConfig(model=model, output=output))
+    from qwenforge.train.zones import preset_zones
+
+    return config_to_dict(TrainConfig(model=model, output=output, zones=preset_zones(0)))
 
 
 def _apply_overrides(raw: dict, overrides: dict) -> dict:

@@ -15,6 +15,7 @@ before a fresh one starts (`merge`); two adapters are never stacked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -326,3 +327,37 @@ def _stage_numbers(metrics: MetricsLog, topic: str, stage: str, result: dict) ->
     if margins:
         numbers.update(margin_first=margins[0], margin_last=margins[-1], margin_max=max(margins))
     return numbers
+
+
+def sft_trial(model: str | Path, work_dir: Path, topic: str = "tokens", steps: int = 3, examples: int = 8) -> dict:
+    """A few SFT steps on one sample topic: the answer loss on those examples before and after.
+
+    The demo's training step; the zone plan and chat-template handling are the real ones.
+    """
+    from qwenforge.train.backends import create_backend
+
+    config = TrainConfig(model=str(model), output=str(work_dir))
+    config = dataclasses.replace(
+        config, sft=dataclasses.replace(config.sft, max_steps=steps, batch_size=2, max_seq_length=256, learning_rate=1e-3)
+    )
+    chosen = [t for t in load_curriculum("sample").topics if t.name == topic][0]
+    records = sft_records(chosen)[:examples]
+    folder = resolve_model_folder(config.model)
+    plan = build_plan(config, folder)
+    backend = create_backend("pytorch")
+    backend.load(folder, plan)
+    backend.start_adapter()
+    started = time.perf_counter()
+    before = backend.loss(records)
+    result = backend.sft(records, config.sft, Path(work_dir) / "sft")
+    after = backend.loss(records)
+    return {
+        "topic": topic,
+        "examples": len(records),
+        "steps": result["steps"],
+        "loss_before": before,
+        "loss_after": after,
+        "trainable_parameters": plan.trainable_parameters,
+        "adapted_layers": len(plan.rows),
+        "seconds": round(time.perf_counter() - started, 1),
+    }

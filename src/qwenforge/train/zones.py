@@ -219,7 +219,7 @@ def print_zones(console, report: dict) -> None:
         table.add_row(zone["zone"], f"{first}-{last}", ", ".join(zone["modules"]), str(zone["r"]), str(zone["alpha"]), f"{params:,}")
     console.print(table)
     for row in report["rows"]:
-        console.print(f"  layer {row['layer']:>3} [{row['zone']}]: {', '.join(row['modules'])}")
+        console.print(f"  layer {row['layer']:>3} ({row['zone']}): {', '.join(row['modules'])}", markup=False)
     if report["layers_without_adapters"]:
         console.print(f"layers without adapters: {report['layers_without_adapters']}")
     share = report["trainable_parameters"] / report["total_parameters"] if report["total_parameters"] else 0

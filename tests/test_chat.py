@@ -1,0 +1,102 @@
+"""`qwenforge chat` driven in a pseudo-terminal as a person would: type, read, Ctrl-C, /commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+QWENFORGE = str(Path(sys.executable).parent / "qwenforge")
+PROMPT = ">>> "
+
+
+def _spawn(*args: str):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TERM": "xterm"}
+    child = pexpect.spawn(QWENFORGE, ["chat", *args, "--threads", "1"], env=env, encoding="utf-8", timeout=180, dimensions=(40, 120))
+    if os.environ.get("QWENFORGE_TEST_ECHO"):
+        child.logfile_read = sys.stdout
+    child.expect_exact(PROMPT)
+    return child
+
+
+def _say(child, line: str, expect: str):
+    child.sendline(line)
+    child.expect_exact(expect)
+    child.expect_exact(PROMPT)
+    return child.before
+
+
+def test_commands_save_load_and_a_streamed_answer(tiny_qwen3, tmp_path):
+    saved = tmp_path / "conversation.json"
+    child = _spawn(str(tiny_qwen3), "--temperature", "0", "--max-new-tokens", "6")
+    try:
+        _say(child, "/help", "/save FILE")
+        _say(child, "/set temperature=0.5 top_p=0.9 max_new_tokens=5", "temperature=0.5 top_p=0.9 max_new_tokens=5")
+        _say(child, "/set temperature=hot", "not a number")
+        _say(child, "/system Answer in one word.", "system prompt set")
+        _say(child, "/think off", "thinking off")
+        _say(child, "Hello there", "tokens/s")
+        child.sendline("first line \\")
+        child.expect_exact("... ")  # a continued line waits for more
+        _say(child, "second line", "tokens/s")
+        _say(child, f"/save {saved}", "saved 4 messages")
+        data = json.loads(saved.read_text())
+        assert data["system"] == "Answer in one word." and data["enable_thinking"] is False
+        assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
+        assert data["messages"][2]["content"] == "first line \nsecond line"
+        assert data["sampling"] == {"temperature": 0.5, "top_p": 0.9, "max_new_tokens": 5, "seed": None}
+        _say(child, "/reset", "conversation cleared")
+        _say(child, "/system", "'Answer in one word.'")
+        _say(child, f"/load {saved}", "loaded 4 messages")
+        _say(child, f"/load {tmp_path / 'nope.json'}", "file not found")
+        _say(child, "/frobnicate", "unknown command")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(tiny_qwen3):
+    child = _spawn(str(tiny_qwen3), "--temperature", "1", "--max-new-tokens", "2000")
+    try:
+        child.sendline("Write a very long story.")
+        time.sleep(3)
+        started = time.time()
+        child.sendintr()
+        child.expect_exact("[stopped]")
+        child.expect_exact(PROMPT)
+        assert time.time() - started < 20
+        assert child.isalive()
+        child.sendline("/set max_new_tokens=3")
+        child.expect_exact("max_new_tokens=3")
+        child.expect_exact(PROMPT)
+        child.sendintr()  # Ctrl-C at the prompt does not leave either
+        child.expect_exact("Ctrl-D leaves")
+        child.sendline("again")
+        child.expect_exact("tokens/s")
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_in_the_terminal(embedded_model_dir):
+    child = _spawn("embedded", "--temperature", "0")
+    try:
+        child.sendline("What is the capital of France?")
+        child.expect_exact("tokens/s")
+        assert "Paris" in child.before
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()

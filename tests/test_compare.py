@@ -1,0 +1,85 @@
+"""compare: bits per byte, KL, top-1 agreement, perplexity and per-layer cosine, checked by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwenforge import compare
+from qwenforge.convert.run import default_text
+
+TEXT = "The river rose after three days of rain, and the ferry stopped running until the water went down. " * 3
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_qwen2):
+    return compare.load(tiny_qwen2)
+
+
+def test_identical_models_agree_completely(tiny):
+    result = compare.fidelity(tiny, tiny, TEXT)
+    assert result["same_tokenization"]
+    assert result["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert result["top1_agreement"] == 1.0
+    assert result["bits_per_byte_ratio"] == pytest.approx(1.0)
+    assert result["layer_cosine"] == pytest.approx([1.0] * 3, abs=1e-5)
+
+
+def test_bits_per_byte_and_perplexity_by_hand(tiny):
+    model, tokenizer = tiny
+    ids = torch.tensor([tokenizer(TEXT, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+    predicted_bytes = len(TEXT.encode()) - len(tokenizer.decode(ids[0, :1]).encode())
+    result = compare.bits_per_byte(tiny, TEXT, window=4096)
+    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / predicted_bytes, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(nll / (ids.shape[1] - 1)), rel=1e-5)
+    windowed = compare.bits_per_byte(tiny, TEXT, window=16)  # every token still predicted once
+    assert windowed["tokens"] == result["tokens"]
+
+
+def test_a_perturbed_candidate_is_measured(tiny, tiny_qwen2):
+    model, tokenizer = compare.load(tiny_qwen2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(40.0)
+    result = compare.fidelity(tiny, (model, tokenizer), TEXT)
+    assert result["kl"] > 1e-4
+    assert result["top1_agreement"] < 1.0
+    assert result["layer_cosine"][0] == pytest.approx(1.0, abs=1e-5)  # embeddings untouched
+    assert result["layer_cosine"][2] < 0.999
+    # KL by hand on the first window
+    ids = torch.tensor([tokenizer(TEXT, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        p = torch.log_softmax(tiny[0](ids[:, :-1]).logits[0, :, :151_665], -1)
+        q = torch.log_softmax(model(ids[:, :-1]).logits[0, :, :151_665], -1)
+    assert result["kl"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-3)
+
+
+def test_cli_compare_json_and_plot(tmp_path, tiny_qwen2, tiny_llama):
+    text = tmp_path / "text.txt"
+    text.write_text(default_text("heldout.txt").read_text()[:600])
+    plot = tmp_path / "layers.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "qwenforge.cli", "compare", str(tiny_qwen2), str(tiny_llama), "--text", str(text), "--json", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["same_tokenization"] and len(data["layer_cosine"]) == 3
+    assert data["reference"]["bits_per_byte"] > 0 and data["candidate"]["bits_per_byte"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_different_tokenizers_compare_bits_per_byte_only(tiny_qwen2, embedded_model_dir):
+    result = compare.fidelity(embedded_model_dir, tiny_qwen2, default_text("heldout.txt").read_text(), max_tokens=96)
+    assert not result["same_tokenization"]
+    assert "kl" not in result and "top1_agreement" not in result
+    # the real model predicts English far better than a random tiny one
+    assert result["reference"]["bits_per_byte"] < 2.0 < result["candidate"]["bits_per_byte"]
