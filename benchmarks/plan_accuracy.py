@@ -2,6 +2,7 @@
 
     python benchmarks/plan_accuracy.py            # all cases (~8 minutes on 2 shared cores)
     python benchmarks/plan_accuracy.py --quick    # three cases
+    (the two nf4 cases need `pip install bitsandbytes`; without it they are skipped)
 
 Each case loads a model (tiny models built from real presets, and the embedded SmolLM2-135M), then
 either generates (inference at a context and batch) or takes one LoRA/QLoRA training step.

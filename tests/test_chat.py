@@ -18,7 +18,7 @@ PROMPT = ">>> "
 
 def _spawn(*args: str):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TERM": "xterm"}
-    child = pexpect.spawn(QWENFORGE, ["chat", *args, "--threads", "1"], env=env, encoding="utf-8", timeout=180, dimensions=(40, 120))
+    child = pexpect.spawn(QWENFORGE, ["chat", *args, "--threads", "1"], env=env, encoding="utf-8", codec_errors="replace", timeout=180, dimensions=(40, 120))
     if os.environ.get("QWENFORGE_TEST_ECHO"):
         child.logfile_read = sys.stdout
     child.expect_exact(PROMPT)

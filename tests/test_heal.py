@@ -17,6 +17,14 @@ DATA = Path(__file__).parents[1] / "src" / "qwenforge" / "data"
 
 
 @pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, qwen25_tokenizer_dir) -> Path:
+    """A tiny Llama with sharp attention (large init), so dropping into Qwen3's q/k-norm visibly costs fidelity."""
+    from qwenforge.fixtures.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint("llama", tmp_path_factory.mktemp("heal") / "llama", qwen25_tokenizer_dir, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
 def tiny_converted(tmp_path_factory, tiny_llama) -> Path:
     """The tiny Llama converted to Qwen3 by the converter (calibrated q/k norms)."""
     from qwenforge.convert.run import convert
@@ -146,7 +154,7 @@ def test_cli_heal_linearize(tiny_llama, tiny_converted, tmp_path):
     result = CliRunner().invoke(app, ["heal", str(tiny_converted), str(out), "--teacher", str(tiny_llama), "--method", "linearize", "--json"])
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)
-    assert facts["after"]["top1_agreement"] == 1.0 and facts["after"]["kl"] < 1e-4 < facts["before"]["kl"]
+    assert facts["after"]["top1_agreement"] == 1.0 and facts["after"]["kl"] < 1e-5 < 0.1 < facts["before"]["kl"]
     again = CliRunner().invoke(app, ["heal", str(tiny_converted), str(out), "--teacher", str(tiny_llama), "--method", "linearize"])
     assert again.exit_code != 0 and "already exists" in str(again.exception)
 

@@ -44,6 +44,13 @@ def test_qwen3_uses_its_real_head_dim_not_hidden_over_heads():
     assert line(result, "KV cache") == 2 * 64 * 8 * 128 * 32768 * 2 == 8 * GIB  # 5 GiB with head_dim 80
 
 
+def test_sliding_window_layers_cache_only_the_window():
+    # Qwen2 slides the window on layers from max_window_layers on: 20 full layers + 8 layers of 4,096 positions.
+    spec = preset("Qwen2.5-7B-Instruct", use_sliding_window=True, sliding_window=4096, max_window_layers=20)
+    per_position_layer = 2 * 4 * 128 * 2
+    assert line(infer(spec, context=32768, kv_dtype="bf16"), "KV cache") == per_position_layer * (20 * 32768 + 8 * 4096)
+
+
 def test_kv_cache_dtype_scales_the_cache():
     spec = preset("Qwen2.5-7B-Instruct")
     bf16 = line(infer(spec, context=4096, kv_dtype="bf16"), "KV cache")
@@ -87,6 +94,21 @@ def test_llama_cpp_tensor_type_rules():
     assert plan.gguf_tensor_type(spec, "q4_k_m", "down_proj", 11, 29568) == "q5_0"  # 29,568 is no multiple of 256
     assert plan.gguf_tensor_type(spec, "q4_k_m", "q_proj", 11, 8192) == "q4_k"
     assert plan.gguf_tensor_type(spec, "q8_0", "output", None, 8192) == "q8_0"
+
+
+def test_gguf_weights_equal_the_bundled_real_file(embedded_model_dir):
+    # The embedded SmolLM2-135M GGUF (Q4_1): 576-wide rows are no multiple of 256, so the tied embedding is Q8_0, norms F32.
+    from gguf import GGUFReader
+
+    from qwenforge.arch.resolve import load_model_config
+    from qwenforge.checkpoint.gguf_import import embedded_gguf
+
+    path = embedded_gguf()
+    spec = spec_from_config(*load_model_config(str(embedded_model_dir)))  # the config imported from that file
+    stored = sum(int(tensor.n_bytes) for tensor in GGUFReader(path).tensors)
+    result = infer(spec, weights="q4_1", context=2048)
+    assert line(result, "weights") + line(result, "quantization constants") == stored
+    assert plan.gguf_tensor_type(spec, "q4_1", "token_embd", None, 576) == "q8_0"
 
 
 def test_training_logits_are_full_vocabulary_fp32_and_their_gradients():
@@ -229,3 +251,10 @@ def test_choose_inference_setup_for_the_inference_stage():
     assert (chosen.weights, chosen.compute_dtype, chosen.kv_dtype) == ("fp32", "fp32", "fp32")
     with pytest.raises(QwenforgeError, match="GiB are available"):
         plan.choose_inference_setup(big, 16 * GIB, "mps", context=8192)
+
+
+def test_fit_on_a_mac_offers_only_formats_that_run_on_metal():
+    ranked = plan.fit_device(preset("Qwen2.5-72B-Instruct"), plan.Setup(context=4096), get_device("M2-Ultra-64GB"))
+    formats = {entry["setup"].weights for entry in ranked}
+    assert formats and formats <= {"q4_k_m", "q4_1", "q4_0", "q5_k_m", "q6_k", "q8_0", "bf16", "fp16", "fp32"}
+    assert ranked[0]["setup"].weights == "q4_k_m" and ranked[0]["reaches_context"]

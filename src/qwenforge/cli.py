@@ -199,7 +199,7 @@ def plan(
     model: str = typer.Argument(..., help="Preset name, checkpoint folder, config.json, GGUF file, or 'embedded'."),
     mode: str = typer.Option("infer", help="infer, lora, qlora or full."),
     weights: Optional[str] = typer.Option(
-        None, help="fp32, bf16, fp16, int8, nf4, gptq-int4, awq-int4, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (default: bf16; nf4 for qlora)."
+        None, help="fp32, bf16, fp16, int8, nf4, gptq-int4, awq-int4, q8_0, q6_k, q5_k_m, q4_k_m, q4_1, q4_0 (default: bf16; nf4 for qlora)."
     ),
     context: int = typer.Option(4096, help="Tokens per sequence: prompt + output for inference, sequence length for training."),
     batch: int = typer.Option(1, help="Sequences at once (the micro-batch when training)."),
@@ -562,7 +562,7 @@ def train_run(
         return
     from qwenforge.train.pipeline import train
 
-    result = train(load_config(config_file, overrides), resume=resume, force=force, console=console)
+    result = train(load_config(config_file, overrides), resume=resume, force=force, console=err_console if as_json else console)
     if as_json:
         print_json(result)
         return

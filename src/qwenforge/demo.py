@@ -74,11 +74,51 @@ def step_convert(state: DemoState) -> None:
     state.results["convert_fidelity"] = record["fidelity"]
 
 
+def step_heal(state: DemoState) -> None:
+    """Give back what the conversion cost: closed-form heal (and, without --quick, a short gradient heal to compare)."""
+    from qwenforge.heal import HealOptions, heal
+
+    converted = state.results.get("converted")
+    if converted is None:
+        state.console.print("no converted model (the convert step did not run); skipping heal")
+        return
+    tokens = 256 if state.quick else 768
+    runs = [("linearize", HealOptions(method="linearize", eval_tokens=tokens))]
+    if not state.quick:
+        runs.append(("norms, layer-wise, 40 s", HealOptions(train="norms", method="layerwise", steps=200, budget_minutes=40 / 60, eval_every=10, eval_tokens=tokens)))
+    for label, options in runs:
+        with state.console.status(f"Healing ({label}) against the source on held-out text ..."):
+            report = heal(converted, state.workdir / f"healed-{options.method}", state.model, options, force=True)
+        before, after = report["before"], report["after"]
+        state.console.print(
+            f"{label}: held-out top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}, "
+            f"bits/byte {before['bits_per_byte']:.3f} -> {after['bits_per_byte']:.3f} (source {after['teacher_bits_per_byte']:.3f}), "
+            f"{report['seconds_total']:.0f}s"
+        )
+        state.results.setdefault("heal", {})[label] = {"before": before, "after": after}
+
+
+def step_train(state: DemoState) -> None:
+    """A few zone-LoRA SFT steps on one topic of the sample curriculum: the answer loss goes down."""
+    from qwenforge.train.pipeline import sft_trial
+
+    steps, examples = (2, 2) if state.quick else (6, 8)
+    with state.console.status(f"SFT: {steps} steps on {examples} examples of the sample topic 'tokens' ..."):
+        trial = sft_trial(state.model, state.workdir / "train", steps=steps, examples=examples, max_seq_length=128 if state.quick else 256)
+    state.console.print(
+        f"zones: {trial['adapted_layers']} layers adapted, {trial['trainable_parameters']:,} trainable parameters; "
+        f"answer loss {trial['loss_before']:.3f} -> {trial['loss_after']:.3f} after {trial['steps']} steps ({trial['seconds']:.0f}s)"
+    )
+    state.results["train"] = trial
+
+
 STEPS = [
     ("know: import the embedded model", step_import),
     ("know: qwenforge spec", step_spec),
     ("know: qwenforge plan", step_plan),
     ("convert: qwenforge convert (embedded -> Qwen3)", step_convert),
+    ("convert: qwenforge heal (before/after on held-out text)", step_heal),
+    ("teach: qwenforge train (a few SFT steps)", step_train),
 ]
 
 

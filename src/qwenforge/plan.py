@@ -13,7 +13,7 @@ The inference stage calls `choose_inference_setup` to pick a dtype and quantizat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 from qwenforge.arch.spec import ModelSpec, parameter_counts
 from qwenforge.devices import GIB, Device
@@ -55,6 +55,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
         WeightFormat("q6_k", "llama.cpp", 6, 0.5625, "fp32", "GGUF Q6_K: 210 bytes per 256 weights"),
         WeightFormat("q5_k_m", "llama.cpp", 5, 0.5, "fp32", "GGUF Q5_K_M: Q5_K, half of attn_v/ffn_down in Q6_K"),
         WeightFormat("q4_k_m", "llama.cpp", 4, 0.5, "fp32", "GGUF Q4_K_M: Q4_K, half of attn_v/ffn_down in Q6_K"),
+        WeightFormat("q4_1", "llama.cpp", 4, 1.0, "fp32", "GGUF Q4_1: 32 4-bit values + fp16 scale and minimum per block"),
         WeightFormat("q4_0", "llama.cpp", 4, 0.5, "fp32", "GGUF Q4_0: 32 4-bit values + fp16 scale per block"),
     ]
 }
@@ -62,13 +63,15 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
 # GGUF tensor types: (value bits, constant bits) per weight, and block width.
 GGUF_TYPES = {
     "f32": (32, 0, 1), "f16": (16, 0, 1),
-    "q8_0": (8, 0.5, 32), "q5_1": (5, 1.0, 32), "q5_0": (5, 0.5, 32), "q4_0": (4, 0.5, 32),
+    "q8_0": (8, 0.5, 32), "q5_1": (5, 1.0, 32), "q5_0": (5, 0.5, 32), "q4_1": (4, 1.0, 32), "q4_0": (4, 0.5, 32),
     "q6_k": (6, 0.5625, 256), "q5_k": (5, 0.5, 256), "q4_k": (4, 0.5, 256),
 }
-GGUF_BASE_TYPE = {"q8_0": "q8_0", "q6_k": "q6_k", "q5_k_m": "q5_k", "q4_k_m": "q4_k", "q4_0": "q4_0"}
+GGUF_BASE_TYPE = {"q8_0": "q8_0", "q6_k": "q6_k", "q5_k_m": "q5_k", "q4_k_m": "q4_k", "q4_1": "q4_1", "q4_0": "q4_0"}
 # llama.cpp's replacement when a row is not a multiple of the 256-wide k-quant block.
 GGUF_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-QUALITY_ORDER = ("bf16", "fp16", "fp32", "q8_0", "int8", "q6_k", "q5_k_m", "awq-int4", "gptq-int4", "q4_k_m", "nf4", "q4_0")
+# Where each format's kernels run: bitsandbytes has no Metal backend; GPTQ/AWQ kernels are CUDA's; llama.cpp runs everywhere.
+RUNS_ON = {"int8": ("cuda", "cpu"), "nf4": ("cuda", "cpu"), "gptq-int4": ("cuda",), "awq-int4": ("cuda",)}
+QUALITY_ORDER = ("bf16", "fp16", "fp32", "q8_0", "int8", "q6_k", "q5_k_m", "awq-int4", "gptq-int4", "q4_k_m", "q4_1", "nf4", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class Setup:
     weights: str = "bf16"
     context: int = 4096
     batch: int = 1
-    kv_dtype: str = "bf16"
+    kv_dtype: str = "auto"  # "auto": what the engine uses by default (see `default_kv_dtype`)
     lora: tuple[tuple[int, str, int], ...] = ()
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -101,19 +104,16 @@ class Setup:
         return self.format.compute
 
     @property
+    def cache_dtype(self) -> str:
+        return default_kv_dtype(self.weights) if self.kv_dtype == "auto" else self.kv_dtype
+
+    @property
     def training(self) -> bool:
         return self.mode != "infer"
 
-    def label(self) -> str:
-        parts = [self.mode, self.weights, f"ctx {self.context}", f"batch {self.batch}"]
-        if self.training:
-            parts += [self.optimizer, "ckpt" if self.gradient_checkpointing else "no ckpt"]
-        else:
-            parts.append(f"kv {self.kv_dtype}")
-        return " · ".join(parts)
-
     def to_dict(self) -> dict:
         data = asdict(self)
+        data["kv_dtype"] = self.cache_dtype
         data["lora"] = summarize_lora(self.lora)
         data["compute_dtype"] = self.compute_dtype
         data["engine"] = self.format.engine
@@ -132,7 +132,6 @@ class MemoryPlan:
     setup: Setup
     lines: tuple[Line, ...]
     device: Device | None = None
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def total(self) -> int:
@@ -224,8 +223,8 @@ def validate(spec: ModelSpec, setup: Setup, model: str = "the model") -> None:
         raise QwenforgeError(f"--mode {setup.mode}: choose one of {', '.join(MODES)}")
     if setup.weights not in WEIGHT_FORMATS:
         raise QwenforgeError(f"--weights {setup.weights}: choose one of {', '.join(WEIGHT_FORMATS)}")
-    if setup.kv_dtype not in KV_DTYPES:
-        raise QwenforgeError(f"--kv-dtype {setup.kv_dtype}: choose one of {', '.join(KV_DTYPES)}")
+    if setup.kv_dtype != "auto" and setup.kv_dtype not in KV_DTYPES:
+        raise QwenforgeError(f"--kv-dtype {setup.kv_dtype}: choose auto or one of {', '.join(KV_DTYPES)}")
     if setup.optimizer not in OPTIMIZERS:
         raise QwenforgeError(f"--optimizer {setup.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if setup.context < 1 or setup.batch < 1:
@@ -257,9 +256,9 @@ def validate(spec: ModelSpec, setup: Setup, model: str = "the model") -> None:
         raise QwenforgeError(f"--mode qlora needs a quantized base (nf4, int8, gptq-int4, awq-int4); with {setup.weights} use --mode lora")
     if setup.mode in ("lora", "qlora") and not setup.lora:
         raise QwenforgeError("LoRA training needs targets: give --lora-targets (e.g. all-linear) or a zone file")
-    if engine == "llama.cpp" and setup.kv_dtype == "fp8":
+    if engine == "llama.cpp" and setup.cache_dtype == "fp8":
         raise QwenforgeError(f"--kv-dtype fp8 is not a llama.cpp cache type; with {setup.weights} use --kv-dtype q8_0 or bf16")
-    if engine == "transformers" and setup.kv_dtype == "q8_0":
+    if engine == "transformers" and setup.cache_dtype == "q8_0":
         raise QwenforgeError(f"--kv-dtype q8_0 is llama.cpp's cache type; with {setup.weights} use --kv-dtype fp8 (vLLM) or bf16")
 
 
@@ -403,10 +402,11 @@ def kv_layers(spec: ModelSpec, context: int) -> float:
 def kv_cache_line(spec: ModelSpec, setup: Setup) -> Line:
     if setup.training:
         return Line("KV cache", 0, "training runs with use_cache=False: no KV cache")
-    per_position = 2 * spec.kv_heads * spec.head_dim * KV_DTYPES[setup.kv_dtype]
+    dtype = setup.cache_dtype
+    per_position = 2 * spec.kv_heads * spec.head_dim * KV_DTYPES[dtype]
     size = per_position * kv_layers(spec, setup.context) * setup.batch
     why = (f"K and V: {spec.kv_heads} KV heads x head_dim {spec.head_dim} x {setup.context} positions x {spec.layers} layers "
-           f"x batch {setup.batch} in {setup.kv_dtype} ({KV_DTYPES[setup.kv_dtype]:g} bytes)")
+           f"x batch {setup.batch} in {dtype} ({KV_DTYPES[dtype]:g} bytes)")
     if spec.use_sliding_window and spec.sliding_window:
         why += f"; sliding-window layers keep {spec.sliding_window} positions"
     return Line("KV cache", int(size), why)
@@ -521,7 +521,7 @@ def logits_line(spec: ModelSpec, setup: Setup) -> Line:
 FRAMEWORK_OVERHEAD = {  # bytes outside the model's tensors, per device kind
     "cuda": (int(0.75 * GIB), "CUDA context + cuBLAS/cuDNN workspaces (~0.75 GiB) + 5% caching-allocator fragmentation"),
     "mps": (int(0.5 * GIB), "Python + torch/MLX runtime in unified memory (~0.5 GiB) + 5% allocator slack"),
-    "cpu": (int(0.6 * GIB), "Python + torch + transformers resident code and heaps (~0.6 GiB, measured here) + 5% allocator slack"),
+    "cpu": (int(0.5 * GIB), "Python + torch + transformers + peft resident code and heaps (0.42-0.48 GiB RSS measured here) + 5% allocator slack"),
 }
 
 
@@ -573,16 +573,22 @@ def largest_batch(spec: ModelSpec, setup: Setup, device: Device, upper: int = 40
     return largest_fitting(spec, setup, device, "batch", upper)
 
 
-def candidate_setups(spec: ModelSpec, base: Setup) -> list[Setup]:
-    """The setups `--fit` compares for BASE's mode: every weight format (and KV dtype, or optimizer/checkpointing)."""
+def runs_on(weights: str, device_kind: str) -> bool:
+    return device_kind in RUNS_ON.get(weights, ("cuda", "mps", "cpu"))
+
+
+def candidate_setups(spec: ModelSpec, base: Setup, device_kind: str = "cuda") -> list[Setup]:
+    """The setups `--fit` compares for BASE's mode: every weight format that runs on DEVICE_KIND (and KV dtype, or
+    optimizer/checkpointing). Training keeps its formats on every kind: on Apple machines nf4 stands for MLX's 4-bit."""
     if base.mode == "infer":
         setups = []
-        for weights in QUALITY_ORDER:
+        for weights in (w for w in QUALITY_ORDER if runs_on(w, device_kind)):
             compact = "fp8" if WEIGHT_FORMATS[weights].engine == "transformers" else "q8_0"
             for kv in (default_kv_dtype(weights), compact):
                 setups.append(replace(base, weights=weights, kv_dtype=kv))
         return setups
     formats = {"full": ("bf16", "fp32"), "lora": ("bf16",), "qlora": ("nf4", "int8", "gptq-int4", "awq-int4")}[base.mode]
+    formats = [w for w in formats if runs_on(w, device_kind) or (w, device_kind) == ("nf4", "mps")]
     return [
         replace(base, weights=weights, optimizer=optimizer, gradient_checkpointing=checkpointing)
         for weights in formats
@@ -596,7 +602,7 @@ def fit_device(spec: ModelSpec, base: Setup, device: Device, model: str = "the m
 
     Each entry: the plan at the requested context (or the largest that fits), the largest context and batch.
     """
-    candidates = candidate_setups(spec, base)
+    candidates = candidate_setups(spec, base, device.kind)
     validate(spec, candidates[0], model)  # context, batch and targets errors come out here, once
     ranked = []
     for setup in candidates:
@@ -610,7 +616,10 @@ def fit_device(spec: ModelSpec, base: Setup, device: Device, model: str = "the m
         chosen = replace(setup, context=min(base.context, context))
         batch = largest_batch(spec, chosen, device)
         quality = QUALITY_ORDER.index(setup.weights)
-        speed = (not setup.gradient_checkpointing, OPTIMIZERS.index(setup.optimizer) == 0) if setup.training else (setup.kv_dtype == default_kv_dtype(setup.weights),)
+        if setup.training:  # faster first: no recomputation, plain AdamW
+            speed = (not setup.gradient_checkpointing, setup.optimizer == "adamw")
+        else:  # the engine's own cache dtype before a compressed one
+            speed = (setup.cache_dtype == default_kv_dtype(setup.weights),)
         ranked.append(((context < base.context, quality, tuple(not s for s in speed), -context), {
             "setup": chosen,
             "plan": plan_memory(spec, chosen, device, model),

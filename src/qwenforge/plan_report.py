@@ -85,11 +85,8 @@ def build_setup(
             modules = [m.strip() for m in lora_targets.split(",") if m.strip()]
             modules = "all-linear" if modules == ["all-linear"] else modules
             targets = memory.lora_targets(spec, modules, lora_rank, parse_layers(lora_layers, spec.layers))
-    weights = weights or DEFAULT_WEIGHTS[mode]
-    if weights in memory.WEIGHT_FORMATS and kv_dtype == "auto":
-        kv_dtype = memory.default_kv_dtype(weights)
     return memory.Setup(
-        mode=mode, weights=weights, context=context, batch=batch, kv_dtype=kv_dtype,
+        mode=mode, weights=weights or DEFAULT_WEIGHTS[mode], context=context, batch=batch, kv_dtype=kv_dtype,
         lora=targets, lora_alpha=lora_alpha, lora_dropout=lora_dropout, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, rope_factor=rope_factor,
     )
@@ -145,7 +142,7 @@ def alternatives(spec: ModelSpec, setup: memory.Setup, model: str) -> list[memor
     allowed = {"infer": memory.QUALITY_ORDER, "lora": ("bf16",), "qlora": ("nf4", "int8", "gptq-int4", "awq-int4"), "full": ("bf16", "fp32")}
     others = []
     for weights in allowed[setup.mode]:
-        kv = setup.kv_dtype if memory.WEIGHT_FORMATS[weights].engine == setup.format.engine else "bf16"
+        kv = setup.kv_dtype if memory.WEIGHT_FORMATS[weights].engine == setup.format.engine else "auto"
         other = replace(setup, weights=weights, kv_dtype=kv)
         try:
             memory.validate(spec, other, model)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qwenforge.checkpoint.safetensors_io import TensorInfo, TensorReader
+from qwenforge.checkpoint.safetensors_io import TensorInfo
 from qwenforge.errors import QwenforgeError
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -64,4 +64,6 @@ def open_source(folder: Path, allow_pickle: bool):
                 "(tensors only), or convert them to safetensors first"
             )
         return PickleReader(folder)
-    return TensorReader(folder)
+    from qwenforge.convert.mapped_reader import MappedReader
+
+    return MappedReader(folder)

@@ -181,7 +181,7 @@ def convert(
     reader = open_source(source, allow_pickle)
     source_tok = vocab.load_tokenizer(source)
     target_dir = Path(tokenizer) if tokenizer else (donor if donor is not None else source)
-    target_tok = vocab.load_tokenizer(target_dir)
+    target_tok = source_tok if target_dir == source else vocab.load_tokenizer(target_dir)
     vocab.check_tokenizer(target_tok)
     donor_tok = None if donor is None else target_tok if target_dir == donor else vocab.load_tokenizer(donor)
     if target_dir == source:
@@ -275,6 +275,8 @@ def convert(
             writer = ShardedWriter(temp, [(s.name, s.shape, s.dtype) for s in plan["steps"]], max_shard_size)
             for done, step in enumerate(plan["steps"], 1):
                 writer.write(step.name, produce(step))
+                if step.source in reader.tensors and hasattr(reader, "release"):
+                    reader.release(step.source)
                 if progress:
                     progress(done, len(plan["steps"]), step.name)
             writer.close()

@@ -198,8 +198,27 @@ def subword_rows(source_matrix: torch.Tensor, pieces: list[list[int]]) -> torch.
     """Mean of the source rows of each token's pieces (the mean real row for a token without pieces)."""
     rows = []
     for ids in pieces:
-        rows.append(source_matrix[ids].float().mean(0) if ids else source_matrix.float().mean(0))
+        rows.append(source_matrix[ids].float().mean(0) if ids else mean_row(source_matrix, len(source_matrix)))
     return torch.stack(rows) if rows else torch.empty(0, source_matrix.shape[1])
+
+
+def mean_row(matrix: torch.Tensor, count: int, chunk: int = 8192) -> torch.Tensor:
+    """Mean (float32) of the first `count` rows, in chunks: never a float copy of the whole matrix."""
+    total = torch.zeros(matrix.shape[1], dtype=torch.float64)
+    for start in range(0, count, chunk):
+        total += matrix[start : min(start + chunk, count)].sum(0, dtype=torch.float32).double()
+    return (total / max(count, 1)).float()
+
+
+def runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(target, source) id pairs as (target start, source start, length) runs where both step by one."""
+    out: list[list[int]] = []
+    for target, source in pairs:
+        if out and target == out[-1][0] + out[-1][2] and source == out[-1][1] + out[-1][2]:
+            out[-1][2] += 1
+        else:
+            out.append([target, source, 1])
+    return [tuple(run) for run in out]
 
 
 def transplant(
@@ -208,17 +227,19 @@ def transplant(
     source_size: int,
     new_rows: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The output matrix: shared rows copied, new rows given, padding rows the mean of the real rows."""
+    """The output matrix: shared rows copied (by contiguous runs), new rows given, padding rows the mean of the real rows.
+
+    Memory: the source and the output matrix, nothing else of their size.
+    """
     if vocab_map.identity:
         return source_matrix
     out = torch.empty((vocab_map.target_rows, source_matrix.shape[1]), dtype=source_matrix.dtype)
-    targets = torch.tensor(sorted(vocab_map.shared), dtype=torch.long)
-    sources = torch.tensor([vocab_map.shared[t] for t in sorted(vocab_map.shared)], dtype=torch.long)
-    out[targets] = source_matrix[sources]
+    for target, source, length in runs(sorted(vocab_map.shared.items())):
+        out[target : target + length] = source_matrix[source : source + length]
     if vocab_map.new:
         out[torch.tensor(vocab_map.new, dtype=torch.long)] = new_rows.to(source_matrix.dtype)
     if vocab_map.target_size < vocab_map.target_rows:
-        out[vocab_map.target_size :] = out[: vocab_map.target_size].float().mean(0).to(source_matrix.dtype)
+        out[vocab_map.target_size :] = mean_row(out, vocab_map.target_size).to(source_matrix.dtype)
     return out
 
 
@@ -235,11 +256,10 @@ def new_token_rows(
     width = source_matrix.shape[1]
     if count == 0:
         return torch.empty(0, width)
-    real = source_matrix[: len(source)].float()
     if method == "zero":
         return torch.zeros(count, width)
     if method == "mean":
-        return real.mean(0).expand(count, width).clone()
+        return mean_row(source_matrix, len(source)).expand(count, width).clone()
     if method == "subword":
         if pieces is None:
             pieces = subword_pieces(source, [vocab_map.new_tokens[i] for i in vocab_map.new])

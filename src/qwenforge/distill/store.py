@@ -37,6 +37,19 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
 
 
+def same_vocabulary(folder: Path, tokenizer) -> bool:
+    """Whether the tokenizer of checkpoint `folder` has the loaded `tokenizer`'s vocabulary (file identity first: cheap)."""
+    from transformers import AutoTokenizer
+
+    from qwenforge.checkpoint.folder import sha256_of
+
+    own = Path(getattr(tokenizer, "name_or_path", "")) / "tokenizer.json"
+    theirs = Path(folder) / "tokenizer.json"
+    if own.exists() and theirs.exists() and sha256_of(own) == sha256_of(theirs):
+        return True
+    return tokenizer_hash(AutoTokenizer.from_pretrained(folder)) == tokenizer_hash(tokenizer)
+
+
 def encode_values(logprobs: torch.Tensor, encoding: str) -> torch.Tensor:
     if encoding == "float16":
         return logprobs.to(torch.float16)

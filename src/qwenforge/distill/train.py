@@ -111,7 +111,7 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    if store.tokenizer_hash(tokenizer) != store.tokenizer_hash(AutoTokenizer.from_pretrained(teacher_dir)):
+    if not store.same_vocabulary(teacher_dir, tokenizer):
         raise QwenforgeError(f"{student_dir} and {teacher_dir} have different tokenizers; online distillation needs one vocabulary")
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     for parameter in teacher.parameters():

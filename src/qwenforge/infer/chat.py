@@ -123,9 +123,17 @@ def answer(console: Console, loaded, conversation: Conversation) -> None:
     _, reply = split_reasoning(text) if thinking_possible else ("", text)
     conversation.messages.append({"role": "assistant", "content": reply.strip()})
     if result is None:
-        console.print("[yellow]\\[stopped][/yellow]")
+        console.print("[yellow]\\[stopped][/yellow]", highlight=False)
     else:
-        console.print(f"[dim]{result.completion_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, first token {result.first_token_seconds:.2f}s[/dim]")
+        console.print(
+            f"[dim]{result.completion_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, first token {result.first_token_seconds:.2f}s[/dim]",
+            highlight=False,
+        )
+
+
+def say(console: Console, text: str) -> None:
+    """Plain text: no markup, no highlighting (a path or number stays as typed)."""
+    console.print(text, markup=False, highlight=False)
 
 
 def command(console: Console, loaded, conversation: Conversation, line: str) -> bool:
@@ -135,42 +143,42 @@ def command(console: Console, loaded, conversation: Conversation, line: str) -> 
     if name in ("/exit", "/quit", "/bye"):
         return False
     if name == "/help":
-        console.print(HELP, highlight=False, markup=False)
+        say(console, HELP)
     elif name == "/reset":
         conversation.messages.clear()
-        console.print("conversation cleared")
+        say(console, "conversation cleared")
     elif name == "/system":
         if rest:
             conversation.system = rest
-            console.print("system prompt set")
+            say(console, "system prompt set")
         else:
-            console.print(f"system prompt: {conversation.system!r}", markup=False)
+            say(console, f"system prompt: {conversation.system!r}")
     elif name == "/set":
         if rest:
             pairs = [item.split("=", 1) for item in rest.split()]
             if any(len(pair) != 2 for pair in pairs):
                 raise QwenforgeError("use /set key=value ..., e.g. /set temperature=0.7 top_p=0.8 max_new_tokens=512")
             conversation.sampling = conversation.sampling.updated(**dict(pairs))
-        console.print(" ".join(f"{k}={v}" for k, v in conversation.sampling.to_dict().items()), markup=False)
+        say(console, " ".join(f"{k}={v}" for k, v in conversation.sampling.to_dict().items()))
     elif name == "/think":
         if not supports_thinking(loaded.tokenizer):
             raise QwenforgeError("this model's chat template has no thinking switch (enable_thinking); /think needs a Qwen3 model")
         if rest not in ("on", "off"):
             raise QwenforgeError("use /think on or /think off")
         conversation.enable_thinking = rest == "on"
-        console.print(f"thinking {rest}")
+        say(console, f"thinking {rest}")
     elif name == "/save":
         if not rest:
             raise QwenforgeError("use /save FILE")
         Path(rest).expanduser().write_text(json.dumps(conversation.to_dict(), indent=2) + "\n")
-        console.print(f"saved {len(conversation.messages)} messages to {rest}", markup=False)
+        say(console, f"saved {len(conversation.messages)} messages to {rest}")
     elif name == "/load":
         if not rest:
             raise QwenforgeError("use /load FILE")
         loaded_conversation = Conversation.from_file(Path(rest).expanduser())
         conversation.system, conversation.messages = loaded_conversation.system, loaded_conversation.messages
         conversation.sampling, conversation.enable_thinking = loaded_conversation.sampling, loaded_conversation.enable_thinking
-        console.print(f"loaded {len(conversation.messages)} messages from {rest}", markup=False)
+        say(console, f"loaded {len(conversation.messages)} messages from {rest}")
     else:
         raise QwenforgeError(f"unknown command {name}; /help lists the commands")
     return True
@@ -180,12 +188,12 @@ def run_chat(console: Console, loaded, conversation: Conversation | None = None,
     """The REPL: read a turn or a /command, answer, repeat until /exit or end of input."""
     conversation = conversation or Conversation()
     console.print(f"[dim]{loaded.describe()}[/dim]", highlight=False)
-    console.print("[dim]/help for commands, /exit to leave; Ctrl-C stops an answer[/dim]")
+    console.print("[dim]/help for commands, /exit to leave; Ctrl-C stops an answer[/dim]", highlight=False)
     while True:
         try:
             line = read_message(console, read)
         except KeyboardInterrupt:
-            console.print("\n[dim](Ctrl-C stops answers; /exit or Ctrl-D leaves)[/dim]")
+            console.print("\n[dim](Ctrl-C stops answers; /exit or Ctrl-D leaves)[/dim]", highlight=False)
             continue
         if line is None:
             console.print()

@@ -329,7 +329,8 @@ def _stage_numbers(metrics: MetricsLog, topic: str, stage: str, result: dict) ->
     return numbers
 
 
-def sft_trial(model: str | Path, work_dir: Path, topic: str = "tokens", steps: int = 3, examples: int = 8) -> dict:
+def sft_trial(model: str | Path, work_dir: Path, topic: str = "tokens", steps: int = 3, examples: int = 8,
+              max_seq_length: int = 256) -> dict:
     """A few SFT steps on one sample topic: the answer loss on those examples before and after.
 
     The demo's training step; the zone plan and chat-template handling are the real ones.
@@ -338,7 +339,7 @@ def sft_trial(model: str | Path, work_dir: Path, topic: str = "tokens", steps: i
 
     config = TrainConfig(model=str(model), output=str(work_dir))
     config = dataclasses.replace(
-        config, sft=dataclasses.replace(config.sft, max_steps=steps, batch_size=2, max_seq_length=256, learning_rate=1e-3)
+        config, sft=dataclasses.replace(config.sft, max_steps=steps, batch_size=2, max_seq_length=max_seq_length, learning_rate=1e-3)
     )
     chosen = [t for t in load_curriculum("sample").topics if t.name == topic][0]
     records = sft_records(chosen)[:examples]

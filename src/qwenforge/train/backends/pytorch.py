@@ -233,7 +233,7 @@ class PyTorchBackend:
                 chunk = conversations[start:start + batch_size]
                 texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
                 batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-                with torch.no_grad():
+                with torch.no_grad(), _quiet():
                     out = self.model.generate(
                         **batch, max_new_tokens=max_new_tokens, do_sample=False,
                         pad_token_id=self.tokenizer.pad_token_id,

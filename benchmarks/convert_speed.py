@@ -1,0 +1,180 @@
+"""Conversion speed and memory against `cp` and mergekit, on synthetic Qwen2-shaped checkpoints.
+
+    /work/venv/bin/python benchmarks/convert_speed.py [--layers 6 14] [--mergekit /tmp/mergekit-venv/bin/mergekit-yaml]
+
+Builds each checkpoint (Qwen2.5-3B-like widths, bf16, untied head, several shards, random
+values; the 6-layer one is 2.2 GB) by streaming, then times in the same run, each in a fresh
+child process whose peak RSS is read from getrusage(RUSAGE_CHILDREN):
+  cp         copying the same files (the floor: no work at all);
+  convert    `qwenforge convert --qk-norm ones --no-measure` (own tokenizer: copy + graft);
+  transplant the same with the real Qwen3 tokenizer (vocabulary re-indexed to 151,936 rows);
+  mergekit   `mergekit-yaml` passthrough of all layers (if installed in its own venv; never a
+             qwenforge dependency: python3 -m venv /tmp/mergekit-venv &&
+             /tmp/mergekit-venv/bin/pip install torch==2.13.0 mergekit).
+Targets: convert <= 1.3x cp; peak RSS <= 2x the largest tensor + the interpreter's baseline,
+the same at both sizes; faster than mergekit. `--no-measure` skips the optional model loads
+(smoke test, fidelity), which are not streaming by nature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qwenforge.cache import cache_root
+from qwenforge.checkpoint.safetensors_io import ShardedWriter
+from qwenforge.fixtures.tokenizers import tokenizer_folder
+
+WIDTHS = {"hidden": 2048, "heads": 16, "kv_heads": 2, "intermediate": 11008, "rows": 152_064}
+MEASURE = """
+import resource, subprocess, sys, time
+started = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+seconds = time.perf_counter() - started
+if code.returncode:
+    sys.stderr.write(code.stderr[-2000:])
+    sys.exit(code.returncode)
+print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def entries(layers: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    h, i, rows = WIDTHS["hidden"], WIDTHS["intermediate"], WIDTHS["rows"]
+    head_dim = h // WIDTHS["heads"]
+    kv = WIDTHS["kv_heads"] * head_dim
+    bf16 = torch.bfloat16
+    out = [("model.embed_tokens.weight", (rows, h), bf16)]
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        out += [
+            (p + "input_layernorm.weight", (h,), bf16),
+            (p + "self_attn.q_proj.weight", (h, h), bf16), (p + "self_attn.q_proj.bias", (h,), bf16),
+            (p + "self_attn.k_proj.weight", (kv, h), bf16), (p + "self_attn.k_proj.bias", (kv,), bf16),
+            (p + "self_attn.v_proj.weight", (kv, h), bf16), (p + "self_attn.v_proj.bias", (kv,), bf16),
+            (p + "self_attn.o_proj.weight", (h, h), bf16),
+            (p + "post_attention_layernorm.weight", (h,), bf16),
+            (p + "mlp.gate_proj.weight", (i, h), bf16), (p + "mlp.up_proj.weight", (i, h), bf16),
+            (p + "mlp.down_proj.weight", (h, i), bf16),
+        ]
+    out += [("model.norm.weight", (h,), bf16), ("lm_head.weight", (rows, h), bf16)]
+    return out
+
+
+def build_checkpoint(folder: Path, layers: int, tokenizer: Path) -> int:
+    """Write a random Qwen2-shaped checkpoint tensor by tensor (never the whole model in memory)."""
+    folder.mkdir(parents=True)
+    plan = entries(layers)
+    writer = ShardedWriter(folder, plan, max_shard_size="700MB")
+    generator = torch.Generator().manual_seed(0)
+    for name, shape, dtype in plan:
+        scale = 1.0 if "norm" in name else 0.02
+        writer.write(name, (torch.randn(shape, generator=generator) * scale).to(dtype))
+    writer.close()
+    config = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": WIDTHS["hidden"],
+        "intermediate_size": WIDTHS["intermediate"], "num_hidden_layers": layers, "num_attention_heads": WIDTHS["heads"],
+        "num_key_value_heads": WIDTHS["kv_heads"], "vocab_size": WIDTHS["rows"], "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": layers, "bos_token_id": 151643,
+        "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for file in tokenizer.iterdir():
+        shutil.copy2(file, folder / file.name)
+    return writer.total_bytes
+
+
+def measure(command: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of `command` run in a fresh child process."""
+    result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"failed: {' '.join(command)}\n{result.stderr}")
+    seconds, rss = result.stdout.split()
+    return float(seconds), int(rss)
+
+
+def best_of(repeats: int, command: list[str], cleanup: Path | None = None) -> tuple[float, int]:
+    runs = []
+    for _ in range(repeats):
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        runs.append(measure(command))
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[6, 14], help="model sizes (layers) to measure")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per command; the fastest counts")
+    parser.add_argument("--mergekit", default="/tmp/mergekit-venv/bin/mergekit-yaml", help="mergekit-yaml in its own venv")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder, removed)")
+    args = parser.parse_args()
+
+    qwenforge = str(Path(sys.executable).with_name("qwenforge"))
+    root = cache_root()
+    source_tokenizer, qwen3_tokenizer = tokenizer_folder("qwen2.5", root), tokenizer_folder("qwen3", root)
+    scratch = Path(tempfile.mkdtemp(prefix="convert-speed-", dir=args.workdir))
+    have_mergekit = Path(args.mergekit).exists()
+    _, baseline = measure([sys.executable, "-c", "import torch, tokenizers, qwenforge.cli, qwenforge.convert.run"])
+    rows = []
+    try:
+        for layers in args.layers:
+            source = scratch / f"qwen2-{layers}L"
+            print(f"building a {layers}-layer checkpoint ...", flush=True)
+            size = build_checkpoint(source, layers, source_tokenizer)
+            largest = max(torch.Size(shape).numel() * 2 for _, shape, _ in entries(layers))
+            out = scratch / "out"
+            copy_files = [p for p in source.iterdir()]
+            row = {"layers": layers, "bytes": size, "shards": len(list(source.glob("*.safetensors"))), "largest_tensor": largest}
+            out.mkdir()
+            row["cp"] = best_of(args.repeats, ["cp", *map(str, copy_files), str(out)])
+            shutil.rmtree(out)
+            convert = [qwenforge, "convert", str(source), str(out), "--qk-norm", "ones", "--no-measure", "--force", "--max-shard-size", "700MB"]
+            row["convert"] = best_of(args.repeats, convert, cleanup=out)
+            row["transplant"] = best_of(args.repeats, [*convert, "--tokenizer", str(qwen3_tokenizer)], cleanup=out)
+            if have_mergekit:
+                config = scratch / "passthrough.yml"
+                config.write_text(
+                    f"slices:\n  - sources:\n      - model: {source}\n        layer_range: [0, {layers}]\n"
+                    "merge_method: passthrough\ndtype: bfloat16\n"
+                )
+                row["mergekit"] = best_of(args.repeats, [args.mergekit, str(config), str(out), "--lazy-unpickle", "--quiet"], cleanup=out)
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(source)
+            rows.append(row)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    gib = 2**30
+    print(f"\ninterpreter baseline RSS (python + torch + qwenforge imports): {baseline / gib:.2f} GiB")
+    for row in rows:
+        limit = 2 * row["largest_tensor"] + baseline
+        print(f"\n{row['layers']} layers: {row['bytes'] / 1e9:.2f} GB in {row['shards']} shards, largest tensor {row['largest_tensor'] / gib:.2f} GiB")
+        print(f"  {'job':<11}{'wall s':>8}{'peak RSS GiB':>14}{'time / cp':>11}")
+        for job in ("cp", "convert", "transplant", "mergekit"):
+            if job in row:
+                seconds, rss = row[job]
+                print(f"  {job:<11}{seconds:>8.2f}{rss / gib:>14.2f}{seconds / row['cp'][0]:>11.2f}")
+        for job in ("convert", "transplant"):
+            print(f"  {job}: peak RSS / (2 x largest tensor + baseline) = {row[job][1] / limit:.2f}")
+        if "mergekit" in row:
+            print(f"  mergekit / convert wall time = {row['mergekit'][0] / row['convert'][0]:.2f}")
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        print(
+            f"\nmodel {last['bytes'] / first['bytes']:.2f}x larger -> convert peak RSS "
+            f"{last['convert'][1] / first['convert'][1]:.2f}x, transplant {last['transplant'][1] / first['transplant'][1]:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Distillation versus plain cross-entropy at the same token budget, and the logit store's size and fidelity.
+
+Teacher: the embedded SmolLM2-135M-Instruct (30 layers). Student: the teacher with half its
+layers (`distill init-student --keep-layers half`, 16 layers). Two arms train the same student
+on the same text for the same steps and tokens: forward-KL distillation online (ce_weight 0)
+and cross-entropy on the text (ce_weight 1, the baseline). Held-out bits per byte and KL to
+the teacher on data/heldout.txt; each arm's curve goes to distill_vs_ce.json.
+Then the store: bytes per token at k = 32/64/128 (float16 and uint8 values) and the KL between
+the teacher's full distribution and the one rebuilt from the store, on the held-out text.
+
+    python benchmarks/distill_vs_ce.py [--steps 40] [--data FILE] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from qwenforge.cache import embedded_model
+from qwenforge.distill import store
+from qwenforge.distill.init_student import init_student
+from qwenforge.distill.train import DistillOptions, train_online
+
+DATA = Path(__file__).parents[1] / "src" / "qwenforge" / "data"
+
+
+def store_figures(teacher: Path, heldout: Path, work: Path) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    rows = []
+    for k in (32, 64, 128):
+        for encoding in store.VALUE_ENCODINGS:
+            folder = work / f"store-{k}-{encoding}"
+            index = store.capture(teacher, heldout, folder, k=k, encoding=encoding, sequence_length=256)
+            kl_sum = positions = 0.0
+            for ids, indices, logprobs in store.iterate_store(folder, index):
+                with torch.no_grad():
+                    logits = model(ids[:, :-1]).logits
+                kl_sum += float(store.reconstruction_kl(logits, indices, logprobs).sum())
+                positions += indices.shape[0] * indices.shape[1]
+            rows.append({"k": k, "values": encoding, "bytes_per_token": index["bytes_per_token"],
+                         "bytes_on_disk_per_token": index["bytes_on_disk_per_token"], "reconstruction_kl": kl_sum / positions})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--data", default=str(DATA / "calibration.txt"))
+    parser.add_argument("--heldout", default=str(DATA / "heldout.txt"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console()
+    teacher = embedded_model()
+    work = Path(tempfile.mkdtemp(prefix="distill-vs-ce-"))
+    init_student(teacher, work / "student", "half")
+    results = {"teacher": str(teacher), "student_layers": "half", "data": args.data, "heldout": args.heldout, "threads": args.threads, "arms": {}}
+    base = dict(steps=args.steps, eval_every=10, patience=10_000, batch_size=4, sequence_length=128, learning_rate=5e-5, threads=args.threads)
+    for arm, ce_weight in (("cross_entropy", 1.0), ("distillation", 0.0)):
+        started = time.perf_counter()
+        report = train_online(teacher, work / "student", Path(args.data), Path(args.heldout), None, DistillOptions(**base, ce_weight=ce_weight), console=console)
+        report["wall_seconds"] = time.perf_counter() - started
+        results["arms"][arm] = report
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    results["store"] = store_figures(teacher, Path(args.heldout), work)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    ce, kd = results["arms"]["cross_entropy"], results["arms"]["distillation"]
+    teacher_bpb = kd["before"]["teacher_bits_per_byte"]
+    console.print(f"teacher bits/byte {teacher_bpb:.4f}; student before training {kd['before']['bits_per_byte']:.4f}, KL {kd['before']['kl']:.4f}")
+    for name, arm in (("cross-entropy", ce), ("distillation", kd)):
+        last = arm["history"][-1]
+        console.print(f"{name:14s} tokens {arm['tokens_trained']:,}  best bits/byte {arm['best']['bits_per_byte']:.4f} KL {arm['best']['kl']:.4f}  "
+                      f"final bits/byte {last['bits_per_byte']:.4f} KL {last['kl']:.4f}  {arm['wall_seconds']:.0f}s")
+    console.print(f"ratio distillation / cross-entropy: bits/byte {kd['best']['bits_per_byte'] / ce['best']['bits_per_byte']:.3f}, KL {kd['best']['kl'] / ce['best']['kl']:.3f}")
+    for row in results["store"]:
+        console.print(f"store k={row['k']:3d} {row['values']:7s} {row['bytes_per_token']:4d} B/token (disk {row['bytes_on_disk_per_token']:.0f})  reconstruction KL {row['reconstruction_kl']:.5f}")
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

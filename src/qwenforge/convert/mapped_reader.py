@@ -1,0 +1,65 @@
+"""Source tensors as views into memory-mapped shards, released after use: one copy, bounded RSS.
+
+A copied tensor goes from the source's page cache straight into the output file's `write`
+(no intermediate buffer, unlike `safe_open(...).get_tensor`), and `release` drops its pages
+from this process (MADV_DONTNEED on a private read-only mapping: later reads refetch the
+file), so resident memory stays at the tensors in flight, not the shards read so far.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+
+from qwenforge.checkpoint.safetensors_io import list_tensors
+from qwenforge.errors import QwenforgeError
+
+PAGE = mmap.PAGESIZE
+
+
+class MappedReader:
+    """`TensorReader`'s interface (`.tensors`, `.get`, `in`) plus `release(name)`."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.tensors = list_tensors(self.folder)  # validates headers, sizes and shards
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._spans: dict[str, tuple[Path, int, int]] = {}
+        for file in sorted({info.file for info in self.tensors.values()}):
+            with open(file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+                self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    begin, end = entry["data_offsets"]
+                    self._spans[name] = (file, 8 + length + begin, end - begin)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        """A view (no copy) of the tensor's bytes in the mapped file."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise QwenforgeError(f"{self.folder}: tensor {name} is missing from the checkpoint")
+        file, start, size = self._spans[name]
+        if size == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        flat = torch.frombuffer(self._maps[file], dtype=torch.uint8, count=size, offset=start)
+        return flat.view(info.dtype).reshape(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's memory (whole pages inside its span only)."""
+        file, start, size = self._spans[name]
+        first = -(-start // PAGE) * PAGE
+        last = (start + size) // PAGE * PAGE
+        if last > first:
+            self._maps[file].madvise(mmap.MADV_DONTNEED, first, last - first)
