@@ -174,6 +174,14 @@ def main() -> None:
             f"\nmodel {last['bytes'] / first['bytes']:.2f}x larger -> convert peak RSS "
             f"{last['convert'][1] / first['convert'][1]:.2f}x, transplant {last['transplant'][1] / first['transplant'][1]:.2f}x"
         )
+        # seconds per extra GB between the two sizes: fixed costs (interpreter start, tokenizers) cancel out
+        extra_gb = (last["bytes"] - first["bytes"]) / 1e9
+        marginal = {job: (last[job][0] - first[job][0]) / extra_gb for job in ("cp", "convert", "transplant", "mergekit") if job in last}
+        print("marginal seconds per GB: " + ", ".join(f"{job} {value:.2f}" for job, value in marginal.items()))
+        print(f"marginal convert / cp = {marginal['convert'] / marginal['cp']:.2f}", end="")
+        if "mergekit" in marginal:
+            print(f"; marginal mergekit / convert = {marginal['mergekit'] / marginal['convert']:.2f}", end="")
+        print()
 
 
 if __name__ == "__main__":

@@ -52,11 +52,11 @@ def plain_transformers(folder: Path, prompts, max_new_tokens: int):
         model.generate(**inputs, max_new_tokens=1)
         first_times.append(time.perf_counter() - started)
         started = time.perf_counter()
-        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
         seconds = time.perf_counter() - started
         new = ids[0, inputs["input_ids"].shape[1] :].tolist()
         outputs.append(new)
-        decode_rates.append((len(new) - 1) / max(seconds - first_times[-1], 1e-9))
+        decode_rates.append((len(new) - 1, max(seconds - first_times[-1], 1e-9)))
     del model
     torch.set_num_threads(torch.get_num_threads())
     return {"dtype": "float32", "outputs": outputs, "first_token_s": first_times, "decode_tokens_per_s": decode_rates}
@@ -73,10 +73,15 @@ def qwenforge_path(model: str, prompts, max_new_tokens: int, engine: str, thread
         result = complete(loaded, text_prompt, Sampling(temperature=0, max_new_tokens=max_new_tokens))
         outputs.append(loaded.tokenizer(result.text, add_special_tokens=False)["input_ids"])
         first_times.append(result.first_token_seconds)
-        decode_rates.append(result.tokens_per_second)
+        decode_rates.append((result.completion_tokens - 1, result.seconds - result.first_token_seconds))
     if loaded.llama is not None:
         loaded.llama.close()
     return {"setup": loaded.describe(), "dtype": loaded.setup.dtype, "outputs": outputs, "first_token_s": first_times, "decode_tokens_per_s": decode_rates}
+
+
+def _rate(pairs) -> float:
+    """Decode tokens/s over all prompts: tokens after the first, over the time they took."""
+    return sum(tokens for tokens, _ in pairs) / sum(seconds for _, seconds in pairs)
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
@@ -166,6 +171,11 @@ def server_figures(model: str, threads: int, requests: int, memory_requests: int
         process.wait(timeout=30)
 
 
+def _show(name: str, figures: dict) -> None:
+    """Each figure as soon as it exists (a slow, shared machine may stop a long run)."""
+    print(json.dumps({name: figures}), file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded")
@@ -176,6 +186,8 @@ def main() -> None:
     parser.add_argument("--server", action="store_true", help="also measure the server")
     parser.add_argument("--server-requests", type=int, default=16)
     parser.add_argument("--memory-requests", type=int, default=0)
+    parser.add_argument("--server-model", default=None, help="model for the server figures (default: --model)")
+    parser.add_argument("--no-speed", action="store_true", help="server figures only")
     args = parser.parse_args()
 
     import torch
@@ -186,6 +198,10 @@ def main() -> None:
     folder = Path(resolve_source(args.model)["folder"])
     prompts = PROMPTS[: args.prompts]
     report = {"model": str(folder), "threads": args.threads, "max_new_tokens": args.max_new_tokens, "prompts": len(prompts)}
+    if args.no_speed:
+        report["server"] = server_figures(args.server_model or args.model, args.threads, args.server_requests, args.memory_requests)
+        print(json.dumps(report, indent=2), flush=True)
+        return
     baseline = plain_transformers(folder, prompts, args.max_new_tokens)
     reference = _retokenized(folder, baseline["outputs"])
     paths = {"qwenforge default": qwenforge_path(args.model, prompts, args.max_new_tokens, "transformers", args.threads)}
@@ -195,11 +211,12 @@ def main() -> None:
             paths["qwenforge --engine llama.cpp"] = qwenforge_path(args.model, prompts, args.max_new_tokens, "llama.cpp", args.threads)
         except Exception as error:  # noqa: BLE001 - reported, not fatal
             report["llama.cpp"] = f"not measured: {error}"
-    base_decode = statistics.median(baseline["decode_tokens_per_s"])
+    base_decode = _rate(baseline["decode_tokens_per_s"])
     base_first = statistics.median(baseline["first_token_s"])
     report["plain transformers"] = {"dtype": "float32", "decode_tokens_per_s": round(base_decode, 2), "first_token_s": round(base_first, 3)}
+    _show("plain transformers", report["plain transformers"])
     for name, path in paths.items():
-        decode = statistics.median(path["decode_tokens_per_s"])
+        decode = _rate(path["decode_tokens_per_s"])
         first = statistics.median(path["first_token_s"])
         report[name] = {
             "setup": path["setup"],
@@ -209,9 +226,11 @@ def main() -> None:
             "first_token_ratio": round(base_first / first, 2),
             "greedy_fidelity_vs_fp32": agreement(reference, path["outputs"]),
         }
+        _show(name, report[name])
     if args.server:
-        report["server"] = server_figures(args.model, args.threads, args.server_requests, args.memory_requests)
-    print(json.dumps(report, indent=2))
+        report["server"] = server_figures(args.server_model or args.model, args.threads, args.server_requests, args.memory_requests)
+        _show("server", report["server"])
+    print(json.dumps(report, indent=2), flush=True)
 
 
 if __name__ == "__main__":

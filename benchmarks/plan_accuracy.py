@@ -179,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three cases only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--cases", help="comma-separated case numbers (0-based) to run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.worker:
@@ -186,7 +187,8 @@ def main() -> None:
         return
     import importlib.util
 
-    chosen = [c for i, c in enumerate(CASES) if not args.quick or i in QUICK]
+    wanted = {int(n) for n in args.cases.split(",")} if args.cases else (QUICK if args.quick else set(range(len(CASES))))
+    chosen = [c for i, c in enumerate(CASES) if i in wanted]
     if importlib.util.find_spec("bitsandbytes") is None:
         print("bitsandbytes is not installed: skipping the nf4 cases")
         chosen = [c for c in chosen if c[3] != "nf4"]

@@ -46,7 +46,7 @@ def worker(variant: str, args) -> dict:
     backend.start_adapter()
     tokenizer = backend.tokenizer
     tokens = sum(
-        min(args.max_seq_length, len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True)))
+        min(args.max_seq_length, len(tokenizer(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False), add_special_tokens=False)["input_ids"]))
         for r in records
     )
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -100,3 +100,19 @@ def test_embedded_model_answers_in_the_terminal(embedded_model_dir):
         child.expect(pexpect.EOF)
     finally:
         child.close()
+
+
+def test_reasoning_is_rendered_apart_from_the_answer():
+    from rich.console import Console
+    from rich.markdown import Markdown
+    from rich.panel import Panel
+
+    from qwenforge.infer.chat import render
+
+    parts = render("<think>\nFrance... its capital\n</think>\n\n**Paris**", thinking_possible=True).renderables
+    assert isinstance(parts[0], Panel) and parts[0].title == "reasoning" and isinstance(parts[1], Markdown)
+    console = Console(record=True, width=60)
+    console.print(render("<think>\nFrance... its capital\n</think>\n\n**Paris**", thinking_possible=True))
+    shown = console.export_text()
+    assert shown.index("France... its capital") < shown.index("Paris") and "<think>" not in shown and "**" not in shown
+    assert [type(p) for p in render("plain *answer*", thinking_possible=False).renderables] == [Markdown]

@@ -241,7 +241,7 @@ def test_vllm_engine_builds_its_command_and_explains_when_missing(tiny_qwen3, mo
     for flag in ("--host 127.0.0.1", "--port 9000", "--api-key k", "--served-model-name tiny", "--dtype bfloat16", "--tensor-parallel-size 4", "--max-model-len 8192"):
         assert flag in text
     monkeypatch.setattr(server.shutil, "which", lambda name: None)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else __import__("importlib").machinery.PathFinder.find_spec(name))
+    monkeypatch.setattr(server, "vllm_importable", lambda: False)
     with pytest.raises(QwenforgeError, match="vLLM is not installed.*vllm serve"):
         server.start_server(Console(), str(tiny_qwen3), {"engine": "vllm"}, tensor_parallel=2)
 
@@ -262,3 +262,18 @@ def test_embedded_model_answers_paris_with_llama_cpp(embedded_model_dir):
     result = complete(loaded, build_prompt(loaded.tokenizer, QUESTION), Sampling(temperature=0, max_new_tokens=30))
     assert "Paris" in result.text and result.finish_reason == "stop"
     assert result.text.strip() == "The capital of France is Paris."
+
+
+def test_cpu_fp16_runs_prompts_through_fp32_and_decodes_in_fp16():
+    from qwenforge.infer.load import prompts_in_fp32
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).half()
+    weight, bias = model[0].weight, model[0].bias
+    prompts_in_fp32(model)
+    rows = torch.randn(5, 16).half()
+    expected = torch.nn.functional.linear(rows.float(), weight.float(), bias.float()).half()
+    assert torch.equal(model(rows), expected) and model(rows).dtype == torch.float16
+    one = torch.randn(1, 1, 16).half()
+    assert torch.equal(model(one), torch.nn.functional.linear(one, weight, bias))
+    assert model[0].weight.dtype == torch.float16  # no second copy kept

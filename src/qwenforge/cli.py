@@ -393,7 +393,7 @@ def distill_init_student(
     console.print(f"[green]wrote[/green] {out}: {recipe['layers']} layers {recipe['keep_layers']}")
 
 
-_ENGINE_HELP = "transformers (default), llama.cpp (GGUF models; pip install 'qwenforge[llama-cpp]'), or vllm (serve only)."
+_ENGINE_HELP = "transformers (default), llama.cpp (GGUF models; pip install 'qwenforge\\[llama-cpp]'), or vllm (serve only)."
 
 
 def _load_options(engine, dtype, quant, device, base, threads, max_context) -> dict:

@@ -112,6 +112,21 @@ def step_train(state: DemoState) -> None:
     state.results["train"] = trial
 
 
+def step_chat(state: DemoState) -> None:
+    """Ask the embedded model a question through qwenforge's generation path (the one chat/serve use)."""
+    from qwenforge.infer.generation import Sampling, build_prompt, complete
+    from qwenforge.infer.load import load_model
+
+    loaded = load_model(str(state.model), say=lambda line: state.console.print(f"[dim]{line}[/dim]", highlight=False))
+    question = "What is the capital of France?"
+    prompt = build_prompt(loaded.tokenizer, [{"role": "user", "content": question}])
+    result = complete(loaded, prompt, Sampling(temperature=0, max_new_tokens=32))
+    state.console.print(f"[bold]user:[/bold] {question}\n[bold]model:[/bold] {result.text.strip()}", highlight=False)
+    state.console.print(f"{result.completion_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, first token {result.first_token_seconds:.2f}s")
+    state.results["chat_answer"] = result.text.strip()
+    state.results["chat_tokens_per_second"] = round(result.tokens_per_second, 1)
+
+
 STEPS = [
     ("know: import the embedded model", step_import),
     ("know: qwenforge spec", step_spec),
@@ -119,6 +134,7 @@ STEPS = [
     ("convert: qwenforge convert (embedded -> Qwen3)", step_convert),
     ("convert: qwenforge heal (before/after on held-out text)", step_heal),
     ("teach: qwenforge train (a few SFT steps)", step_train),
+    ("run: qwenforge chat (one question, greedy)", step_chat),
 ]
 
 

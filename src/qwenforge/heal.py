@@ -121,8 +121,9 @@ def merge_low_rank(student) -> None:
 def linearize_qk_norms(student, margin: float = 1e-2) -> dict:
     """Make every q/k RMSNorm act linearly (see the module docstring); returns the scales used.
 
-    The bound is worst-case, not measured on text: ||W_head x + b_head|| <= ||W_head||_2 ||x|| +
-    ||b_head||, with ||x||^2 <= hidden * max(input_layernorm weight^2) after RMSNorm.
+    The bound is worst-case, not measured on text: ||W_head x + b_head|| <= ||W_head||_F ||x|| +
+    ||b_head|| (Frobenius >= spectral norm, and far cheaper), with ||x||^2 <= hidden *
+    max(input_layernorm weight^2) after RMSNorm.
     """
     eps = student.config.rms_norm_eps
     scales = []
@@ -133,7 +134,7 @@ def linearize_qk_norms(student, margin: float = 1e-2) -> dict:
             input_norm = layer.input_layernorm.weight.abs().max() * math.sqrt(attention.q_proj.in_features)
             for projection, norm in ((attention.q_proj, attention.q_norm), (attention.k_proj, attention.k_norm)):
                 heads = projection.weight.view(-1, head_dim, projection.in_features)
-                largest = torch.linalg.matrix_norm(heads, ord=2) * input_norm
+                largest = torch.linalg.matrix_norm(heads) * input_norm
                 if projection.bias is not None:
                     largest = largest + projection.bias.view(-1, head_dim).norm(dim=-1)
                 mean_square_bound = float((largest**2).max()) / head_dim

@@ -486,9 +486,12 @@ def training_activation_bytes(spec: ModelSpec, setup: Setup) -> tuple[int, str]:
     per_layer = [by_group[group] for group in groups]
     c = DTYPE_BYTES[setup.compute_dtype]
     if setup.gradient_checkpointing:
-        size = tokens * (spec.layers * spec.hidden * c + max(per_layer))
-        why = (f"gradient checkpointing: each layer's input ({spec.layers} x hidden x {c} bytes per token) + one layer's saved "
-               f"tensors recomputed in backward ({max(per_layer) / 1024:.1f} KiB/token), {tokens} tokens")
+        # The last layer is recomputed only after the loss's logit gradients are freed: count its excess over them.
+        recomputed = max(0, tokens * max(per_layer) - training_logits_bytes(spec, setup))
+        size = tokens * spec.layers * spec.hidden * c + recomputed
+        why = (f"gradient checkpointing: each layer's input ({spec.layers} x hidden x {c} bytes per token, {tokens} tokens) + one "
+               f"layer's saved tensors recomputed in backward ({max(per_layer) / 1024:.1f} KiB/token), counted where they exceed "
+               "the logits' gradients they follow")
     else:
         size = tokens * sum(per_layer)
         why = (f"no checkpointing: every layer keeps its saved tensors ({sum(per_layer) / spec.layers / 1024:.1f} KiB/token/layer: fp32 norm "
@@ -504,13 +507,17 @@ def activations_line(spec: ModelSpec, setup: Setup) -> Line:
     return Line("activations", size, why)
 
 
+def training_logits_bytes(spec: ModelSpec, setup: Setup) -> int:
+    return setup.batch * setup.context * spec.embedding_rows * 12
+
+
 def logits_line(spec: ModelSpec, setup: Setup) -> Line:
     rows = spec.embedding_rows
     if setup.training:
         tokens = setup.batch * setup.context
         why = (f"full-vocabulary logits for {tokens} tokens x {rows:,} rows, 12 bytes each at the start of backward: the fp32 "
                "log-softmax kept by the loss + fp32 gradients of log-probs and logits (outputs released before backward, as Trainer does)")
-        return Line("logits", int(tokens * rows * 12), why)
+        return Line("logits", training_logits_bytes(spec, setup), why)
     if setup.format.engine == "llama.cpp":
         return Line("logits", setup.batch * rows * 4, f"last position only, fp32, {rows:,} rows x batch {setup.batch}")
     c = DTYPE_BYTES[setup.compute_dtype]

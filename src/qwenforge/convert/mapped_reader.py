@@ -56,9 +56,16 @@ class MappedReader:
         flat = torch.frombuffer(self._maps[file], dtype=torch.uint8, count=size, offset=start)
         return flat.view(info.dtype).reshape(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's memory (whole pages inside its span only)."""
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drop the tensor's pages (or those of rows [first, last)) from this process's memory.
+
+        Only whole pages inside the span are dropped, so neighbouring tensors are untouched.
+        """
         file, start, size = self._spans[name]
+        if rows is not None:
+            shape = self.tensors[name].shape
+            row_bytes = size // shape[0]
+            start, size = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
         first = -(-start // PAGE) * PAGE
         last = (start + size) // PAGE * PAGE
         if last > first:

@@ -258,7 +258,11 @@ def convert(
         if step.op == "transplant-rows":
             matrix = reader.get(step.source)
             new = _new_rows(new_token_init, matrix, source_tok, vocab_map, projected.get(step.name), pieces)
-            return vocab.transplant(matrix, vocab_map, len(source_tok), new)
+            release = getattr(reader, "release", None)
+            if release is None:
+                return vocab.transplant(matrix, vocab_map, len(source_tok), new)
+            release(step.source)  # pages touched by the new-row methods
+            return vocab.transplant(matrix, vocab_map, len(source_tok), new, lambda first, last: release(step.source, (first, last)))
         if step.op == "donor":
             return donor_reader.get(step.name).to(step.dtype)
         if step.op == "calibrated":

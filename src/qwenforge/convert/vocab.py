@@ -226,16 +226,23 @@ def transplant(
     vocab_map: VocabMap,
     source_size: int,
     new_rows: torch.Tensor | None,
+    release_rows=None,
+    chunk: int = 16384,
 ) -> torch.Tensor:
     """The output matrix: shared rows copied (by contiguous runs), new rows given, padding rows the mean of the real rows.
 
-    Memory: the source and the output matrix, nothing else of their size.
+    Memory: the output matrix plus, when `release_rows(first, last)` drops source rows already
+    copied (a memory-mapped source), a chunk of the source; otherwise the whole source too.
     """
     if vocab_map.identity:
         return source_matrix
     out = torch.empty((vocab_map.target_rows, source_matrix.shape[1]), dtype=source_matrix.dtype)
     for target, source, length in runs(sorted(vocab_map.shared.items())):
-        out[target : target + length] = source_matrix[source : source + length]
+        for offset in range(0, length, chunk):
+            size = min(chunk, length - offset)
+            out[target + offset : target + offset + size] = source_matrix[source + offset : source + offset + size]
+            if release_rows is not None:
+                release_rows(source + offset, source + offset + size)
     if vocab_map.new:
         out[torch.tensor(vocab_map.new, dtype=torch.long)] = new_rows.to(source_matrix.dtype)
     if vocab_map.target_size < vocab_map.target_rows:

@@ -8,8 +8,7 @@ device, dtype and quantization, and says what it chose and why in one line.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from qwenforge.errors import QwenforgeError
@@ -57,7 +56,6 @@ class LoadedModel:
     llama: object = None  # llama_cpp.Llama (engine llama.cpp)
     gguf: Path | None = None
     adapter: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         """The one line the loader prints."""
@@ -175,6 +173,8 @@ def resolve_source(model: str, base: str | None = None) -> dict:
         base = base or adapter_config.get("base_model_name_or_path")
         if not base:
             raise QwenforgeError(f"{path}/adapter_config.json names no base model; pass --base BASE_FOLDER")
+        if base != EMBEDDED and not Path(base).expanduser().exists():
+            raise QwenforgeError(f"{path}: its base model {base!r} is not a local folder; pass --base BASE_FOLDER (or 'embedded')")
         base_source = resolve_source(str(base))
         if base_source["adapter"]:
             raise QwenforgeError(f"{base}: the base of an adapter must be a model, not another adapter")
@@ -286,6 +286,8 @@ def _load_transformers(folder: Path, setup: Setup, adapter: Path | None):
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     if "device_map" not in kwargs:
         model = model.to(setup.device)
+    if setup.device == "cpu" and setup.dtype == "float16" and setup.quant == "none":
+        prompts_in_fp32(model)
     if setup.quant == "int8-dynamic":
         if setup.device != "cpu":
             raise QwenforgeError("--quant int8-dynamic is a CPU quantization; use --device cpu or --quant nf4/int8 on GPUs")
@@ -294,6 +296,25 @@ def _load_transformers(folder: Path, setup: Setup, adapter: Path | None):
         model = quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
     model.eval()
     return model
+
+
+def prompts_in_fp32(model) -> None:
+    """CPU fp16: keep torch's fast fp16 matrix-vector kernels for decoding, but run many-row inputs
+    (prompts, batches) through fp32 copies of each weight made on the fly: torch's CPU fp16
+    matrix-matrix kernels are ~4x slower than fp32 here (time to first token 2.5x better this way).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def forward(module, x):
+        if x.dim() >= 2 and x.shape[:-1].numel() > 1:
+            bias = None if module.bias is None else module.bias.float()
+            return F.linear(x.float(), module.weight.float(), bias).to(x.dtype)
+        return F.linear(x, module.weight, module.bias)
+
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = forward.__get__(module)
 
 
 def _load_llama_cpp(source: dict, folder: Path, tokenizer, name: str, context: int, threads: int | None) -> LoadedModel:

@@ -122,12 +122,20 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
         return Sampling(temperature=float(temperature), top_p=float(top_p), max_new_tokens=max_tokens, seed=seed)
 
     async def run(prompt: str, sampling: Sampling):
+        """One whole generation in a worker thread; a cancelled request stops it before the slot is freed."""
+        import anyio
+
         async with slot:
             stop = threading.Event()
+            task = asyncio.get_running_loop().run_in_executor(None, complete, loaded, prompt, sampling, stop)
             try:
-                return await asyncio.to_thread(complete, loaded, prompt, sampling, stop)
+                return await asyncio.shield(task)
             finally:
-                stop.set()  # a request cancelled while its thread runs ends that generation early
+                if not task.done():
+                    stop.set()
+                    app.state.stats["cancelled"] += 1
+                    with anyio.CancelScope(shield=True):
+                        await asyncio.wait([task])
 
     async def pieces(prompt: str, sampling: Sampling, result_box: dict):
         """Async pieces of text from the generation thread; leaving early stops it and frees the slot."""
@@ -258,7 +266,7 @@ def serve(loaded, host: str = "127.0.0.1", port: int = 8000, api_key: str | None
 
     app = build_app(loaded, api_key=api_key, served_name=served_name)
     say(f"serving {served_name or loaded.name} at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
 
 
 def vllm_command(
@@ -286,12 +294,16 @@ def vllm_command(
     return command
 
 
-def run_vllm(command: list[str]) -> None:
-    """Replace this process by vLLM's server; a clear error when vLLM is not installed."""
+def vllm_importable() -> bool:
     import importlib.util
 
+    return importlib.util.find_spec("vllm") is not None
+
+
+def run_vllm(command: list[str]) -> None:
+    """Replace this process by vLLM's server; a clear error when vLLM is not installed."""
     executable = shutil.which("vllm")
-    if executable is None and importlib.util.find_spec("vllm") is None:
+    if executable is None and not vllm_importable():
         raise QwenforgeError(
             "vLLM is not installed (it needs a CUDA GPU): pip install vllm, then run: " + " ".join(command)
         )
@@ -314,7 +326,7 @@ def start_server(console, model: str, load_options: dict, host="127.0.0.1", port
             adapter=str(source["adapter"]) if source["adapter"] else None,
         )
         if dry_run:
-            console.print(" ".join(command), markup=False, highlight=False)
+            console.print(" ".join(command), markup=False, highlight=False, soft_wrap=True)
             return
         run_vllm(command)
         return
