@@ -111,7 +111,16 @@ def _retokenized(folder: Path, outputs: list[list[int]]) -> list[list[int]]:
 
 def server_figures(model: str, threads: int, requests: int, memory_requests: int) -> dict:
     """Requests/s sequential vs 8 concurrent clients, and RSS drift over `memory_requests` requests."""
+    import tempfile
+
     import openai
+
+    if model == "tiny":
+        from qwenforge.cache import cache_root
+        from qwenforge.fixtures.tiny import build_tiny_checkpoint
+        from qwenforge.fixtures.tokenizers import tokenizer_folder
+
+        model = str(build_tiny_checkpoint("qwen3", Path(tempfile.mkdtemp()) / "tiny-qwen3", tokenizer_folder("qwen3", cache_root())))
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -186,7 +195,7 @@ def main() -> None:
     parser.add_argument("--server", action="store_true", help="also measure the server")
     parser.add_argument("--server-requests", type=int, default=16)
     parser.add_argument("--memory-requests", type=int, default=0)
-    parser.add_argument("--server-model", default=None, help="model for the server figures (default: --model)")
+    parser.add_argument("--server-model", default=None, help="model for the server figures (default: --model); 'tiny' builds a tiny Qwen3")
     parser.add_argument("--no-speed", action="store_true", help="server figures only")
     args = parser.parse_args()
 

@@ -68,6 +68,7 @@ def worker(variant: str, args) -> dict:
 
 def plain_trl(backend, records, settings, work: Path) -> dict:
     """The baseline: TRL's SFTTrainer as its docs show it, on the same PEFT model."""
+    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -82,6 +83,7 @@ def plain_trl(backend, records, settings, work: Path) -> dict:
         report_to=[],
         disable_tqdm=True,
         logging_steps=1,
+        use_cpu=not torch.cuda.is_available(),  # TRL's default bf16 needs a GPU; the same device as qwenforge's
     )
     trainer = SFTTrainer(model=backend.model, args=args, train_dataset=Dataset.from_list(records), processing_class=backend.tokenizer)
     output = trainer.train()

@@ -71,6 +71,22 @@ def test_plan_matches_stock_qwen3_exactly(kind, keep_bias, request, tmp_path, qw
     assert "model.layers.0.self_attn.k_norm.weight" in format_plan(result["plan"])
 
 
+def test_sliding_window_settings_kept_and_load_cleanly(tmp_path, qwen25_tokenizer_dir):
+    from transformers import Qwen3Config
+
+    source = build_tiny_checkpoint(
+        "qwen2", tmp_path / "sliding", qwen25_tokenizer_dir, use_sliding_window=True, sliding_window=64, max_window_layers=1
+    )
+    result = convert(source, tmp_path / "out", qk_norm="ones", dry_run=True)
+    config = result["config"]
+    assert config["layer_types"] == ["full_attention", "sliding_attention"]
+    assert (config["use_sliding_window"], config["sliding_window"], config["max_window_layers"]) == (True, 64, 1)
+    loaded = Qwen3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    assert loaded.layer_types == config["layer_types"] and loaded.sliding_window == 64
+    assert loaded.rope_parameters["rope_theta"] == 1_000_000
+    assert any(w["code"] == "sliding-window-on" for w in result["warnings"])
+
+
 def test_shared_rows_identical_and_untied_head_kept(converted, tiny_qwen2):
     source = load_all(tiny_qwen2)
     out = load_all(converted["subword"])
@@ -221,6 +237,7 @@ def test_output_loads_generates_and_records_provenance(tmp_path, tiny_qwen2, tin
         tiny_qwen2, out, donor=tiny_qwen3_untied, qk_norm="calibrated", keep_bias=True,
         max_shard_size="30MB", fidelity_tokens=128, calibration_tokens=128,
     )
+    assert result["out"] == out and result["metadata"]["options"]["qk_norm"] == "calibrated"
     files = {p.name for p in out.iterdir()}
     shards = {name for name in files if name.endswith(".safetensors")}
     assert len(shards) == 3  # two 39 MB vocabulary matrices and the rest

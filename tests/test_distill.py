@@ -110,7 +110,7 @@ def test_capture_resumes_and_refuses_damage(teacher, captured, tmp_path):
 
 def test_train_from_store_lowers_heldout_kl(student, captured, tmp_path, qwen25_tokenizer_dir):
     out = tmp_path / "distilled"
-    options = DistillOptions(steps=12, eval_every=4, batch_size=2, learning_rate=3e-3, heldout_sequences=2, threads=1)
+    options = DistillOptions(steps=8, eval_every=4, batch_size=2, learning_rate=3e-3, heldout_sequences=2, threads=1)
     report = train_from_store(student, captured, out, options)
     assert report["best"]["kl"] < report["before"]["kl"]
     assert {"config.json", "model.safetensors", "distill_report.json", "distill_curve.png"} <= {p.name for p in out.iterdir()}
@@ -121,7 +121,7 @@ def test_train_from_store_lowers_heldout_kl(student, captured, tmp_path, qwen25_
 
 
 def test_online_distillation_beats_cross_entropy_on_kl(teacher, student):
-    base = dict(steps=6, eval_every=3, batch_size=2, sequence_length=48, learning_rate=3e-3, lora_rank=4, threads=1)
+    base = dict(steps=6, eval_every=3, batch_size=2, sequence_length=48, learning_rate=3e-3, lora_rank=4, eval_tokens=97, threads=1)
     distilled = train_online(teacher, student, DATA / "calibration.txt", DATA / "heldout.txt", None, DistillOptions(**base))
     plain = train_online(teacher, student, DATA / "calibration.txt", DATA / "heldout.txt", None, DistillOptions(**base, ce_weight=1.0))
     assert distilled["best"]["kl"] < distilled["before"]["kl"]

@@ -117,6 +117,9 @@ def test_training_logits_are_full_vocabulary_fp32_and_their_gradients():
     result = plan.plan_memory(spec, setup)
     assert line(result, "logits") == 4096 * 152064 * 12
     assert line(result, "KV cache") == 0
+    # checkpointed: every layer's bf16 input + one dequantized gate/up/down matrix; the recomputed layer (2.3 GB)
+    # runs after the logits' gradients (7.5 GB) are freed, so it adds nothing
+    assert line(result, "activations") == 80 * 8192 * 2 * 4096 + 8192 * 29568 * 2
 
 
 def test_lora_parameters_rank_times_in_plus_out():

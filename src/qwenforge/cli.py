@@ -115,6 +115,8 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle *.bin weights (tensors only)."),
     measure: bool = typer.Option(True, "--measure/--no-measure", help="Load the result for a smoke test and a fidelity measurement (loads both models)."),
+    fidelity_tokens: int = typer.Option(1024, help="Tokens of the fidelity text to measure on."),
+    calibration_tokens: int = typer.Option(1024, help="Tokens of the calibration text for --qk-norm calibrated."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (plan or metadata) instead of tables."),
 ) -> None:
     """Rebuild a Qwen2/Qwen2.5 (or Llama-shaped) checkpoint in the Qwen3 architecture, streaming, with provenance.
@@ -133,6 +135,7 @@ def convert(
         donor=donor, tokenizer=tokenizer, keep_bias=keep_bias, qk_norm=qk_norm, new_token_init=new_token_init,
         calibration_text=calibration_text, fidelity_text=fidelity_text, max_shard_size=max_shard_size,
         strict=strict, force=force, allow_pickle=allow_pickle, measure=measure,
+        fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
     )
     if dry_run:
         result = run_convert(source, out, dry_run=True, **options)

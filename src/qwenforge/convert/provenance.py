@@ -89,7 +89,7 @@ def model_card(record: dict, source_name: str) -> str:
         "",
         "## What was done",
         "",
-        f"- tensors: " + ", ".join(f"{count} {op}" for op, count in sorted(counts.items())),
+        "- tensors: " + ", ".join(f"{count} {op}" for op, count in sorted(counts.items())),
         f"- q/k-norm: {options['qk_norm']}; attention biases: {'kept exactly (attention_bias=True, zero o_proj bias)' if options['keep_bias'] else 'dropped'}",
         f"- vocabulary: {record['vocabulary']['summary']}",
         f"- dropped tensors: {len(record['dropped'])}"

@@ -127,6 +127,7 @@ def _command_line(options: dict) -> str:
             parts.append(f"--{flag.replace('_', '-')}")
     if not options["measure"]:
         parts.append("--no-measure")
+    parts += ["--fidelity-tokens", str(options["fidelity_tokens"]), "--calibration-tokens", str(options["calibration_tokens"])]
     return shlex.join(parts)
 
 

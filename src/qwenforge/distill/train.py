@@ -37,6 +37,7 @@ class DistillOptions:
     patience: int = 5
     heldout_sequences: int = 4  # store mode: the store's last sequences, never trained on
     max_tokens: int | None = None
+    eval_tokens: int | None = 2048  # online mode: held-out tokens evaluated (full teacher distributions are kept in memory)
     threads: int | None = None
     seed: int = 0
 
@@ -121,7 +122,7 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
     if max_positions and options.sequence_length > max_positions:
         raise QwenforgeError(f"--sequence-length {options.sequence_length} exceeds the student's context of {max_positions} tokens")
     train_sequences = engine.token_sequences(tokenizer, store.read_text(data), options.sequence_length, options.max_tokens, str(data))
-    eval_sequences = engine.token_sequences(tokenizer, store.read_text(heldout), options.sequence_length, None, str(heldout))
+    eval_sequences = engine.token_sequences(tokenizer, store.read_text(heldout), options.sequence_length, options.eval_tokens, str(heldout))
     eval_bytes = engine.byte_counts(tokenizer, eval_sequences)
     eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
     batches = engine.batches_forever(train_sequences, options.batch_size, options.seed)

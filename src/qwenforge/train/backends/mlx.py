@@ -106,6 +106,7 @@ class MlxBackend:
 
     def save_adapter(self, folder: Path) -> None:
         """PEFT's adapter folder: adapter_config.json from the same LoraConfig, torch-layout tensors."""
+        import mlx.core as mx
         import numpy as np
         from safetensors.numpy import save_file
 
@@ -113,8 +114,8 @@ class MlxBackend:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for (layer, name), lora in self.wrapped.items():
-            tensors[self._peft_key(layer, name, "A")] = np.array(lora.lora_a.T.astype("float32"))
-            tensors[self._peft_key(layer, name, "B")] = np.array(lora.lora_b.T.astype("float32"))
+            tensors[self._peft_key(layer, name, "A")] = np.array(lora.lora_a.T.astype(mx.float32))
+            tensors[self._peft_key(layer, name, "B")] = np.array(lora.lora_b.T.astype(mx.float32))
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         config = lora_config(self.plan).to_dict()
         config["target_modules"] = lora_config(self.plan).target_modules
