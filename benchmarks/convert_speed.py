@@ -6,7 +6,7 @@ Builds each checkpoint (Qwen2.5-3B-like widths, bf16, untied head, several shard
 values; the 6-layer one is 2.2 GB) by streaming, then times in the same run, each in a fresh
 child process whose peak RSS is read from getrusage(RUSAGE_CHILDREN):
   cp         copying the same files (the floor: no work at all);
-  convert    `qwenforge convert --qk-norm ones --no-measure` (own tokenizer: copy + graft);
+  convert    `qwenforge convert --qk-norm ones --no-measure` (own tokenizer: copy, graft, padding rows reset);
   transplant the same with the real Qwen3 tokenizer (vocabulary re-indexed to 151,936 rows);
   mergekit   `mergekit-yaml` passthrough of all layers (if installed in its own venv; never a
              qwenforge dependency: python3 -m venv /tmp/mergekit-venv &&

@@ -228,6 +228,11 @@ def test_generate_cli_end_to_end(tiny_qwen3, tmp_path):
     assert summary["generated"] == 3 and len(_rows(out)) == 3
     again = CliRunner().invoke(app, args)
     assert json.loads(again.stdout)["skipped"] == 3 and len(_rows(out)) == 3
+    other = CliRunner().invoke(app, [*args[:-3], "--temperature", "0.5"])
+    assert other.exit_code == 2 or isinstance(other.exception, QwenforgeError)
+    assert "sampling" in str(other.exception) and "--force" in str(other.exception)
+    fresh = CliRunner().invoke(app, [*args, "--force"])
+    assert json.loads(fresh.stdout)["skipped"] == 0 and len(_rows(out)) == 3
 
 
 def test_vllm_engine_builds_its_command_and_explains_when_missing(tiny_qwen3, monkeypatch):
@@ -277,3 +282,21 @@ def test_cpu_fp16_runs_prompts_through_fp32_and_decodes_in_fp16():
     one = torch.randn(1, 1, 16).half()
     assert torch.equal(model(one), torch.nn.functional.linear(one, weight, bias))
     assert model[0].weight.dtype == torch.float16  # no second copy kept
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_imported_into_the_cache_once(tmp_path, monkeypatch):
+    import shutil
+
+    from qwenforge.checkpoint.gguf_import import embedded_gguf
+
+    gguf = tmp_path / "smol.gguf"
+    shutil.copy(embedded_gguf(), gguf)
+    monkeypatch.setenv("QWENFORGE_CACHE", str(tmp_path / "cache"))
+    source = resolve_source(str(gguf))
+    folder = source["folder"]
+    assert folder.parent == tmp_path / "cache" / "models" and (folder / "config.json").exists() and source["gguf"] == gguf
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert resolve_source(str(gguf))["folder"] == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    loaded = load_model(str(gguf), dtype="float32", threads=2)
+    assert loaded.source == folder and loaded.tokenizer.chat_template

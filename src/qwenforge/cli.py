@@ -456,6 +456,7 @@ def generate(
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
     max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    force: bool = typer.Option(False, "--force", help="Start OUTPUT over instead of resuming it."),
 ) -> None:
     """Answer a JSONL file of prompts in batches; resumable, deterministic with --seed.
 
@@ -466,7 +467,7 @@ def generate(
     summary = run_generate(
         console, model, _load_options(engine, dtype, quant, device, base, threads, max_context), input, output,
         sampling=dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
-        batch_size=batch_size, enable_thinking=think, quiet=as_json,
+        batch_size=batch_size, enable_thinking=think, quiet=as_json, force=force,
     )
     if as_json:
         print_json(summary)

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from qwenforge import __version__
 from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json

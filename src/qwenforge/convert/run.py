@@ -203,20 +203,7 @@ def convert(
     attention_bias = keep_bias and (spec.qkv_bias or spec.o_bias)
     token_ids = _remap_ids(source_config, source_tok, target_tok)
     target_config = qwen3_config(source_config, spec, rows, attention_bias, token_ids)
-    vocabulary = {
-        "tokenizer": str(target_dir),
-        "source_tokens": len(source_tok),
-        "target_tokens": len(target_tok),
-        "rows": rows,
-        "shared": len(vocab_map.shared),
-        "new": len(vocab_map.new),
-        "padding_rows": rows - vocab_map.target_size,
-        "new_token_init": new_token_init,
-        "summary": "unchanged (the source's own tokenizer)" if vocab_map.identity else (
-            f"{len(vocab_map.shared)} tokens shared by string, {len(vocab_map.new)} new ({new_token_init}), "
-            f"{rows - vocab_map.target_size} padding rows (mean of real rows)"
-        ),
-    }
+    vocabulary = vocab.summary(vocab_map, source_tok, target_tok, new_token_init)
     special_tokens = vocab.special_token_map(source_tok, target_tok, vocab_map, new_token_init)
     calibration_file = Path(calibration_text) if calibration_text else default_text("calibration.txt")
     fidelity_file = Path(fidelity_text) if fidelity_text else default_text("heldout.txt")

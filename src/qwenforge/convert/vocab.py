@@ -120,8 +120,28 @@ def align(source: Tokenizer, target: Tokenizer, source_rows: int, target_rows: i
         else:
             new.append(index)
             new_tokens[index] = token
-    identity = source_rows == target_rows and not new and all(t == s for t, s in shared.items()) and len(source) == len(target)
+    # padding rows are reset even for the source's own tokenizer: whatever training left there may win a top-k
+    identity = source_rows == target_rows == len(target) and not new and all(t == s for t, s in shared.items())
     return VocabMap(target_rows, len(target), shared, new, identity, new_tokens)
+
+
+def summary(vocab_map: VocabMap, source: Tokenizer, target: Tokenizer, method: str) -> dict:
+    """The vocabulary facts of a conversion, for the metadata and the model card."""
+    padding = vocab_map.target_rows - vocab_map.target_size
+    return {
+        "tokenizer": str(target.folder),
+        "source_tokens": len(source),
+        "target_tokens": len(target),
+        "rows": vocab_map.target_rows,
+        "shared": len(vocab_map.shared),
+        "new": len(vocab_map.new),
+        "padding_rows": padding,
+        "new_token_init": method,
+        "summary": "unchanged (the source's own tokenizer)" if vocab_map.identity else (
+            f"{len(vocab_map.shared)} tokens shared by string, {len(vocab_map.new)} new ({method}), "
+            f"{padding} padding rows (mean of real rows)"
+        ),
+    }
 
 
 def special_token_map(source: Tokenizer, target: Tokenizer, vocab_map: VocabMap, method: str) -> list[dict]:

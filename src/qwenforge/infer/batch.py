@@ -102,8 +102,12 @@ def generate_file(
     batch_size: int = 8,
     enable_thinking: bool | None = None,
     progress=None,
+    force: bool = False,
 ) -> dict:
-    """Answer every pending prompt of `input_path` into `output_path`; returns counts and speed."""
+    """Answer every pending prompt of `input_path` into `output_path`; returns counts and speed.
+
+    An existing output is resumed only when its recipe (model, engine, sampling) matches; `force` starts over.
+    """
     import torch
 
     from qwenforge import __version__
@@ -112,10 +116,7 @@ def generate_file(
         raise QwenforgeError("--batch-size must be at least 1")
     items = read_prompts(input_path)
     output_path = Path(output_path)
-    _drop_torn_line(output_path)
-    finished = done_ids(output_path)
-    pending = [item for item in items if item["id"] not in finished]
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path = Path(f"{output_path}.recipe.json")
     recipe = {
         "qwenforge_version": __version__,
         "model": loaded.name,
@@ -127,7 +128,21 @@ def generate_file(
         "enable_thinking": enable_thinking,
         "input": str(input_path),
     }
-    Path(f"{output_path}.recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+    if force:
+        output_path.unlink(missing_ok=True)
+    elif output_path.exists() and recipe_path.exists():
+        before = json.loads(recipe_path.read_text())
+        changed = [key for key in ("source", "engine", "sampling", "enable_thinking") if json.dumps(before.get(key), default=str) != json.dumps(recipe[key], default=str)]
+        if changed:
+            raise QwenforgeError(
+                f"{output_path}: written with another {', '.join(changed)} (see {recipe_path.name}); resume with the same options, "
+                "choose another --output, or pass --force to start over"
+            )
+    _drop_torn_line(output_path)
+    finished = done_ids(output_path)
+    pending = [item for item in items if item["id"] not in finished]
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     thinking = supports_thinking(loaded.tokenizer)
     task = progress.add_task("generating", total=len(pending), rate="") if progress else None
     started, tokens = time.perf_counter(), 0
@@ -170,7 +185,9 @@ def generate_file(
     }
 
 
-def run_generate(console, model: str, load_options: dict, input_path: Path, output_path: Path, sampling: dict, batch_size: int = 8, enable_thinking=None, quiet=False) -> dict:
+def run_generate(
+    console, model: str, load_options: dict, input_path: Path, output_path: Path, sampling: dict, batch_size: int = 8, enable_thinking=None, quiet=False, force=False
+) -> dict:
     """`qwenforge generate`: load MODEL, then answer the input file with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -181,4 +198,4 @@ def run_generate(console, model: str, load_options: dict, input_path: Path, outp
     loaded = load_model(model, **load_options, batch=batch_size, say=None if quiet else (lambda line: console.print(f"[dim]{line}[/dim]", highlight=False)))
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
-        return generate_file(loaded, input_path, output_path, settings, batch_size=batch_size, enable_thinking=enable_thinking, progress=progress)
+        return generate_file(loaded, input_path, output_path, settings, batch_size=batch_size, enable_thinking=enable_thinking, progress=progress, force=force)

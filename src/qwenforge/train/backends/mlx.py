@@ -94,6 +94,7 @@ class MlxBackend:
                 lora = LoRALinear.from_base(linear, r=row.r, dropout=row.dropout, scale=row.alpha / row.r)
                 setattr(parent, name, lora)
                 self.wrapped[(row.layer, name)] = lora
+        self.model.eval()  # new modules start in training mode (dropout on); training turns it on itself
 
     def trainable_parameters(self) -> int:
         from mlx.utils import tree_flatten
@@ -114,8 +115,8 @@ class MlxBackend:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for (layer, name), lora in self.wrapped.items():
-            tensors[self._peft_key(layer, name, "A")] = np.array(lora.lora_a.T.astype(mx.float32))
-            tensors[self._peft_key(layer, name, "B")] = np.array(lora.lora_b.T.astype(mx.float32))
+            tensors[self._peft_key(layer, name, "A")] = np.ascontiguousarray(np.array(lora.lora_a.astype(mx.float32)).T)
+            tensors[self._peft_key(layer, name, "B")] = np.ascontiguousarray(np.array(lora.lora_b.astype(mx.float32)).T)
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         config = lora_config(self.plan).to_dict()
         config["target_modules"] = lora_config(self.plan).target_modules
@@ -123,13 +124,14 @@ class MlxBackend:
 
     def load_adapter(self, folder: Path) -> None:
         import mlx.core as mx
+        import numpy as np
         from safetensors.numpy import load_file
 
         self.start_adapter()
         tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
         for (layer, name), lora in self.wrapped.items():
-            lora.lora_a = mx.array(tensors[self._peft_key(layer, name, "A")].T)
-            lora.lora_b = mx.array(tensors[self._peft_key(layer, name, "B")].T)
+            lora.lora_a = mx.array(np.ascontiguousarray(tensors[self._peft_key(layer, name, "A")].T))
+            lora.lora_b = mx.array(np.ascontiguousarray(tensors[self._peft_key(layer, name, "B")].T))
 
     def merge_adapter(self) -> None:
         for (layer, name), lora in self.wrapped.items():
@@ -200,12 +202,13 @@ class MlxBackend:
 
     def _restore(self, folder: Path) -> None:
         import mlx.core as mx
+        import numpy as np
         from safetensors.numpy import load_file
 
         tensors = load_file(str(folder / "adapter_model.safetensors"))
         for (layer, name), lora in self.wrapped.items():
-            lora.lora_a = mx.array(tensors[self._peft_key(layer, name, "A")].T)
-            lora.lora_b = mx.array(tensors[self._peft_key(layer, name, "B")].T)
+            lora.lora_a = mx.array(np.ascontiguousarray(tensors[self._peft_key(layer, name, "A")].T))
+            lora.lora_b = mx.array(np.ascontiguousarray(tensors[self._peft_key(layer, name, "B")].T))
 
     def sft(self, records: list[dict], settings: SftSettings, work_dir: Path, seed: int = 0,
             resume: bool = False, stop: threading.Event | None = None, on_log=None) -> dict:
