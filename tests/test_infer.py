@@ -91,6 +91,18 @@ def test_prompt_is_the_models_own_template_with_thinking_switch(tiny):
         build_prompt(tokenizer, [{"role": "robot", "content": "hi"}])
 
 
+def test_streamed_reasoning_and_answer_come_apart():
+    from qwenforge.infer.generation import reasoning_deltas
+
+    pieces = ["<think>\nThe user", " asks about France", ".\n</think>\n\n", "The capital", " is Paris."]
+    text, shown, reasoning, answer = "", (0, 0), "", ""
+    for piece in pieces:
+        text += piece
+        more_reasoning, more_answer, shown = reasoning_deltas(text, shown)
+        reasoning, answer = reasoning + more_reasoning, answer + more_answer
+    assert (reasoning, answer) == ("The user asks about France.", "The capital is Paris.")
+
+
 def test_split_reasoning():
     assert split_reasoning("<think>\nweigh it\n</think>\n\nParis.") == ("weigh it", "Paris.")
     assert split_reasoning("Paris.") == ("", "Paris.")

@@ -89,6 +89,12 @@ def split_reasoning(text: str) -> tuple[str, str]:
     return "", text
 
 
+def reasoning_deltas(text: str, shown: tuple[int, int]) -> tuple[str, str, tuple[int, int]]:
+    """What is new in the reasoning and the answer of a growing reply, given the lengths already shown."""
+    reasoning, answer = split_reasoning(text)
+    return reasoning[shown[0] :], answer[shown[1] :], (max(shown[0], len(reasoning)), max(shown[1], len(answer)))
+
+
 def count_tokens(loaded, text: str) -> int:
     return len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
 

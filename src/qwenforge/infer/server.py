@@ -23,7 +23,16 @@ import uuid
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
 from qwenforge.errors import QwenforgeError
-from qwenforge.infer.generation import Sampling, build_prompt, check_length, complete, count_tokens, split_reasoning, supports_thinking
+from qwenforge.infer.generation import (
+    Sampling,
+    build_prompt,
+    check_length,
+    complete,
+    count_tokens,
+    reasoning_deltas,
+    split_reasoning,
+    supports_thinking,
+)
 
 
 class ApiError(Exception):
@@ -205,8 +214,16 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
                 head = {"id": ident, "object": "chat.completion.chunk", "created": stamp, "model": name}
                 yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
                 box: dict = {}
+                text, shown = "", (0, 0)
                 async for piece in pieces(prompt, sampling, box):
-                    yield sse({**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                    if not thinking_possible:
+                        yield sse({**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                        continue
+                    text += piece  # Qwen3: reasoning goes out as reasoning_content, apart from the answer
+                    reasoning, answer, shown = reasoning_deltas(text, shown)
+                    delta = {key: value for key, value in (("reasoning_content", reasoning), ("content", answer)) if value}
+                    if delta:
+                        yield sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                 result = box["result"]
                 yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish(result)}]})
                 if include_usage:
