@@ -66,10 +66,11 @@ def test_divergences_agree_with_their_definitions():
 def test_linearize_makes_the_converted_model_equal_its_source(tiny_llama, tiny_converted):
     source, converted = _load(tiny_llama), _load(tiny_converted)
     ids = torch.randint(0, 1000, (1, 40))
-    assert not torch.allclose(source(ids).logits, converted(ids).logits, atol=1e-3)
+    shared = slice(0, 151643)  # the byte-level BPE tokens; the converter re-initialises the rows after them
+    assert not torch.allclose(source(ids).logits[..., shared], converted(ids).logits[..., shared], atol=1e-3)
     scales = linearize_qk_norms(converted)
     assert scales["largest_scale"] < 1
-    torch.testing.assert_close(converted(ids).logits, source(ids).logits, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(converted(ids).logits[..., shared], source(ids).logits[..., shared], atol=2e-4, rtol=1e-3)
 
 
 def test_lora_merges_into_a_plain_checkpoint(tiny_converted):

@@ -179,8 +179,12 @@ def layerwise_loss(student, targets: list[tuple[dict, torch.Tensor]]) -> torch.T
 # --- the verb ------------------------------------------------------------------------------------
 
 
-def _check_pair(teacher_dir: Path, student_dir: Path, student_tokenizer, teacher, student, method: str) -> int:
-    """Shared vocabulary size (tokens with the same string at the same id); refuses unusable pairs."""
+def _check_pair(teacher_dir: Path, student_dir: Path, student_tokenizer, teacher, student, method: str) -> torch.Tensor:
+    """The shared vocabulary: ids naming the same token in both, below both row counts; refuses unusable pairs.
+
+    KL and agreement are measured and trained on these ids only: rows the conversion transplanted
+    (new tokens) or padded have no counterpart in the teacher.
+    """
     from transformers import AutoTokenizer
 
     from qwenforge.checkpoint.folder import sha256_of
@@ -190,8 +194,9 @@ def _check_pair(teacher_dir: Path, student_dir: Path, student_tokenizer, teacher
         teacher_dir / "tokenizer.json"
     ) == sha256_of(student_dir / "tokenizer.json")
     teacher_vocab = student_vocab if same_file else AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
-    shared = sum(1 for token, index in student_vocab.items() if teacher_vocab.get(token) == index)
-    if shared == 0:
+    rows = min(teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0])
+    shared = torch.tensor(sorted(index for token, index in student_vocab.items() if teacher_vocab.get(token) == index and index < rows), dtype=torch.long)
+    if len(shared) == 0:
         raise QwenforgeError(f"{student_dir} and {teacher_dir} share no vocabulary (no token at the same id); heal needs the converted model's source as --teacher")
     if "layerwise" in method and len(teacher.model.layers) != len(student.model.layers):
         raise QwenforgeError(
@@ -290,7 +295,7 @@ def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = H
     eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout_path))
     eval_bytes = engine.byte_counts(tokenizer, eval_sequences)
     eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
-    evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes)  # noqa: E731
+    evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes, shared_vocab)  # noqa: E731
 
     before = evaluate()
     if options.method == "linearize":
@@ -322,7 +327,9 @@ def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = H
                 with torch.no_grad():
                     teacher_logits = teacher(batch[:, :-1]).logits
                 student_logits = student(batch[:, :-1]).logits
-                return engine.distillation_loss(student_logits, batch[:, 1:], teacher_logits=teacher_logits, kind=options.divergence, temperature=options.temperature)
+                return engine.distillation_loss(
+                    student_logits[..., shared_vocab], batch[:, 1:], teacher_logits=teacher_logits[..., shared_vocab], kind=options.divergence, temperature=options.temperature
+                )
 
         saved = _load_progress(work, phase, student) if resume else None
         if saved and saved.get("done"):
@@ -363,7 +370,7 @@ def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = H
         "healing_text": str(text_path),
         "heldout_text": str(heldout_path),
         "healing_tokens": sum(b.numel() for b in batches),
-        "shared_vocabulary": shared_vocab,
+        "shared_vocabulary": len(shared_vocab),
         "trainable_parameters": trainable_count,
         "before": before,
         "after": after,
@@ -389,7 +396,7 @@ def _finish_linearized(student, converted, out, teacher_dir, options, before, ev
         "options": asdict(options),
         "healing_text": None,
         "heldout_text": str(heldout_path),
-        "shared_vocabulary": shared_vocab,
+        "shared_vocabulary": len(shared_vocab),
         "trainable_parameters": 0,
         "linearized": scales,
         "before": before,

@@ -87,17 +87,25 @@ class Fidelity:
     student_nll: float = 0.0
     teacher_nll: float = 0.0
 
-    def add(self, student_logits, teacher_logprobs, labels, text_bytes: int) -> None:
-        """Add one sequence's positions: logits [T, V], teacher log-probs [T, V] (full), labels [T]."""
-        vocab = min(student_logits.shape[-1], teacher_logprobs.shape[-1])
-        student = F.log_softmax(student_logits[..., :vocab].float(), -1)
-        teacher = teacher_logprobs[..., :vocab].float()
+    def add(self, student_logits, teacher_logprobs, labels, text_bytes: int, shared: torch.Tensor | None = None) -> None:
+        """Add one sequence's positions: logits [T, V], teacher log-probs [T, V] (full), labels [T].
+
+        KL and agreement are taken over the `shared` ids only (both renormalized there), so rows a
+        conversion transplanted or padded do not count; bits per byte use each model's full distribution.
+        """
+        student_full = F.log_softmax(student_logits.float(), -1)
+        teacher_full = teacher_logprobs.float()
+        if shared is None:
+            vocab = min(student_full.shape[-1], teacher_full.shape[-1])
+            shared = torch.arange(vocab)
+        student = F.log_softmax(student_full[..., shared], -1)
+        teacher = F.log_softmax(teacher_full[..., shared], -1)
         self.positions += labels.numel()
         self.text_bytes += text_bytes
         self.kl_sum += float((teacher.exp() * (teacher - student)).sum())
         self.agree += int((student.argmax(-1) == teacher.argmax(-1)).sum())
-        self.student_nll -= float(student.gather(-1, labels[:, None]).sum())
-        self.teacher_nll -= float(teacher.gather(-1, labels[:, None]).sum())
+        self.student_nll -= float(student_full.gather(-1, labels[:, None]).sum())
+        self.teacher_nll -= float(teacher_full.gather(-1, labels[:, None]).sum())
 
     def summary(self) -> dict:
         if not self.positions:
@@ -120,7 +128,7 @@ def teacher_logprobs_for(teacher, sequences: list[torch.Tensor]) -> list[torch.T
         return [F.log_softmax(teacher(ids[None]).logits[0, :-1].float(), -1) for ids in sequences]
 
 
-def evaluate_fidelity(student, sequences: list[torch.Tensor], teacher_logprobs: list[torch.Tensor], byte_counts: list[int]) -> dict:
+def evaluate_fidelity(student, sequences: list[torch.Tensor], teacher_logprobs: list[torch.Tensor], byte_counts: list[int], shared: torch.Tensor | None = None) -> dict:
     """Held-out KL(teacher||student), top-1 agreement, bits per byte and perplexity of `student`."""
     fidelity = Fidelity()
     was_training = student.training
@@ -128,7 +136,7 @@ def evaluate_fidelity(student, sequences: list[torch.Tensor], teacher_logprobs: 
     with torch.no_grad():
         for ids, teacher, nbytes in zip(sequences, teacher_logprobs, byte_counts):
             logits = student(ids[None]).logits[0, :-1]
-            fidelity.add(logits, teacher, ids[1:], nbytes)
+            fidelity.add(logits, teacher, ids[1:], nbytes, shared)
     student.train(was_training)
     return fidelity.summary()
 

@@ -220,43 +220,59 @@ def _eos_ids(loaded) -> set[int]:
     return ids
 
 
+def _next_token(logits, sampling: Sampling, rng) -> int:
+    """Greedy, or temperature + top-p sampling over one row of logits (numpy)."""
+    import numpy as np
+
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    scaled = (logits - logits.max()) / sampling.temperature
+    probabilities = np.exp(scaled)
+    probabilities /= probabilities.sum()
+    order = np.argsort(-probabilities)
+    cumulative = np.cumsum(probabilities[order])
+    keep = order[: int(np.searchsorted(cumulative, sampling.top_p) + 1)]
+    kept = probabilities[keep] / probabilities[keep].sum()
+    return int(rng.choice(keep, p=kept))
+
+
 def _stream_llama_cpp(loaded, prompt: str, sampling: Sampling, stop: threading.Event):
-    """llama.cpp decodes the token ids of our own rendered prompt; text comes from the HF tokenizer."""
+    """llama.cpp evaluates the token ids of our own rendered prompt; we pick tokens and decode text.
+
+    llama-cpp-python's own `generate()` spent ~6 s before its first token here (llama.eval of the
+    same prompt: 0.4 s), so the loop is written out: eval, pick, eval.
+    """
+    import numpy as np
+
     tokenizer, llama = loaded.tokenizer, loaded.llama
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     check_length(loaded, len(ids), sampling.max_new_tokens)
     eos = {tokenizer.eos_token_id, llama.token_eos()}
-    greedy = sampling.temperature == 0
-    if sampling.seed is not None:
-        llama.set_seed(sampling.seed)
+    rng = np.random.default_rng(sampling.seed)
     started = time.perf_counter()
     first = None
     out: list[int] = []
     shown = ""
     reason = "length"
-    for token in llama.generate(
-        ids,
-        temp=0.0 if greedy else sampling.temperature,
-        top_k=1 if greedy else 0,
-        top_p=1.0 if greedy else sampling.top_p,
-        repeat_penalty=1.0,
-        reset=True,
-    ):
+    llama.reset()
+    llama.eval(ids)
+    while len(out) < sampling.max_new_tokens:
         if stop.is_set():
             reason = "cancelled"
             break
+        logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(llama.n_vocab(),))  # the last evaluated token's
+        token = _next_token(logits.astype(np.float32), sampling, rng)
+        if first is None:
+            first = time.perf_counter() - started
         if token in eos:
             reason = "stop"
             break
         out.append(token)
-        if first is None:
-            first = time.perf_counter() - started
         text = tokenizer.decode(out, skip_special_tokens=True)
         if not text.endswith("\ufffd") and len(text) > len(shown):
             yield text[len(shown) :]
             shown = text
-        if len(out) >= sampling.max_new_tokens:
-            break
+        llama.eval([token])
     text = tokenizer.decode(out, skip_special_tokens=True)
     if len(text) > len(shown):
         yield text[len(shown) :]
