@@ -1,8 +1,8 @@
 """Claim: qwenforge's SFT is at least as fast as a plain TRL SFTTrainer with the same model, data and
 LoRA layout, and at least 1.3x where packing applies; peak memory is reported beside it.
 
-qwenforge's SFT (`PyTorchBackend.sft`) packs the short chat examples into `max_seq_length` rows
-without padding (TRL's best-fit-decreasing packing, padding-free); the baseline is TRL's SFTTrainer
+qwenforge's SFT (`PyTorchBackend.sft`) with `sft.packing: true` packs the short chat examples into
+`max_seq_length` rows without padding (TRL's best-fit-decreasing packing, padding-free); the baseline is TRL's SFTTrainer
 with its defaults (padded batches), given the same PEFT model (the same zone LoraConfig), the same
 examples, batch size, learning rate and one epoch. Each variant runs in its own process, so peak
 memory (max RSS) is its own; tokens/s counts the real (non-padding) tokens of the examples.

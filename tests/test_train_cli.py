@@ -17,7 +17,7 @@ def test_print_config_without_a_file_is_a_loadable_example(tmp_path):
     result = runner.invoke(app, ["train", "--print-config"])
     assert result.exit_code == 0, result.output
     data = yaml.safe_load(result.output)
-    assert data["lora"]["preset"] == "conservative" and data["sft"]["packing"] is True
+    assert data["lora"]["preset"] == "conservative" and data["sft"]["packing"] is False
     assert [z["layers"] for z in data["zones"]] == [[0.0, 0.25], [0.25, 0.75], [0.75, 1.0]]
 
 
