@@ -170,3 +170,17 @@ def test_real_smollm2_linearized_matches_its_source(embedded_model_dir, tmp_path
     assert report["before"]["top1_agreement"] < 0.8
     assert report["after"]["top1_agreement"] >= 0.99
     assert report["after"]["bits_per_byte"] == pytest.approx(report["after"]["teacher_bits_per_byte"], rel=1e-3)
+
+
+def test_convert_with_heal_heals_in_place(tmp_path, tiny_llama):
+    """`convert --heal linearize` leaves one folder: converted, healed, provenance of both stages."""
+    from qwenforge.cli import app
+
+    out = tmp_path / "converted-healed"
+    result = CliRunner().invoke(app, ["convert", str(tiny_llama), str(out), "--no-measure", "--heal", "linearize"])
+    assert result.exit_code == 0, result.output
+    assert (out / "conversion_metadata.json").exists() and (out / "heal_report.json").exists()
+    report = json.loads((out / "heal_report.json").read_text())
+    assert report["after"]["top1_agreement"] > report["before"]["top1_agreement"] - 1e-9
+    assert report["after"]["top1_agreement"] >= 0.99
+    assert [p.name for p in tmp_path.iterdir()] == ["converted-healed"]

@@ -118,6 +118,10 @@ def convert(
     fidelity_tokens: int = typer.Option(1024, help="Tokens of the fidelity text to measure on."),
     calibration_tokens: int = typer.Option(1024, help="Tokens of the calibration text for --qk-norm calibrated."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (plan or metadata) instead of tables."),
+    heal_method: Optional[str] = typer.Option(
+        None, "--heal", help="Heal OUT right after converting, with the source as teacher: a `qwenforge heal --method` (e.g. layerwise+global, linearize)."
+    ),
+    heal_minutes: Optional[float] = typer.Option(None, "--heal-minutes", help="Time budget for --heal."),
 ) -> None:
     """Rebuild a Qwen2/Qwen2.5 (or Llama-shaped) checkpoint in the Qwen3 architecture, streaming, with provenance.
 
@@ -152,6 +156,13 @@ def convert(
         task = bar.add_task("converting", total=None)
         result = run_convert(source, out, progress=lambda done, total, name: bar.update(task, completed=done, total=total), **options)
     record = result["metadata"]
+    if heal_method:
+        from qwenforge.heal import HealOptions
+        from qwenforge.heal import heal as run_heal
+
+        # Healing replaces OUT in place (its temp folder is renamed over OUT); provenance is carried over.
+        healing = HealOptions(method=heal_method, budget_minutes=heal_minutes)
+        record["heal"] = run_heal(out, out, source, healing, force=True, console=None if as_json else console)["after"]
     if as_json:
         print_json(record)
         return
@@ -164,6 +175,9 @@ def convert(
         console.print(f"smoke test: {record['smoke_test']['prompt']!r} -> {record['smoke_test']['reply']!r}")
     if record.get("fidelity"):
         console.print(f"fidelity vs source: {summary_line(record['fidelity'])}")
+    if record.get("heal"):
+        healed = record["heal"]
+        console.print(f"healed ({heal_method}): held-out top-1 {healed['top1_agreement']:.1%}, bits/byte {healed['bits_per_byte']:.4f}")
     console.print(f"[green]wrote[/green] {out} ({record['seconds']}s)")
 
 
