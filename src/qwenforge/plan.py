@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from qwenforge.arch.spec import ModelSpec, parameter_counts
+from qwenforge.arch.spec import ModelSpec, module_shapes, parameter_counts
 from qwenforge.devices import GIB, Device
 from qwenforge.errors import QwenforgeError
 
@@ -195,17 +195,8 @@ def summarize_lora(targets) -> dict:
 
 
 def module_shape(spec: ModelSpec, module: str) -> tuple[int, int]:
-    """(in_features, out_features) of one projection, with GQA KV width and the real head_dim."""
-    q_width, kv_width = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-    return {
-        "q_proj": (spec.hidden, q_width),
-        "k_proj": (spec.hidden, kv_width),
-        "v_proj": (spec.hidden, kv_width),
-        "o_proj": (q_width, spec.hidden),
-        "gate_proj": (spec.hidden, spec.intermediate),
-        "up_proj": (spec.hidden, spec.intermediate),
-        "down_proj": (spec.intermediate, spec.hidden),
-    }[module]
+    """(in_features, out_features) of one projection."""
+    return module_shapes(spec)[module]
 
 
 def lora_parameters(spec: ModelSpec, targets) -> int:

@@ -164,3 +164,17 @@ def weight_bytes(spec: ModelSpec) -> dict[str, int]:
     """Bytes of the weights at common precisions (int formats ignore quantization constants)."""
     total = parameter_counts(spec)["total"]
     return {name: int(total * size) for name, size in BYTES_PER_PARAM.items()}
+
+
+def module_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear module of one layer, with GQA KV width and the real head_dim."""
+    q_width, kv_width = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    return {
+        "q_proj": (spec.hidden, q_width),
+        "k_proj": (spec.hidden, kv_width),
+        "v_proj": (spec.hidden, kv_width),
+        "o_proj": (q_width, spec.hidden),
+        "gate_proj": (spec.hidden, spec.intermediate),
+        "up_proj": (spec.hidden, spec.intermediate),
+        "down_proj": (spec.intermediate, spec.hidden),
+    }

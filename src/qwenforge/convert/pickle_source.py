@@ -64,6 +64,6 @@ def open_source(folder: Path, allow_pickle: bool):
                 "(tensors only), or convert them to safetensors first"
             )
         return PickleReader(folder)
-    from qwenforge.convert.mapped_reader import MappedReader
+    from qwenforge.checkpoint.mapped_reader import MappedReader
 
     return MappedReader(folder)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from qwenforge.arch.spec import ModelSpec
+from qwenforge.arch.spec import ModelSpec, module_shapes
 from qwenforge.errors import QwenforgeError
 from qwenforge.train.config import LORA_PRESETS, TrainConfig, ZoneConfig
 
@@ -75,20 +75,6 @@ def zone_layers(zone: ZoneConfig, num_layers: int, source: str = "<config>") -> 
             f"{where}: layer range [{start}, {end}] is outside the model's layers 0-{num_layers - 1}; use fractions or fix the range"
         )
     return list(range(start, end + 1))
-
-
-def module_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each adaptable linear module of one layer."""
-    q_width, kv_width = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-    return {
-        "q_proj": (spec.hidden, q_width),
-        "k_proj": (spec.hidden, kv_width),
-        "v_proj": (spec.hidden, kv_width),
-        "o_proj": (q_width, spec.hidden),
-        "gate_proj": (spec.hidden, spec.intermediate),
-        "up_proj": (spec.hidden, spec.intermediate),
-        "down_proj": (spec.intermediate, spec.hidden),
-    }
 
 
 def plan_zones(config: TrainConfig, spec: ModelSpec, total_parameters: int = 0) -> ZonePlan:
