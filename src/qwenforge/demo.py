@@ -139,8 +139,15 @@ STEPS = [
 
 
 def run_demo(console: Console, workdir: Path | None = None, quick: bool = False) -> DemoState:
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
     from qwenforge.cache import cache_root
 
+    # The demo prints its own summary per step; library progress bars and deprecation notices only bury it.
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     workdir = Path(workdir) if workdir else cache_root() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
     state = DemoState(console=console, workdir=workdir, quick=quick)
