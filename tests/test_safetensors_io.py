@@ -86,3 +86,32 @@ def test_atomic_output_leaves_nothing_on_failure_and_refuses_overwrite(tmp_path)
         (temp / "y").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["y"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_copy_span_interleaves_with_streamed_writes(tmp_path):
+    """In-kernel copies of unchanged tensors and ordinary writes produce one valid file."""
+    from qwenforge.checkpoint.mapped_reader import MappedReader
+    from qwenforge.checkpoint.safetensors_io import ShardedWriter
+
+    source = tmp_path / "source"
+    source.mkdir()
+    state = sample_state()
+    write_state_dict(source, state, max_shard_size=9000)
+    reader = MappedReader(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    entries = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    writer = ShardedWriter(out, entries, max_shard_size=12000)
+    copied = []
+    for index, (name, tensor) in enumerate(state.items()):
+        if index % 2 == 0 and writer.copy_span(name, *reader.span(name)):
+            copied.append(name)
+        else:
+            writer.write(name, tensor)
+    writer.close()
+    assert copied  # this filesystem supports copy_file_range
+    loaded = {}
+    for file in writer.files:
+        loaded.update(load_file(out / file))
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor)

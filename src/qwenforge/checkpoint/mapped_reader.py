@@ -45,6 +45,10 @@ class MappedReader:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def span(self, name: str) -> tuple[Path, int, int]:
+        """(file, byte offset, byte count) of the tensor's data, for in-kernel copies."""
+        return self._spans[name]
+
     def get(self, name: str) -> torch.Tensor:
         """A view (no copy) of the tensor's bytes in the mapped file."""
         info = self.tensors.get(name)

@@ -212,6 +212,34 @@ class ShardedWriter:
         self.total_bytes += data.nbytes
         self._position += 1
 
+    def copy_span(self, name: str, source: Path, offset: int, nbytes: int) -> bool:
+        """Write a tensor stored unchanged at source[offset:offset+nbytes] by an in-kernel copy.
+
+        Returns False (nothing written) where the kernel cannot copy between these files; the
+        caller then falls back to `write`.
+        """
+        shard_index, (planned, shape, dtype) = self._order[self._position]
+        if name != planned or nbytes != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+            raise RuntimeError(f"writer expected {planned} {shape} {dtype}, got {name} ({nbytes} bytes)")
+        if shard_index != self._shard:
+            self._open_shard(shard_index)
+        self._handle.flush()  # the kernel appends at the descriptor's position, after what is buffered
+        copied = 0
+        with open(source, "rb") as handle:
+            while copied < nbytes:
+                try:
+                    count = os.copy_file_range(handle.fileno(), self._handle.fileno(), nbytes - copied, offset + copied)
+                except OSError:
+                    count = 0
+                if count == 0:
+                    if copied:  # a partial copy cannot be undone in an append-only file
+                        raise OSError(f"in-kernel copy of {name} stopped after {copied} of {nbytes} bytes")
+                    return False
+                copied += count
+        self.total_bytes += nbytes
+        self._position += 1
+        return True
+
     def close(self) -> None:
         if self._position != len(self._order):
             raise RuntimeError(f"writer closed after {self._position} of {len(self._order)} tensors")

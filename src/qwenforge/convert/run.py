@@ -266,7 +266,10 @@ def convert(
         with atomic_output(out, force) as temp:
             writer = ShardedWriter(temp, [(s.name, s.shape, s.dtype) for s in plan["steps"]], max_shard_size)
             for done, step in enumerate(plan["steps"], 1):
-                writer.write(step.name, produce(step))
+                # Unchanged tensors are copied by the kernel (as `cp` does); the rest stream through Python.
+                copied = step.op == "copy" and hasattr(reader, "span") and writer.copy_span(step.name, *reader.span(step.source))
+                if not copied:
+                    writer.write(step.name, produce(step))
                 if step.source in reader.tensors and hasattr(reader, "release"):
                     reader.release(step.source)
                 if progress:
