@@ -114,15 +114,15 @@ def test_failure_while_writing_leaves_nothing(tmp_path, tiny_qwen2, monkeypatch)
     from qwenforge.checkpoint import safetensors_io
 
     calls = {"count": 0}
-    original = safetensors_io.ShardedWriter.write
+    original = safetensors_io.ShardedWriter.write_parts  # every tensor, copied or streamed, passes here
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, name, parts):
         calls["count"] += 1
         if calls["count"] == 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, name, tensor)
+        return original(self, name, parts)
 
-    monkeypatch.setattr(safetensors_io.ShardedWriter, "write", failing_write)
+    monkeypatch.setattr(safetensors_io.ShardedWriter, "write_parts", failing_write)
     refuse(tiny_qwen2, tmp_path / "out", "disk full while writing", qk_norm="ones")
 
 

@@ -202,27 +202,38 @@ class ShardedWriter:
         self._shard = index
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        shard_index, (planned, shape, dtype) = self._order[self._position]
+        """Write the next planned tensor."""
+        _, (planned, shape, dtype) = self._order[self._position]
         if name != planned or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise RuntimeError(f"writer expected {planned} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        self.write_parts(name, [tensor])
+
+    def write_parts(self, name: str, parts: list) -> None:
+        """Write the next planned tensor from ordered parts: tensors of its dtype (streamed through
+        Python) and `(file, offset, nbytes)` spans of another file, copied by the kernel as `cp`
+        does (or read and written where the kernel cannot copy between the two files)."""
+        shard_index, (planned, shape, dtype) = self._order[self._position]
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if name != planned:
+            raise RuntimeError(f"writer expected {planned}, got {name}")
         if shard_index != self._shard:
             self._open_shard(shard_index)
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._handle.write(data)  # numpy's buffer is written directly: no second copy
-        self.total_bytes += data.nbytes
+        written = 0
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                if part.dtype != dtype:
+                    raise RuntimeError(f"{name}: part of dtype {part.dtype}, planned {dtype}")
+                data = part.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+                self._handle.write(data)  # numpy's buffer is written directly: no second copy
+                written += data.nbytes
+            else:
+                written += self._copy_span(*part)
+        if written != expected:
+            raise RuntimeError(f"{name}: wrote {written} bytes, planned {expected}")
+        self.total_bytes += written
         self._position += 1
 
-    def copy_span(self, name: str, source: Path, offset: int, nbytes: int) -> bool:
-        """Write a tensor stored unchanged at source[offset:offset+nbytes] by an in-kernel copy.
-
-        Returns False (nothing written) where the kernel cannot copy between these files; the
-        caller then falls back to `write`.
-        """
-        shard_index, (planned, shape, dtype) = self._order[self._position]
-        if name != planned or nbytes != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
-            raise RuntimeError(f"writer expected {planned} {shape} {dtype}, got {name} ({nbytes} bytes)")
-        if shard_index != self._shard:
-            self._open_shard(shard_index)
+    def _copy_span(self, source: Path, offset: int, nbytes: int) -> int:
         self._handle.flush()  # the kernel appends at the descriptor's position, after what is buffered
         copied = 0
         with open(source, "rb") as handle:
@@ -231,14 +242,17 @@ class ShardedWriter:
                     count = os.copy_file_range(handle.fileno(), self._handle.fileno(), nbytes - copied, offset + copied)
                 except OSError:
                     count = 0
-                if count == 0:
-                    if copied:  # a partial copy cannot be undone in an append-only file
-                        raise OSError(f"in-kernel copy of {name} stopped after {copied} of {nbytes} bytes")
-                    return False
+                if count == 0:  # no in-kernel copy here: read and write the rest in 64 MiB blocks
+                    handle.seek(offset + copied)
+                    while copied < nbytes:
+                        block = handle.read(min(1 << 26, nbytes - copied))
+                        if not block:
+                            raise OSError(f"{source}: ended {nbytes - copied} bytes early")
+                        self._handle.write(block)
+                        copied += len(block)
+                    break
                 copied += count
-        self.total_bytes += nbytes
-        self._position += 1
-        return True
+        return copied
 
     def close(self) -> None:
         if self._position != len(self._order):

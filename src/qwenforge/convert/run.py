@@ -266,9 +266,15 @@ def convert(
         with atomic_output(out, force) as temp:
             writer = ShardedWriter(temp, [(s.name, s.shape, s.dtype) for s in plan["steps"]], max_shard_size)
             for done, step in enumerate(plan["steps"], 1):
-                # Unchanged tensors are copied by the kernel (as `cp` does); the rest stream through Python.
-                copied = step.op == "copy" and hasattr(reader, "span") and writer.copy_span(step.name, *reader.span(step.source))
-                if not copied:
+                # Unchanged bytes (whole tensors, shared vocabulary runs) are copied by the kernel, as `cp`
+                # does; only what changes streams through Python.
+                if step.op == "copy" and hasattr(reader, "span"):
+                    writer.write_parts(step.name, [reader.span(step.source)])
+                elif step.op == "transplant-rows" and hasattr(reader, "span"):
+                    matrix = reader.get(step.source)
+                    new = _new_rows(new_token_init, matrix, source_tok, vocab_map, projected.get(step.name), pieces)
+                    writer.write_parts(step.name, vocab.transplant_parts(matrix, reader.span(step.source), vocab_map, new))
+                else:
                     writer.write(step.name, produce(step))
                 if step.source in reader.tensors and hasattr(reader, "release"):
                     reader.release(step.source)

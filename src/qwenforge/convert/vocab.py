@@ -270,6 +270,29 @@ def transplant(
     return out
 
 
+def transplant_parts(source_matrix: torch.Tensor, span: tuple, vocab_map: VocabMap, new_rows: torch.Tensor | None) -> list:
+    """The output matrix as ordered writer parts: shared runs as byte spans of the source file
+    (copied by the kernel), new and padding rows as small tensors. Same rows as `transplant`."""
+    file, offset, _ = span
+    row_bytes = source_matrix.shape[1] * source_matrix.element_size()
+    if vocab_map.identity:
+        return [span]
+    placed: list[tuple[int, object]] = []
+    total = torch.zeros(source_matrix.shape[1], dtype=torch.float64)
+    for target, source, length in runs(sorted(vocab_map.shared.items())):
+        placed.append((target, (file, offset + source * row_bytes, length * row_bytes)))
+        total += mean_row(source_matrix[source : source + length], length).double() * length
+    if vocab_map.new:
+        rows = new_rows.to(source_matrix.dtype)
+        placed.extend((target, rows[i : i + 1]) for i, target in enumerate(vocab_map.new))
+        total += rows.double().sum(0)
+    padding = vocab_map.target_rows - vocab_map.target_size
+    if padding:
+        mean = (total / max(vocab_map.target_size, 1)).to(source_matrix.dtype)
+        placed.append((vocab_map.target_size, mean.expand(padding, -1)))
+    return [part for _, part in sorted(placed, key=lambda item: item[0])]
+
+
 def new_token_rows(
     method: str,
     source_matrix: torch.Tensor,
