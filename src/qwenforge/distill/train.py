@@ -147,8 +147,17 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
         "data": str(data),
         "heldout": str(heldout),
         "options": asdict(options),
+    } | _outcome(student, result, options.batch_size * options.sequence_length, started)
+    if out is not None:
+        _save(student, student_dir, Path(out), report, force)
+    return report
+
+
+def _outcome(student, result, tokens_per_step: int, started: float) -> dict:
+    """The report fields both training modes share: what was trained, how far, and the curve."""
+    return {
         "trainable_parameters": sum(p.numel() for p in _trainable(student).values()),
-        "tokens_trained": result.steps * options.batch_size * options.sequence_length,
+        "tokens_trained": result.steps * tokens_per_step,
         "before": result.history[0],
         "best": result.best,
         "history": result.history,
@@ -156,9 +165,6 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
         "stopped": result.stopped,
         "seconds": time.perf_counter() - started,
     }
-    if out is not None:
-        _save(student, student_dir, Path(out), report, force)
-    return report
 
 
 def _store_fidelity(student, sequences, indices, logprobs, byte_counts, options: DistillOptions) -> dict:
@@ -226,15 +232,7 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
         "logits": str(logits),
         "store": {key: index[key] for key in ("teacher", "k", "values", "bytes_per_token", "tokenizer_hash")},
         "options": asdict(options),
-        "trainable_parameters": sum(p.numel() for p in _trainable(student).values()),
-        "tokens_trained": result.steps * options.batch_size * (ids.shape[1] - 1),
-        "before": result.history[0],
-        "best": result.best,
-        "history": result.history,
-        "steps": result.steps,
-        "stopped": result.stopped,
-        "seconds": time.perf_counter() - started,
-    }
+    } | _outcome(student, result, options.batch_size * (ids.shape[1] - 1), started)
     if out is not None:
         _save(student, student_dir, Path(out), report, force)
     return report
