@@ -105,7 +105,7 @@ def build_plan(
         info = tensors[name]
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             op = "transplant-rows" if vocab_changed else "copy"
-            detail = f"rows re-indexed by token string to {rows}; new tokens: {new_token_init}; padding: mean of real rows" if vocab_changed else ""
+            detail = f"rows re-indexed by token string to {rows}; new tokens: {new_token_init}; padding: mean of sampled real rows" if vocab_changed else ""
             steps.append(Step(name, (rows, spec.hidden), info.dtype, op, name, detail))
             continue
         if name.endswith("_proj.bias") and "self_attn" in name and not attention_bias:

@@ -1,9 +1,11 @@
 """Vocabulary transplant: embedding and head rows re-indexed to a target tokenizer by token string.
 
 Tokens are matched by their string, never by id. Shared tokens keep the source's vectors; new
-tokens get vectors from a chosen method; padding rows (beyond the tokenizer) get the mean of
-the real rows, so a padding id's logit is the mean logit, strictly below the maximum and, on
-real text, far below any top-k (a zero row would score 0, which can beat every real token).
+tokens get vectors from a chosen method; padding rows (beyond the tokenizer) get the mean of an
+evenly spaced sample of the real rows (`padding_sample`), so a padding id's logit is the mean
+logit of those tokens: strictly below the maximum and, on real text, far below any top-k (a zero
+row would score 0, which can beat every real token). A sample, not every row: reading the whole
+embedding matrix a second time only to average it cost more than copying it.
 Memory: the source matrix, the output matrix and a sample of rows for the donor projection.
 """
 
@@ -21,6 +23,7 @@ from qwenforge.errors import QwenforgeError
 
 NEW_TOKEN_METHODS = ("donor-projected", "subword", "mean", "zero")
 PROJECTION_SAMPLE_ROWS = 4096  # plus twice the widest matrix: enough rows for a well-posed least squares
+PADDING_SAMPLE_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ def summary(vocab_map: VocabMap, source: Tokenizer, target: Tokenizer, method: s
         "new_token_init": method,
         "summary": "unchanged (the source's own tokenizer)" if vocab_map.identity else (
             f"{len(vocab_map.shared)} tokens shared by string, {len(vocab_map.new)} new ({method}), "
-            f"{padding} padding rows (mean of real rows)"
+            f"{padding} padding rows (mean of a sample of real rows)"
         ),
     }
 
@@ -230,6 +233,11 @@ def mean_row(matrix: torch.Tensor, count: int, chunk: int = 8192) -> torch.Tenso
     return (total / max(count, 1)).float()
 
 
+def padding_sample(count: int, sample: int = PADDING_SAMPLE_ROWS) -> list[int]:
+    """Evenly spaced ids among the first `count` real rows whose mean becomes every padding row."""
+    return list(range(0, count, max(1, count // sample)))
+
+
 def runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """(target, source) id pairs as (target start, source start, length) runs where both step by one."""
     out: list[list[int]] = []
@@ -266,7 +274,7 @@ def transplant(
     if vocab_map.new:
         out[torch.tensor(vocab_map.new, dtype=torch.long)] = new_rows.to(source_matrix.dtype)
     if vocab_map.target_size < vocab_map.target_rows:
-        out[vocab_map.target_size :] = mean_row(out, vocab_map.target_size).to(source_matrix.dtype)
+        out[vocab_map.target_size :] = out[padding_sample(vocab_map.target_size)].float().mean(0).to(source_matrix.dtype)
     return out
 
 
@@ -278,18 +286,16 @@ def transplant_parts(source_matrix: torch.Tensor, span: tuple, vocab_map: VocabM
     if vocab_map.identity:
         return [span]
     placed: list[tuple[int, object]] = []
-    total = torch.zeros(source_matrix.shape[1], dtype=torch.float64)
     for target, source, length in runs(sorted(vocab_map.shared.items())):
         placed.append((target, (file, offset + source * row_bytes, length * row_bytes)))
-        total += mean_row(source_matrix[source : source + length], length).double() * length
+    rows = new_rows.to(source_matrix.dtype) if vocab_map.new else None
     if vocab_map.new:
-        rows = new_rows.to(source_matrix.dtype)
         placed.extend((target, rows[i : i + 1]) for i, target in enumerate(vocab_map.new))
-        total += rows.double().sum(0)
     padding = vocab_map.target_rows - vocab_map.target_size
     if padding:
-        mean = (total / max(vocab_map.target_size, 1)).to(source_matrix.dtype)
-        placed.append((vocab_map.target_size, mean.expand(padding, -1)))
+        position = {target: i for i, target in enumerate(vocab_map.new)}
+        sample = [source_matrix[vocab_map.shared[t]] if t in vocab_map.shared else rows[position[t]] for t in padding_sample(vocab_map.target_size)]
+        placed.append((vocab_map.target_size, torch.stack(sample).float().mean(0).to(source_matrix.dtype).expand(padding, -1)))
     return [part for _, part in sorted(placed, key=lambda item: item[0])]
 
 
