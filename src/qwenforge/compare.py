@@ -19,18 +19,18 @@ Loaded = tuple  # (model, tokenizer)
 
 
 def load(model: str | Path | Loaded) -> Loaded:
-    """(model, tokenizer) from a checkpoint folder, in float32 on the CPU; a loaded pair passes through."""
+    """(model, tokenizer) from a checkpoint folder on the CPU (float32, or offloaded when too big); a loaded pair passes through."""
     if isinstance(model, tuple):
         return model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from qwenforge.checkpoint.offload import load_causal_lm
 
     folder = Path(model)
     if not (folder / "config.json").exists():
         raise QwenforgeError(f"{folder}: not a checkpoint folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    loaded.eval()
-    return loaded, tokenizer
+    return load_causal_lm(folder), tokenizer  # layer-offloaded when it does not fit beside another model
 
 
 def text_prefix(tokenizer, text: str, max_tokens: int) -> str:

@@ -148,7 +148,7 @@ def parse_size(size: str | int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise QwenforgeError(f"shard size {size!r} not understood; use e.g. 5GB or 500MB") from None
+        raise QwenforgeError(f"size {size!r} not understood; use e.g. 5GB, 500MB or 16GiB") from None
 
 
 def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> list[list]:

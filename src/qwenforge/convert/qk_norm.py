@@ -4,7 +4,8 @@ Qwen3 divides every query and key head vector by its own RMS before RoPE; no wei
 exactly. `calibrated` runs the source on text and picks, per layer and per head dimension, the
 weight w_d minimising sum (w_d * n_d - q_d)^2 over tokens and heads, where q is the source's
 projection (bias included) and n the converted model's normalised projection: the least-squares
-closest the norm can get to the source's activations. Calibration loads the source model once.
+closest the norm can get to the source's activations. Calibration runs the source once; a source
+too big for memory runs layer-offloaded (checkpoint/offload.py), so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import torch
 QK_NORM_METHODS = ("donor", "calibrated", "ones")
 
 
-def calibrate(source, text: str, keep_bias: bool, max_tokens: int = 1024, window: int = 512) -> dict[str, torch.Tensor]:
+def calibrate(
+    source, text: str, keep_bias: bool, max_tokens: int = 1024, window: int = 512, biases: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """{output tensor name: weight} for every layer's q_norm and k_norm, fitted on `text`.
 
-    `source` is the source folder or a loaded (model, tokenizer) pair.
+    `source` is the source folder or a loaded (model, tokenizer) pair. `biases` (source tensor
+    name -> q/k projection bias, read from the checkpoint) replaces the modules' own, which an
+    offloaded model has already put back on the meta device when a forward hook runs.
     """
     from qwenforge.compare import load
 
@@ -27,8 +32,9 @@ def calibrate(source, text: str, keep_bias: bool, max_tokens: int = 1024, window
     eps = float(getattr(config, "rms_norm_eps", 1e-6))
     sums: dict[str, list[torch.Tensor]] = {}
 
-    def hook(name: str, bias: torch.Tensor | None):
+    def hook(name: str, bias_name: str):
         def accumulate(module, inputs, output):
+            bias = module.bias if biases is None else biases.get(bias_name)
             target = output.detach().float().reshape(-1, head_dim)
             converted = target  # what the converted model normalises: the projection without a dropped bias
             if bias is not None and not keep_bias:
@@ -49,7 +55,7 @@ def calibrate(source, text: str, keep_bias: bool, max_tokens: int = 1024, window
         for kind in ("q", "k"):
             projection = getattr(layer.self_attn, f"{kind}_proj")
             name = f"model.layers.{index}.self_attn.{kind}_norm.weight"
-            handles.append(projection.register_forward_hook(hook(name, projection.bias)))
+            handles.append(projection.register_forward_hook(hook(name, f"model.layers.{index}.self_attn.{kind}_proj.bias")))
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:max_tokens]
     with torch.no_grad():
         for start in range(0, len(ids), window):

@@ -153,9 +153,10 @@ def convert(
 ) -> dict:
     """Convert SOURCE into a Qwen3 checkpoint at OUT; returns the plan, warnings and (unless dry_run) the metadata.
 
-    Streams tensor by tensor: peak memory is about two embedding matrices, unless q/k-norm
-    calibration or the fidelity measurement (`measure`) load the models. `progress(done, total,
-    name)` is called after each tensor is written.
+    Streams tensor by tensor: peak memory is about two embedding matrices. q/k-norm calibration
+    and the fidelity measurement (`measure`) run the models, layer-offloaded when a model exceeds
+    its memory cap (checkpoint/offload.py). `progress(done, total, name)` is called after each
+    tensor is written.
     """
     started = time.time()
     source, out = Path(source), Path(out)
@@ -229,7 +230,8 @@ def convert(
         from qwenforge.convert.qk_norm import calibrate
 
         source_model = compare.load(source)
-        norms = calibrate(source_model, calibration_file.read_text(), keep_bias, max_tokens=calibration_tokens)
+        biases = {name: reader.get(name) for name in reader.tensors if name.endswith(("q_proj.bias", "k_proj.bias"))}
+        norms = calibrate(source_model, calibration_file.read_text(), keep_bias, max_tokens=calibration_tokens, biases=biases)
     matrices = [s.name for s in plan["steps"] if s.op == "transplant-rows"]
     projected, projection_fits = _donor_projections(
         new_token_init, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, matrices, bool(donor_spec and donor_spec.tied_embeddings)
