@@ -6,6 +6,7 @@ User errors (`QwenforgeError`) print one line and exit 2; `--debug` keeps the tr
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -98,6 +99,19 @@ def demo(
     run_demo(console, workdir=workdir, quick=quick)
 
 
+def _cap_memory(max_memory: str | None) -> None:
+    """--max-memory reaches every model load of this process through the environment (checkpoint/offload.py)."""
+    if max_memory:
+        from qwenforge.checkpoint.safetensors_io import parse_size
+        from qwenforge.errors import QwenforgeError
+
+        try:
+            parse_size(max_memory)  # a clear error now, not after the conversion
+        except QwenforgeError:
+            raise QwenforgeError(f"--max-memory {max_memory}: not a size; give e.g. 16GiB or 500MB") from None
+        os.environ["QWENFORGE_MAX_MEMORY"] = max_memory
+
+
 @app.command()
 def convert(
     source: Path = typer.Argument(..., help="Qwen2/Qwen2.5 or Llama-shaped checkpoint folder."),
@@ -122,6 +136,7 @@ def convert(
         None, "--heal", help="Heal OUT right after converting, with the source as teacher: a `qwenforge heal --method` (e.g. layerwise+global, linearize)."
     ),
     heal_minutes: Optional[float] = typer.Option(None, "--heal-minutes", help="Time budget for --heal."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory one loaded model may take while measuring (e.g. 16GiB); layers beyond it are read from disk as they run (default: 40% of available memory; env QWENFORGE_MAX_MEMORY)."),
 ) -> None:
     """Rebuild a Qwen2/Qwen2.5 (or Llama-shaped) checkpoint in the Qwen3 architecture, streaming, with provenance.
 
@@ -135,6 +150,7 @@ def convert(
     from qwenforge.convert import convert as run_convert
     from qwenforge.convert.plan import format_plan
 
+    _cap_memory(max_memory)
     options = dict(
         donor=donor, tokenizer=tokenizer, keep_bias=keep_bias, qk_norm=qk_norm, new_token_init=new_token_init,
         calibration_text=calibration_text, fidelity_text=fidelity_text, max_shard_size=max_shard_size,
@@ -189,6 +205,7 @@ def compare(
     max_tokens: int = typer.Option(1024, help="Use the first N tokens of the text (reference tokenization)."),
     plot: Optional[Path] = typer.Option(None, help="Write a per-layer hidden-state cosine plot (PNG)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory one loaded model may take while measuring (e.g. 16GiB); layers beyond it are read from disk as they run (default: 40% of available memory; env QWENFORGE_MAX_MEMORY)."),
 ) -> None:
     """Fidelity of B against A on a text: bits per byte of each; KL(A||B), top-1 agreement, perplexity and per-layer cosine where tokenization is identical.
 
@@ -196,6 +213,7 @@ def compare(
     """
     from qwenforge.compare import compare_files, summary_line
 
+    _cap_memory(max_memory)
     with console.status("Measuring ..."):
         result = compare_files(a, b, text, max_tokens=max_tokens, plot=plot)
     if as_json:
