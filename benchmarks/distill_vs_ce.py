@@ -1,12 +1,10 @@
-"""Distillation versus plain cross-entropy at the same token budget, and the logit store's size and fidelity.
+"""Distillation versus plain cross-entropy at the same token budget (the store's size: benchmarks/distill_store.py).
 
 Teacher: the embedded SmolLM2-135M-Instruct (30 layers). Student: the teacher with half its
 layers (`distill init-student --keep-layers half`, 16 layers). Two arms train the same student
 on the same text for the same steps and tokens: forward-KL distillation online (ce_weight 0)
 and cross-entropy on the text (ce_weight 1, the baseline). Held-out bits per byte and KL to
 the teacher on data/heldout.txt; each arm's curve goes to distill_vs_ce.json.
-Then the store: bytes per token at k = 32/64/128 (float16 and uint8 values) and the KL between
-the teacher's full distribution and the one rebuilt from the store, on the held-out text.
 
     python benchmarks/distill_vs_ce.py [--steps 40] [--data FILE] [--threads 1]
 """
@@ -23,31 +21,10 @@ import torch
 from rich.console import Console
 
 from qwenforge.cache import embedded_model
-from qwenforge.distill import store
 from qwenforge.distill.init_student import init_student
 from qwenforge.distill.train import DistillOptions, train_online
 
 DATA = Path(__file__).parents[1] / "src" / "qwenforge" / "data"
-
-
-def store_figures(teacher: Path, heldout: Path, work: Path) -> list[dict]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    rows = []
-    for k in (32, 64, 128):
-        for encoding in store.VALUE_ENCODINGS:
-            folder = work / f"store-{k}-{encoding}"
-            index = store.capture(teacher, heldout, folder, k=k, encoding=encoding, sequence_length=256)
-            kl_sum = positions = 0.0
-            for ids, indices, logprobs in store.iterate_store(folder, index):
-                with torch.no_grad():
-                    logits = model(ids[:, :-1]).logits
-                kl_sum += float(store.reconstruction_kl(logits, indices, logprobs).sum())
-                positions += indices.shape[0] * indices.shape[1]
-            rows.append({"k": k, "values": encoding, "bytes_per_token": index["bytes_per_token"],
-                         "bytes_on_disk_per_token": index["bytes_on_disk_per_token"], "reconstruction_kl": kl_sum / positions})
-    return rows
 
 
 def main() -> None:
@@ -71,8 +48,6 @@ def main() -> None:
         report["wall_seconds"] = time.perf_counter() - started
         results["arms"][arm] = report
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
-    results["store"] = store_figures(teacher, Path(args.heldout), work)
-    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     ce, kd = results["arms"]["cross_entropy"], results["arms"]["distillation"]
     teacher_bpb = kd["before"]["teacher_bits_per_byte"]
     console.print(f"teacher bits/byte {teacher_bpb:.4f}; student before training {kd['before']['bits_per_byte']:.4f}, KL {kd['before']['kl']:.4f}")
@@ -81,8 +56,6 @@ def main() -> None:
         console.print(f"{name:14s} tokens {arm['tokens_trained']:,}  best bits/byte {arm['best']['bits_per_byte']:.4f} KL {arm['best']['kl']:.4f}  "
                       f"final bits/byte {last['bits_per_byte']:.4f} KL {last['kl']:.4f}  {arm['wall_seconds']:.0f}s")
     console.print(f"ratio distillation / cross-entropy: bits/byte {kd['best']['bits_per_byte'] / ce['best']['bits_per_byte']:.3f}, KL {kd['best']['kl'] / ce['best']['kl']:.3f}")
-    for row in results["store"]:
-        console.print(f"store k={row['k']:3d} {row['values']:7s} {row['bytes_per_token']:4d} B/token (disk {row['bytes_on_disk_per_token']:.0f})  reconstruction KL {row['reconstruction_kl']:.5f}")
     console.print(f"wrote {args.out}")
 
 

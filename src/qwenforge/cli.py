@@ -337,7 +337,10 @@ def distill_capture(
     data: Path = typer.Option(..., "--data", help="Text (.txt) or JSONL with a \"text\" field."),
     out: Path = typer.Option(..., "--out", help="Logit store folder to create."),
     k: int = typer.Option(64, "--k", help="Top-k log-probabilities kept per position."),
-    values: str = typer.Option("float16", "--values", help="float16 or uint8 (square-root quantized)."),
+    values: str = typer.Option("float16", "--values", help="float16 or uint8 (square-root quantized; k=128 fits 300 bytes/token)."),
+    compression: str = typer.Option("zlib", "--compression", help="zlib (default), lzma (smaller, slower) or none (plain layout)."),
+    engine_name: str = typer.Option("transformers", "--engine", help="transformers, or vllm (prompt log-probs; large teachers on GPUs)."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="GPUs per teacher (vllm engine)."),
     sequence_length: int = typer.Option(512, "--sequence-length"),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed capture from its last complete shard."),
     force: bool = typer.Option(False, "--force"),
@@ -349,8 +352,9 @@ def distill_capture(
     """
     from qwenforge.distill.store import capture
 
-    index = capture(teacher, data, out, k=k, encoding=values, sequence_length=sequence_length, resume=resume, force=force, console=None if as_json else console)
-    facts = {key: index[key] for key in ("tokens", "k", "values", "bytes_per_token", "bytes_on_disk_per_token")}
+    index = capture(teacher, data, out, k=k, encoding=values, compression=compression, engine_name=engine_name, tensor_parallel=tensor_parallel,
+                    sequence_length=sequence_length, resume=resume, force=force, console=None if as_json else console)
+    facts = {key: index[key] for key in ("tokens", "k", "values", "compression", "bytes_per_token", "naive_bytes_per_token")}
     print_json(facts) if as_json else console.print(f"[green]wrote[/green] {out}: {facts}")
 
 
@@ -367,17 +371,28 @@ def distill_train(
     ce_weight: float = typer.Option(0.0, "--ce-weight", help="Weight of cross-entropy on the text (1 = no distillation)."),
     lora_rank: int = typer.Option(0, "--lora-rank", help="0 trains every weight; else LoRA of this rank, merged back."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    min_coverage: float = typer.Option(0.95, "--min-coverage", help="Student with another vocabulary: least share of the teacher's top-k mass it must cover."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same OUT (weights, optimizer, step, batch order)."),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
     """Train a student on a captured logit store; the store's last sequences are held out.
 
     Example: [bold]qwenforge distill train student --logits teacher-logits --out distilled --steps 500[/bold]
+    Several GPUs: [bold]accelerate launch --config_file src/qwenforge/train/accelerate/ddp.yaml -m qwenforge.cli distill train ...[/bold]
     """
     from qwenforge.distill.train import train_from_store
 
     options = _distill_options(steps=steps, budget_minutes=budget_minutes, learning_rate=learning_rate, divergence=divergence,
-                               temperature=temperature, ce_weight=ce_weight, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
-    report = train_from_store(student, logits, out, options, force=force, console=console)
+                               temperature=temperature, ce_weight=ce_weight, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
+                               min_coverage=min_coverage)
+    from qwenforge.train import ranks
+
+    ranks.join()
+    report = train_from_store(student, logits, out, options, resume=resume, force=force, console=console if ranks.is_main() else None)
+    if not ranks.is_main():  # under `accelerate launch` the main process reports
+        return
+    if report["store"].get("student_map"):
+        console.print(f"vocabulary mapped by token string: coverage {report['store']['student_map']['coverage']:.2%} of the teacher's top-k mass")
     console.print(f"held-out KL {report['before']['kl']:.4f} -> {report['best']['kl']:.4f}; bits/byte {report['before']['bits_per_byte']:.4f} -> {report['best']['bits_per_byte']:.4f}")
     console.print(f"[green]wrote[/green] {out}")
 

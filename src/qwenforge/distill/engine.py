@@ -7,9 +7,11 @@ or its stored top-k logits) both call `run_loop`; they differ only in the loss t
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +61,16 @@ def topk_divergence(
     The teacher's tail mass is 1 - sum(top-k); the student's is its probability outside those k
     tokens. Both become (k+1)-way distributions, so no mass is silently dropped. With a
     temperature, each side's k+1 log-probabilities are divided by T and renormalized.
+    Entries with teacher log-probability -inf are absent (a token the student's vocabulary lacks,
+    distill/mapping.py): they count as zero mass on both sides, so that mass sits in the tails.
     """
     student_all = F.log_softmax(student_logits.float(), -1)
     student_top = student_all.gather(-1, teacher_indices.long())
     teacher_top = teacher_logprobs.float()
+    present = torch.isfinite(teacher_top)
+    if not present.all():  # a large finite floor: exp() is 0 and 0 * floor stays 0 (no nan)
+        teacher_top = teacher_top.masked_fill(~present, -1e4)
+        student_top = student_top.masked_fill(~present, -1e4)
     teacher_tail = torch.log1p(-teacher_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
     student_tail = torch.log1p(-student_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
     teacher = torch.cat([teacher_top, teacher_tail], -1)
@@ -195,13 +203,15 @@ def run_loop(
     elapsed: float = 0.0,
     history: list[dict] | None = None,
     optimizer_state: dict | None = None,
+    best_state: dict[str, torch.Tensor] | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
 ) -> LoopResult:
     """Train `named_parameters` on `step_loss(step)`; evaluate every `eval_every` steps.
 
     Keeps the parameters of the best held-out KL (restored at the end), stops at the step
     budget, the time budget, or after `patience` evaluations without improvement.
-    `on_checkpoint` receives the loop state after each evaluation (for --resume).
+    `on_checkpoint` receives the loop state after each evaluation (for --resume: `save_progress`);
+    the learning rate is constant, so step, optimizer moments and best weights are the whole state.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -210,15 +220,15 @@ def run_loop(
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     result = LoopResult(history=list(history or []), steps=start_step)
-    best_state = None
     if result.history:
         result.best = min(result.history, key=lambda row: row["kl"])
     else:
         metrics = evaluate()
         result.best = {"step": start_step, "seconds": elapsed, "loss": None, **metrics}
         result.history.append(result.best)
-    best_state = {name: p.detach().clone() for name, p in named_parameters.items()}
-    bad_evals = 0
+    if best_state is None:  # a resumed run hands in the weights of its best evaluation
+        best_state = {name: p.detach().clone() for name, p in named_parameters.items()}
+    bad_evals = len(result.history) - 1 - result.history.index(result.best)  # evaluations since the best (resume)
     started = time.perf_counter() - elapsed
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("{task.fields[status]}")]
     status = lambda: f"KL {result.best['kl']:.4f} top-1 {result.best['top1_agreement']:.1%}"  # noqa: E731
@@ -297,3 +307,67 @@ def distillation_loss(
     if ce_weight:
         loss = loss + ce_weight * F.cross_entropy(student_logits.flatten(0, -2).float(), labels.flatten())
     return loss
+
+
+# --- --resume ----------------------------------------------------------------------------------
+
+
+def save_progress(folder: Path, named_parameters: dict[str, torch.nn.Parameter], state: dict, extra: dict | None = None) -> None:
+    """A loop checkpoint (from `on_checkpoint`) in safetensors + JSON, swapped in whole (a kill leaves the previous one).
+
+    Files: weights now, weights at the best evaluation, optimizer moments; state.json holds the
+    step, history, optimizer settings and `extra` (e.g. a random generator's state).
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from qwenforge.checkpoint.folder import write_json
+
+    folder = Path(folder)
+    temp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    save_file({name: p.detach().contiguous() for name, p in named_parameters.items()}, str(temp / "weights.safetensors"))
+    save_file({name: value.contiguous() for name, value in state["best_state"].items()}, str(temp / "best.safetensors"))
+    moments = {f"{index}.{key}": value.contiguous() for index, entry in state["optimizer"]["state"].items() for key, value in entry.items()}
+    save_file(moments, str(temp / "optimizer.safetensors"))
+    saved = {"step": state["step"], "seconds": state["seconds"], "history": state["history"], "optimizer_groups": state["optimizer"]["param_groups"]}
+    write_json(temp / "state.json", saved | {"extra": extra or {}})
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(temp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_progress(folder: Path, named_parameters: dict[str, torch.nn.Parameter]) -> dict | None:
+    """Copy a checkpoint's weights into `named_parameters`; returns run_loop's resume arguments and `extra` (None: no checkpoint)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "state.json").exists() and folder.with_name(folder.name + ".old").exists():
+        folder = folder.with_name(folder.name + ".old")  # killed during the swap
+    if not (folder / "state.json").exists():
+        return None
+    saved = json.loads((folder / "state.json").read_text())
+    weights = load_file(str(folder / "weights.safetensors"))
+    if set(weights) != set(named_parameters):
+        raise QwenforgeError(f"{folder}: the checkpoint's trainable weights do not match this run (another --lora-rank or student?); resume with the same settings")
+    with torch.no_grad():
+        for name, value in weights.items():
+            named_parameters[name].copy_(value)
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {
+        "start_step": saved["step"],
+        "elapsed": saved["seconds"],
+        "history": saved["history"],
+        "optimizer_state": {"state": state, "param_groups": saved["optimizer_groups"]},
+        "best_state": load_file(str(folder / "best.safetensors")),
+        "extra": saved["extra"],
+    }

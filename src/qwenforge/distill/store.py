@@ -6,15 +6,26 @@ Layout of a store folder: `index.json` (teacher, tokenizer hash, k, value encodi
 renamed, then the index is rewritten, so a killed capture resumes from its last complete shard.
 
 Values: `float16` log-probabilities, or `uint8` (log-probability quantized on a fixed square-root
-scale over [-LOG_FLOOR, 0], finer near 0 where the mass is). Indices are int16 (offset by 32,768) when
-the vocabulary fits in 16 bits, else int32.
+scale over [-LOG_FLOOR, 0], finer near 0 where the mass is).
+
+Compression `none` (the plain layout): entries in rank order, indices int16 (offset by 32,768) when
+the vocabulary fits in 16 bits, else int32. Compression `zlib` or `lzma` (stdlib, lossless): each
+position's entries are sorted by token id and the ids stored as gaps (small numbers), every array is
+split into byte planes (the high bytes of small numbers are runs of zeros) and compressed; each
+tensor is then a 1-D uint8 blob and the shard's safetensors metadata holds the shapes. Decoding puts
+the entries back in rank order, so readers see the same tensors in every layout. Measured on the
+embedded teacher (benchmarks/distill_store.py, vocabulary 49,152, input ids included), k=128:
+uint8 244 bytes/token with zlib, 225 with lzma, 388 plain; float16 316 / 303 / 516 plain.
+A 151,936-token vocabulary spreads the ids wider: expect more bytes for the ids (not measured).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +39,7 @@ from qwenforge.errors import QwenforgeError
 
 INDEX = "index.json"
 VALUE_ENCODINGS = ("float16", "uint8")
+COMPRESSIONS = ("none", "zlib", "lzma")
 LOG_FLOOR = 30.0  # nats; uint8 values below exp(-30) are clamped
 
 
@@ -75,6 +87,56 @@ def decode_indices(stored: torch.Tensor) -> torch.Tensor:
     return stored.to(torch.int64)
 
 
+def _compress(data: bytes, compression: str) -> bytes:
+    return zlib.compress(data, 6) if compression == "zlib" else lzma.compress(data)
+
+
+def _decompress(data: bytes, compression: str) -> bytes:
+    return zlib.decompress(data) if compression == "zlib" else lzma.decompress(data)
+
+
+def _pack(array: torch.Tensor, compression: str) -> torch.Tensor:
+    """Byte planes of a little-endian integer/float array, compressed, as a 1-D uint8 tensor."""
+    raw = array.contiguous().view(torch.uint8).reshape(-1, array.element_size()).T.contiguous()
+    return torch.frombuffer(bytearray(_compress(raw.numpy().tobytes(), compression)), dtype=torch.uint8)
+
+
+def _unpack(blob: torch.Tensor, compression: str, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    raw = torch.frombuffer(bytearray(_decompress(blob.numpy().tobytes(), compression)), dtype=torch.uint8)
+    width = torch.empty(0, dtype=dtype).element_size()
+    return raw.reshape(width, -1).T.contiguous().view(dtype).reshape(shape)
+
+
+def encode_shard(ids: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, encoding: str, compression: str) -> tuple[dict, dict]:
+    """(tensors, safetensors metadata) of one shard: ids [S, L+1], top-k indices and log-probs [S, L, k]."""
+    values = encode_values(logprobs, encoding)
+    if compression == "none":
+        return {"input_ids": ids.to(torch.int32), "indices": encode_indices(indices, vocab_size), "values": values}, {}
+    sorted_ids, order = indices.to(torch.int32).sort(-1)
+    gaps = torch.diff(sorted_ids, dim=-1, prepend=torch.zeros_like(sorted_ids[..., :1]))
+    tensors = {
+        "input_ids": _pack(ids.to(torch.int32), compression),
+        "indices": _pack(gaps, compression),
+        "values": _pack(values.gather(-1, order), compression),
+    }
+    return tensors, {"shapes": json.dumps({"input_ids": list(ids.shape), "topk": list(indices.shape)})}  # one key: byte-identical shards
+
+
+def decode_shard(tensors: dict, metadata: dict, index: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, indices, log-probabilities) in rank order (highest first), whatever the layout."""
+    compression = index.get("compression", "none")
+    if compression == "none":
+        return tensors["input_ids"].long(), decode_indices(tensors["indices"]), decode_values(tensors["values"], index["values"])
+    shapes = json.loads(metadata["shapes"])
+    topk_shape = shapes["topk"]
+    ids = _unpack(tensors["input_ids"], compression, torch.int32, shapes["input_ids"]).long()
+    indices = _unpack(tensors["indices"], compression, torch.int32, topk_shape).long().cumsum(-1)
+    value_dtype = torch.float16 if index["values"] == "float16" else torch.uint8
+    logprobs = decode_values(_unpack(tensors["values"], compression, value_dtype, topk_shape), index["values"])
+    logprobs, order = logprobs.sort(dim=-1, descending=True, stable=True)
+    return ids, indices.gather(-1, order), logprobs
+
+
 def read_text(path: Path) -> str:
     """A .txt file, or a .jsonl file whose records carry a "text" field (joined by blank lines)."""
     path = Path(path)
@@ -93,8 +155,26 @@ def read_text(path: Path) -> str:
 
 
 def bytes_per_token(k: int, vocab_size: int, encoding: str) -> int:
-    """Stored bytes per position (indices + values; the input ids add 4 per token)."""
+    """Bytes per position of the plain layout (indices + values; the input ids add 4 per token)."""
     return k * ((2 if vocab_size <= 1 << 16 else 4) + (2 if encoding == "float16" else 1))
+
+
+ENGINES = ("transformers", "vllm")
+
+
+def _transformers_teacher(teacher_dir: Path):
+    """(vocab size, top_k(ids [S, L+1], k) -> (indices, log-probs) [S, L, k]) of an in-process teacher."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+
+    def top_k(ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logprobs = F.log_softmax(teacher(ids[:, :-1]).logits.float(), -1)
+        values, indices = logprobs.topk(k, dim=-1)
+        return indices, values
+
+    return teacher.config.vocab_size, top_k
 
 
 def capture(
@@ -106,19 +186,32 @@ def capture(
     sequence_length: int = 512,
     shard_sequences: int = 64,
     encoding: str = "float16",
+    compression: str = "zlib",
+    engine_name: str = "transformers",
+    tensor_parallel: int = 1,
     max_tokens: int | None = None,
     resume: bool = False,
     force: bool = False,
     console=None,
 ) -> dict:
-    """Run the teacher once over DATA and store its top-k log-probabilities in OUT; returns the index."""
+    """Run the teacher once over DATA and store its top-k log-probabilities in OUT; returns the index.
+
+    The teacher's tokenizer files are copied to OUT/tokenizer, so a student with another
+    vocabulary can be mapped onto the store later (`open_store`).
+    """
     from rich.progress import Progress
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from qwenforge.checkpoint.folder import copy_tokenizer_files
 
     teacher_dir, out = Path(teacher_dir), Path(out)
     if encoding not in VALUE_ENCODINGS:
         raise QwenforgeError(f"--values {encoding}: choose one of {', '.join(VALUE_ENCODINGS)}")
+    if compression not in COMPRESSIONS:
+        raise QwenforgeError(f"--compression {compression}: choose one of {', '.join(COMPRESSIONS)}")
+    if engine_name not in ENGINES:
+        raise QwenforgeError(f"--engine {engine_name}: choose one of {', '.join(ENGINES)}")
     index_path = out / INDEX
     if out.exists() and not resume:
         if not force:
@@ -128,46 +221,51 @@ def capture(
         index_path.unlink(missing_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     sequences = engine.token_sequences(tokenizer, read_text(data), sequence_length, max_tokens, str(data))
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    vocab_size = teacher.config.vocab_size
+    if engine_name == "vllm":
+        from qwenforge.distill.vllm_engine import vllm_teacher
+
+        vocab_size, top_k = vllm_teacher(teacher_dir, k, len(sequences[0]), tensor_parallel)
+    else:
+        vocab_size, top_k = _transformers_teacher(teacher_dir)
     if not 0 < k <= vocab_size:
         raise QwenforgeError(f"--k {k}: must be between 1 and the vocabulary size {vocab_size}")
     header = {
         "qwenforge_version": __version__,
         "teacher": str(teacher_dir),
+        "engine": engine_name,
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "data": str(data),
         "vocab_size": vocab_size,
         "k": k,
         "values": encoding,
+        "compression": compression,
         "sequence_length": len(sequences[0]) - 1,
         "sequences": len(sequences),
-        "bytes_per_token": bytes_per_token(k, vocab_size, encoding),
+        "naive_bytes_per_token": bytes_per_token(k, vocab_size, encoding) + 4,
     }
     if resume and index_path.exists():
         index = read_json(index_path)
-        changed = [key for key in ("tokenizer_hash", "k", "values", "sequence_length", "sequences") if index.get(key) != header[key]]
+        index.setdefault("compression", "none")
+        changed = [key for key in ("tokenizer_hash", "k", "values", "compression", "sequence_length", "sequences") if index.get(key) != header[key]]
         if changed:
             raise QwenforgeError(f"{out}: the existing capture differs in {', '.join(changed)}; capture to a new folder or pass --force")
     else:
         out.mkdir(parents=True, exist_ok=True)
         index = {**header, "shards": [], "complete": False}
         write_json(index_path, index)
+    (out / "tokenizer").mkdir(exist_ok=True)
+    copy_tokenizer_files(teacher_dir, out / "tokenizer")
     done = sum(shard["sequences"] for shard in index["shards"])
     with Progress(console=console, disable=console is None) as progress:
         task = progress.add_task("capture", total=len(sequences), completed=done)
         while done < len(sequences):
             chunk = sequences[done : done + shard_sequences]
             ids = torch.stack([s for s in chunk if len(s) == len(chunk[0])])
-            with torch.no_grad():
-                logprobs = F.log_softmax(teacher(ids[:, :-1]).logits.float(), -1)
-            top_values, top_indices = logprobs.topk(k, dim=-1)
+            top_indices, top_values = top_k(ids, k)
+            tensors, metadata = encode_shard(ids, top_indices, top_values, vocab_size, encoding, compression)
             name = f"shard-{len(index['shards']):05d}.safetensors"
             temporary = out / f".{name}.tmp"
-            save_file(
-                {"input_ids": ids.to(torch.int32), "indices": encode_indices(top_indices, vocab_size), "values": encode_values(top_values, encoding)},
-                str(temporary),
-            )
+            save_file(tensors, str(temporary), metadata=metadata or None)
             os.replace(temporary, out / name)
             index["shards"].append({"file": name, "sequences": len(ids), "bytes": (out / name).stat().st_size})
             done += len(chunk)
@@ -176,35 +274,55 @@ def capture(
     index["complete"] = True
     index["tokens"] = sum(shard["sequences"] for shard in index["shards"]) * index["sequence_length"]
     index["bytes_on_disk_per_token"] = sum(shard["bytes"] for shard in index["shards"]) / max(index["tokens"], 1)
+    index["bytes_per_token"] = round(index["bytes_on_disk_per_token"], 1)
     write_json(index_path, index)
     return index
 
 
-def open_store(folder: Path, student_tokenizer=None) -> dict:
-    """The index of a complete store; refuses an unfinished capture or another tokenizer's store."""
+def open_store(folder: Path, student_tokenizer=None, min_coverage: float = 0.95) -> dict:
+    """The index of a complete store, checked against the student's tokenizer.
+
+    Another tokenizer is mapped by token string (distill/mapping.py): the index then carries
+    `student_map` (coverage and counts) and `iterate_store` yields student ids; a student that
+    tokenizes the text differently or covers less than `min_coverage` of the mass is refused.
+    """
     folder = Path(folder)
     index = read_json(folder / INDEX)
     if not index.get("complete"):
         raise QwenforgeError(f"{folder}: the capture is unfinished; run `qwenforge distill capture ... --resume` to complete it")
     if student_tokenizer is not None and tokenizer_hash(student_tokenizer) != index["tokenizer_hash"]:
-        raise QwenforgeError(f"{folder}: captured with another tokenizer than the student's; capture with the student's vocabulary")
+        from qwenforge.distill import mapping
+
+        table, facts = mapping.build(folder, index, student_tokenizer, iterate_store(folder, index), min_coverage)
+        index = {**index, "student_map": facts, "_student_ids": table}
     return index
 
 
 def iterate_store(folder: Path, index: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(input_ids [S, L+1], indices [S, L, k], log-probabilities [S, L, k]) per shard, checked for damage."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """(input_ids [S, L+1], indices [S, L, k], log-probabilities [S, L, k]) per shard, checked for damage.
+
+    Entries are in rank order (highest first). With an index `open_store` mapped to another
+    vocabulary, ids are the student's and tokens it lacks come last with log-probability -inf.
+    """
+    from safetensors import SafetensorError, safe_open
 
     for shard in index["shards"]:
         path = Path(folder) / shard["file"]
         if not path.exists() or path.stat().st_size != shard["bytes"]:
             raise QwenforgeError(f"{path}: missing or truncated shard; re-run the capture with --resume after deleting it from {INDEX}")
         try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as error:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            decoded = decode_shard(tensors, metadata, index)
+        except (SafetensorError, OSError, zlib.error, lzma.LZMAError, KeyError, RuntimeError) as error:
             raise QwenforgeError(f"{path}: unreadable shard ({error}); capture again") from error
-        yield tensors["input_ids"].long(), decode_indices(tensors["indices"]), decode_values(tensors["values"], index["values"])
+        if "_student_ids" in index:
+            from qwenforge.distill import mapping
+
+            table = index["_student_ids"]
+            decoded = (mapping.map_input_ids(table, decoded[0], str(path)), *mapping.map_entries(table, decoded[1], decoded[2]))
+        yield decoded
 
 
 def reconstruction_kl(teacher_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ class DistillOptions:
     heldout_sequences: int = 4  # store mode: the store's last sequences, never trained on
     max_tokens: int | None = None
     eval_tokens: int | None = 2048  # online mode: held-out tokens evaluated (full teacher distributions are kept in memory)
+    min_coverage: float = 0.95  # store mode, other vocabulary: least share of the teacher's top-k mass the student must have
     threads: int | None = None
     seed: int = 0
 
@@ -172,8 +173,10 @@ def _store_fidelity(student, sequences, indices, logprobs, byte_counts, options:
     kl = agree = nll = positions = 0.0
     was_training = student.training
     student.eval()
+    device = next(student.parameters()).device
     with torch.no_grad():
         for ids, top_indices, top_logprobs in zip(sequences, indices, logprobs):
+            ids, top_indices, top_logprobs = ids.to(device), top_indices.to(device), top_logprobs.to(device)
             logits = student(ids[None, :-1]).logits[0]
             kl += float(engine.topk_divergence(logits, top_indices, top_logprobs, "forward").sum())
             agree += float((logits.argmax(-1) == top_indices[:, 0]).sum())
@@ -189,18 +192,64 @@ def _store_fidelity(student, sequences, indices, logprobs, byte_counts, options:
     }
 
 
-def train_from_store(student_dir: Path, logits: Path, out: Path | None, options: DistillOptions = DistillOptions(), *, force: bool = False, console=None) -> dict:
-    """Train the student on a captured store; the store's last sequences are the held-out set."""
+def _fingerprints(trainable: dict, world: int) -> list[float]:
+    """Sum of |weights| on every rank (equal when the processes trained in step)."""
+    value = float(sum(p.detach().double().abs().sum() for p in trainable.values()))
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+RESUME_KEYS = ("learning_rate", "batch_size", "divergence", "temperature", "ce_weight", "lora_rank", "heldout_sequences", "seed")
+
+
+def checkpoint_folder(out: Path) -> Path:
+    """Where `distill train` keeps its --resume state: beside OUT, removed once OUT is written."""
+    return Path(out).parent / f".{Path(out).name}.distill-resume"
+
+
+def train_from_store(student_dir: Path, logits: Path, out: Path | None, options: DistillOptions = DistillOptions(), *, resume: bool = False, force: bool = False, console=None) -> dict:
+    """Train the student on a captured store; the store's last sequences are the held-out set.
+
+    With OUT, each evaluation checkpoints weights, best weights, optimizer moments, step and the
+    batch sampler's random state beside OUT; `resume` continues from there exactly where it
+    stopped (same batches, same optimizer), and may raise `steps`.
+
+    Under `accelerate launch` (DDP: train/accelerate/ddp.yaml, or `--cpu` with gloo) every process
+    draws the same global batch from one shared generator and trains its slice through the
+    prepared (gradient-averaging) model, so all ranks hold the same weights, evaluate alike and stop
+    alike; only the main process checkpoints and writes OUT. FSDP / ZeRO-3 sharding is not handled.
+    """
+    import shutil
+
     from transformers import AutoTokenizer
+
+    from qwenforge.train import ranks
+
+    ranks.join()
+    world, rank = ranks.world_size(), 0
+    if world > 1:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
 
     student_dir, logits = Path(student_dir), Path(logits)
     if out is not None and Path(out).exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
+    checkpoint = checkpoint_folder(out) if out is not None else None
+    if resume and (checkpoint is None or not (checkpoint / "state.json").exists() and not checkpoint.with_name(checkpoint.name + ".old").exists()):
+        raise QwenforgeError(f"{checkpoint}: no checkpoint to resume (none was written before the first evaluation); run without --resume")
+    if checkpoint is not None and checkpoint.exists() and not resume and not force:
+        raise QwenforgeError(f"{checkpoint}: an interrupted run's checkpoint exists; pass --resume to continue it or --force to start over")
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    index = store.open_store(logits, tokenizer)
+    index = store.open_store(logits, tokenizer, options.min_coverage)
     ids, indices, values = (torch.cat(parts) for parts in zip(*store.iterate_store(logits, index)))
     if len(ids) <= options.heldout_sequences:
         raise QwenforgeError(f"{logits}: only {len(ids)} sequences; capture more data than --heldout-sequences {options.heldout_sequences}")
@@ -210,30 +259,57 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
     held = slice(len(ids) - options.heldout_sequences, None)
     eval_bytes = engine.byte_counts(tokenizer, list(ids[held]))
     student = _load_student(student_dir, options)
+    forward = student
+    if world > 1:
+        from accelerate import Accelerator
+
+        forward = Accelerator(cpu=not torch.cuda.is_available()).prepare_model(student)
+    device = next(student.parameters()).device
     train_count = len(ids) - options.heldout_sequences
     generator = torch.Generator().manual_seed(options.seed)
+    trainable = _trainable(student)
+    saved = {}
+    if resume:
+        saved = engine.load_progress(checkpoint, trainable)
+        changed = [key for key in RESUME_KEYS if saved["extra"]["options"].get(key) != asdict(options)[key]]
+        changed += ["processes"] if saved["extra"].get("processes", 1) != world else []
+        if changed or saved["extra"]["logits"] != str(logits) or saved["extra"]["student"] != str(student_dir):
+            raise QwenforgeError(f"{checkpoint}: saved by a run with other {', '.join(changed) or 'student or logits'}; resume with the same settings or pass --force")
+        generator.set_state(torch.tensor(saved.pop("extra")["generator"], dtype=torch.uint8))
+    elif checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
 
     def step_loss(step: int) -> torch.Tensor:
-        chosen = torch.randint(0, train_count, (options.batch_size,), generator=generator)
-        batch = ids[chosen]
-        student_logits = student(batch[:, :-1]).logits
+        chosen = torch.randint(0, train_count, (options.batch_size * world,), generator=generator)[rank * options.batch_size : (rank + 1) * options.batch_size]
+        batch = ids[chosen].to(device)
+        student_logits = forward(batch[:, :-1]).logits
         return engine.distillation_loss(
-            student_logits, batch[:, 1:], teacher_topk=(indices[chosen], values[chosen]),
+            student_logits, batch[:, 1:], teacher_topk=(indices[chosen].to(device), values[chosen].to(device)),
             kind=options.divergence, temperature=options.temperature, ce_weight=options.ce_weight,
         )
 
+    def on_checkpoint(state: dict) -> None:
+        if rank:
+            return
+        extra = {"generator": generator.get_state().tolist(), "options": asdict(options), "logits": str(logits), "student": str(student_dir), "processes": world}
+        engine.save_progress(checkpoint, trainable, state, extra)
+
     evaluate = lambda: _store_fidelity(student, ids[held], indices[held], values[held], eval_bytes, options)  # noqa: E731
     started = time.perf_counter()
-    result = engine.run_loop(_trainable(student), step_loss, evaluate, _settings(options), label="distill train", console=console)
+    result = engine.run_loop(trainable, step_loss, evaluate, _settings(options), label="distill train", console=console,
+                             on_checkpoint=on_checkpoint if checkpoint is not None else None, **saved)
     report = {
         "qwenforge_version": __version__,
         "mode": "store",
         "student": str(student_dir),
         "logits": str(logits),
-        "store": {key: index[key] for key in ("teacher", "k", "values", "bytes_per_token", "tokenizer_hash")},
+        "store": {key: index[key] for key in ("teacher", "k", "values", "bytes_per_token", "tokenizer_hash")} | {"student_map": index.get("student_map")},
         "options": asdict(options),
-    } | _outcome(student, result, options.batch_size * (ids.shape[1] - 1), started)
-    if out is not None:
+        "resumed_from_step": saved.get("start_step"),
+        "processes": world,
+        "rank_fingerprints": _fingerprints(trainable, world),
+    } | _outcome(student, result, options.batch_size * world * (ids.shape[1] - 1), started)
+    if out is not None and rank == 0:
         _save(student, student_dir, Path(out), report, force)
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return report
-
