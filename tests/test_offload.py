@@ -43,3 +43,17 @@ def test_calibration_and_fidelity_in_bounded_memory_match(tmp_path, tiny_qwen2, 
     assert bounded["smoke_test"]["reply"] == free["smoke_test"]["reply"]
     model, _ = compare.load(tmp_path / "bounded")
     assert is_offloaded(model)
+
+
+def test_bad_max_memory_is_one_line(tiny_qwen2, tmp_path):
+    import subprocess
+    import sys
+
+    text = tmp_path / "t.txt"
+    text.write_text("Hello there.")
+    result = subprocess.run(
+        [sys.executable, "-m", "qwenforge.cli", "compare", str(tiny_qwen2), str(tiny_qwen2), "--text", str(text), "--max-memory", "lots"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --max-memory lots: not a size; give e.g. 16GiB or 500MB"
