@@ -301,3 +301,8 @@ def test_cli_distill_train_resume_without_checkpoint_is_one_line(student, captur
     command = [sys.executable, "-m", "qwenforge.cli", "distill", "train", str(student), "--logits", str(captured), "--out", str(tmp_path / "o"), "--resume", "--min-coverage", "0.9"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no checkpoint to resume" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_online_with_another_vocabulary_points_to_the_store(teacher, tiny_qwen2):
+    with pytest.raises(QwenforgeError, match="distill capture"):
+        train_online(teacher, tiny_qwen2, DATA / "calibration.txt", DATA / "heldout.txt", None)

@@ -114,7 +114,10 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     if not store.same_vocabulary(teacher_dir, tokenizer):
-        raise QwenforgeError(f"{student_dir} and {teacher_dir} have different tokenizers; online distillation needs one vocabulary")
+        raise QwenforgeError(
+            f"{student_dir} and {teacher_dir} have different tokenizers; online distillation needs one vocabulary: "
+            "run `qwenforge distill capture` on the teacher and `distill train --logits`, which maps vocabularies by token string"
+        )
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
