@@ -88,6 +88,33 @@ def test_atomic_output_leaves_nothing_on_failure_and_refuses_overwrite(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = (
+        "import os, signal, sys; from qwenforge.checkpoint.folder import atomic_output\n"
+        f"with atomic_output({str(out)!r}) as temp:\n"
+        "    (temp / 'shard').write_bytes(b'x' * 1000); print('ready', flush=True); signal.pause()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    live = list(tmp_path.glob(".tmp-out-*"))
+    with atomic_output(tmp_path / "other"):  # another output: never touches out's folder
+        pass
+    assert list(tmp_path.glob(".tmp-out-*")) == live and len(live) == 1
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert list(tmp_path.glob(".tmp-out-*")) == live  # the kill leaves it: nothing looks complete
+    assert not out.exists()
+    with atomic_output(out) as temp:
+        (temp / "shard").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
+    assert [p.name for p in out.iterdir()] == ["shard"]
+
+
 def test_copied_spans_interleave_with_streamed_parts(tmp_path):
     """In-kernel copies of unchanged tensors and ordinary writes produce one valid file."""
     from qwenforge.checkpoint.mapped_reader import MappedReader

@@ -14,6 +14,7 @@ from pathlib import Path
 from qwenforge.errors import QwenforgeError
 
 COMPLETE_MARKER = ".qwenforge-complete"
+OWNER_FILE = ".qwenforge-owner"  # pid of the run writing a temporary folder
 
 
 def read_json(path: Path) -> dict:
@@ -48,19 +49,46 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove `.tmp-OUT-*` folders left by killed runs (their owner process no longer exists)."""
+    removed = []
+    for temp in Path(out).parent.glob(f".tmp-{Path(out).name}-*"):
+        try:
+            pid = int((temp / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge: no owner recorded
+        if not _alive(pid):
+            shutil.rmtree(temp, ignore_errors=True)
+            removed.append(temp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it to `out` only when the block completes.
 
-    An existing `out` is refused unless `force`; a failed or killed run leaves only a
-    `.tmp-*` folder that never looks complete (and is removed on ordinary failures).
+    An existing `out` is refused unless `force`; a failed run removes its `.tmp-*` folder, and a
+    killed one (SIGKILL, power loss) leaves one that never looks complete and that the next run
+    for the same `out` removes once its owner process is gone, so a restart needs no cleaning.
     """
     out = Path(out)
     if out.exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     temp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     temp.mkdir()
+    (temp / OWNER_FILE).write_text(f"{os.getpid()}\n")
     try:
         yield temp
         (temp / COMPLETE_MARKER).write_text("")
@@ -72,6 +100,7 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
         else:
             os.rename(temp, out)
         (out / COMPLETE_MARKER).unlink(missing_ok=True)
+        (out / OWNER_FILE).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
