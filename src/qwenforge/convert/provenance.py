@@ -30,7 +30,7 @@ def hash_in_background(folders: dict[str, Path]) -> tuple[ThreadPoolExecutor, di
     Largest files first, several at once: one thread hashes about 1.5 GB/s, slower than a fast
     disk copies, so at 72B a single hashing thread, not the copy, would set the wall time.
     """
-    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=min(4, max(1, (os.cpu_count() or 1) - 1)))  # a core stays with the copy
     futures = {}
     for role, folder in folders.items():
         for file in sorted(input_files(folder), key=lambda path: -path.stat().st_size):
