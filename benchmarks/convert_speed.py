@@ -3,7 +3,8 @@
     /work/venv/bin/python benchmarks/convert_speed.py [--layers 6 14] [--mergekit /tmp/mergekit-venv/bin/mergekit-yaml]
 
 Builds each checkpoint (Qwen2.5-3B-like widths, bf16, untied head, several shards, random
-values; the 6-layer one is 2.2 GB) by streaming, then times in the same run, each in a fresh
+values; the 6-layer one is 2.2 GB, 187 layers is 30 GB: more than this machine's page cache, so
+the copies read the disk as a 72B conversion would) by streaming, then times in the same run, each in a fresh
 child process whose peak RSS is read from getrusage(RUSAGE_CHILDREN):
   cp         copying the same files (the floor: no work at all);
   convert    `qwenforge convert --qk-norm ones --no-measure` (own tokenizer: copy, graft, padding rows reset);
@@ -73,9 +74,12 @@ def build_checkpoint(folder: Path, layers: int, tokenizer: Path) -> int:
     plan = entries(layers)
     writer = ShardedWriter(folder, plan, max_shard_size="700MB")
     generator = torch.Generator().manual_seed(0)
+    block = torch.randn(1 << 22, generator=generator)  # random values, reused: building 30 GB stays quick
     for name, shape, dtype in plan:
         scale = 1.0 if "norm" in name else 0.02
-        writer.write(name, (torch.randn(shape, generator=generator) * scale).to(dtype))
+        count = torch.Size(shape).numel()
+        values = block.repeat(-(-count // block.numel()))[:count] if count > block.numel() else block[:count]
+        writer.write(name, (values * scale).to(dtype).reshape(shape))
     writer.close()
     config = {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": WIDTHS["hidden"],
