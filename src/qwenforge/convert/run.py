@@ -240,7 +240,8 @@ def convert(
     if vocab_map.new and (new_token_init == "subword" or any(torch.isnan(rows).any() for rows in projected.values())):
         pieces = vocab.subword_pieces(source_tok, [vocab_map.new_tokens[t] for t in vocab_map.new])
     folders = {"source": source} | ({"donor": donor} if donor else {}) | ({"tokenizer": Path(tokenizer)} if tokenizer else {})
-    pool, hashes = provenance.hash_in_background(folders)
+    read_order = [reader.tensors[s.source].file for s in plan["steps"] if s.source in reader.tensors]
+    pool, hashes = provenance.hash_in_background(folders, read_order)
 
     def produce(step) -> torch.Tensor:
         if step.op == "copy":
