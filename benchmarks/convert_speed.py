@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -95,8 +96,20 @@ def build_checkpoint(folder: Path, layers: int, tokenizer: Path) -> int:
     return writer.total_bytes
 
 
+def settle() -> bool:
+    """Flush the previous job's dirty pages (else the next job pays for them) and, where allowed
+    (root), drop the page cache so every job reads the disk, as a 72B conversion does."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
 def measure(command: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of `command` run in a fresh child process."""
+    """(wall seconds, peak RSS bytes) of `command` run in a fresh child process, after `settle()`."""
+    settle()
     result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"failed: {' '.join(command)}\n{result.stderr}")
@@ -157,7 +170,8 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
     gib = 2**30
-    print(f"\ninterpreter baseline RSS (python + torch + qwenforge imports): {baseline / gib:.2f} GiB")
+    print("\nevery job starts after sync" + (" and a dropped page cache (cold reads)" if settle() else " (page cache kept: not root)"))
+    print(f"interpreter baseline RSS (python + torch + qwenforge imports): {baseline / gib:.2f} GiB")
     for row in rows:
         limit = 2 * row["largest_tensor"] + baseline
         print(f"\n{row['layers']} layers: {row['bytes'] / 1e9:.2f} GB in {row['shards']} shards, largest tensor {row['largest_tensor'] / gib:.2f} GiB")
