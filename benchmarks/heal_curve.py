@@ -4,7 +4,9 @@ Converts the embedded SmolLM2-135M-Instruct with calibrated q/k norms (`qwenforg
 then heals it with each `--train` choice (layer-wise then global, equal time budgets) and with
 the closed-form `--method linearize`; heals on data/calibration.txt, evaluates on
 data/heldout.txt. Prints each arm's held-out top-1 agreement and bits-per-byte ratio against the
-source (the baseline, measured in the same run) and writes every curve to heal_curve.json.
+source (the baseline, measured in the same run) and writes every curve to heal_curve.json, with the
+load average around each arm. The linearize output is also measured loaded in bfloat16 (as users load
+it) against the float32 source, next to the source's own bfloat16 copy (the floor bf16 allows).
 
     python benchmarks/heal_curve.py [--minutes 5] [--threads 1] [--out benchmarks/heal_curve.json]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +23,25 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from qwenforge import compare
 from qwenforge.cache import embedded_model
 from qwenforge.convert.run import convert
-from qwenforge.heal import HealOptions, heal
+from qwenforge.heal import HealOptions, default_text, heal
+
+
+def bfloat16_check(source: Path, healed: Path, tokens: int = 1024) -> dict:
+    """Held-out top-1 agreement, KL and bits-per-byte ratio against the float32 source, of bf16 copies."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def bf16(folder: Path):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval(), AutoTokenizer.from_pretrained(folder)
+
+    text, reference = default_text("heldout.txt").read_text(), compare.load(source)
+    figures = {}
+    for name, candidate in (("source_bf16", bf16(source)), ("healed_bf16", bf16(healed)), ("healed_fp32", compare.load(healed))):
+        result = compare.fidelity(reference, candidate, text, max_tokens=tokens)
+        figures[name] = {key: result[key] for key in ("top1_agreement", "kl", "bits_per_byte_ratio")}
+    return figures
 
 
 def main() -> None:
@@ -42,9 +61,14 @@ def main() -> None:
     for arm in args.arms.split(","):
         method = "linearize" if arm == "linearize" else "layerwise+global"
         options = HealOptions(train="norms" if arm == "linearize" else arm, method=method, steps=1000, budget_minutes=args.minutes, eval_every=10, patience=6, threads=args.threads)
-        arm_started = time.perf_counter()
-        report = heal(work / "converted", work / f"healed-{arm.replace('+', '-')}", source, options, console=console)
+        arm_started, load_before = time.perf_counter(), os.getloadavg()
+        healed = work / f"healed-{arm.replace('+', '-')}"
+        report = heal(work / "converted", healed, source, options, console=console)
         report["wall_seconds"] = time.perf_counter() - arm_started
+        report["load_average_before_after"] = [load_before, os.getloadavg()]
+        if arm == "linearize":
+            report["bfloat16"] = bfloat16_check(source, healed)
+            console.print(f"linearize loaded in bfloat16 vs the float32 source: {report['bfloat16']}")
         results["arms"][arm] = report
         after, before = report["after"], report["before"]
         console.print(

@@ -139,6 +139,10 @@ def test_heal_refusals(tiny_llama, tiny_converted, tmp_path):
     short.write_text("Too short.")
     with pytest.raises(QwenforgeError, match="tokens"):
         heal(tiny_converted, tmp_path / "o", tiny_llama, _quick(text=str(short)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(QwenforgeError, match="empty.txt: only 0 tokens"):
+        heal(tiny_converted, tmp_path / "o", tiny_llama, _quick(text=str(empty)))
     from qwenforge.distill.init_student import init_student
 
     one_layer = tmp_path / "one-layer"
@@ -184,3 +188,155 @@ def test_convert_with_heal_heals_in_place(tmp_path, tiny_llama):
     assert report["after"]["top1_agreement"] > report["before"]["top1_agreement"] - 1e-9
     assert report["after"]["top1_agreement"] >= 0.99
     assert [p.name for p in tmp_path.iterdir()] == ["converted-healed"]
+
+
+@pytest.fixture(scope="module")
+def teacher_store(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny Llama's top-16 log-probabilities on the calibration text, captured by the distillation store."""
+    from qwenforge.distill.store import capture
+
+    out = tmp_path_factory.mktemp("heal") / "store"
+    capture(tiny_llama, DATA / "calibration.txt", out, k=16, sequence_length=48, max_tokens=48 * 9)
+    return out
+
+
+@pytest.fixture(scope="module")
+def off_norms(tmp_path_factory, qwen3_tokenizer_dir) -> tuple[Path, Path, Path]:
+    """(teacher, student, store): a tiny Qwen3, the same model with its q/k norm weights scaled by 0.3-3x, the teacher's top-16."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from qwenforge.distill.store import capture
+    from qwenforge.fixtures.tiny import build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("heal-store")
+    teacher = build_tiny_checkpoint("qwen3", root / "teacher", qwen3_tokenizer_dir, initializer_range=0.2)
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.mul_(torch.empty(norm.weight.shape).uniform_(0.3, 3.0, generator=generator))
+    model.save_pretrained(root / "student")
+    for item in teacher.iterdir():
+        if not (root / "student" / item.name).exists():
+            shutil.copy2(item, root / "student" / item.name)
+    capture(teacher, DATA / "calibration.txt", root / "store", k=16, sequence_length=48, max_tokens=48 * 9)
+    return teacher, root / "student", root / "store"
+
+
+def test_heal_from_a_teacher_store_lowers_heldout_kl_without_loading_the_teacher(off_norms, tmp_path, monkeypatch):
+    import qwenforge.heal as heal_module
+
+    teacher, student, store = off_norms
+    loaded = []
+    real_load = heal_module._load
+    monkeypatch.setattr(heal_module, "_load", lambda folder, what: loaded.append(what) or real_load(folder, what))
+    report = heal(student, tmp_path / "healed", teacher, _quick(train="norms", method="global", steps=12, learning_rate=0.1, eval_tokens=96), teacher_logits=store)
+    assert loaded == ["converted model"]
+    kls = [row["kl"] for row in report["phases"]["global"]["history"]]
+    assert kls == sorted(kls, reverse=True) and report["after"]["kl"] < 0.6 * report["before"]["kl"]
+    assert report["teacher_logits"]["k"] == 16 and report["heldout_text"] == str(store)
+    with pytest.raises(QwenforgeError, match="hidden states"):
+        heal(student, tmp_path / "o", teacher, _quick(method="layerwise+global"), teacher_logits=store)
+    with pytest.raises(QwenforgeError, match="store holds the text"):
+        heal(student, tmp_path / "o", teacher, _quick(method="global", text=str(DATA / "calibration.txt")), teacher_logits=store)
+    with pytest.raises(QwenforgeError, match="capture more text"):
+        heal(student, tmp_path / "o", teacher, _quick(method="global", eval_tokens=48 * 9), teacher_logits=store)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_store_of_another_tokenizer_is_refused(off_norms, tiny_llama, tiny_converted, tmp_path):
+    with pytest.raises(QwenforgeError, match="another tokenizer than the teacher"):
+        heal(tiny_converted, tmp_path / "o", tiny_llama, _quick(method="global"), teacher_logits=off_norms[2])
+    assert not (tmp_path / "o").exists()
+
+
+def test_linearize_needs_no_teacher_and_a_store_measures_it(tiny_llama, tiny_converted, teacher_store, tmp_path):
+    linearized = heal(tiny_converted, tmp_path / "linearized", tiny_llama, _quick(method="linearize", eval_tokens=96), teacher_logits=teacher_store)
+    assert linearized["before"]["top1_agreement"] < 1.0 == linearized["after"]["top1_agreement"]
+    assert linearized["after"]["kl"] < 1e-3 < linearized["before"]["kl"]
+
+
+def test_a_teacher_that_does_not_fit_is_refused_with_the_way_out(tiny_llama, tiny_converted, teacher_store, tmp_path):
+    import subprocess
+    import sys
+
+    from qwenforge.checkpoint.folder import read_config
+    from qwenforge.devices import GIB
+    from qwenforge.heal import memory_estimate
+
+    options = _quick(method="linearize", eval_tokens=96)
+    live = memory_estimate(tiny_llama, read_config(tiny_llama), tiny_converted, read_config(tiny_converted), options, store=False)
+    stored = memory_estimate(tiny_llama, read_config(tiny_llama), tiny_converted, read_config(tiny_converted), options, store=True)
+    assert live["teacher"] > 0 == stored["teacher"] and live["student"] == stored["student"] > 1_000_000
+    between = (stored["total"] + live["total"]) / 2 / GIB  # the student fits, teacher and student do not
+    result = subprocess.run(
+        [sys.executable, "-m", "qwenforge.cli", "heal", str(tiny_converted), str(tmp_path / "o"), "--teacher", str(tiny_llama), "--memory", str(between)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "distill capture" in result.stderr and "--teacher-logits" in result.stderr
+    layerwise = subprocess.run(
+        [sys.executable, "-m", "qwenforge.cli", "heal", str(tiny_converted), str(tmp_path / "o"), "--teacher", str(tiny_llama), "--teacher-logits", str(teacher_store), "--method", "layerwise"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert layerwise.returncode == 2 and "hidden states" in layerwise.stderr
+    assert not (tmp_path / "o").exists()
+    report = heal(tiny_converted, tmp_path / "o", tiny_llama, HealOptions(**{**options.__dict__, "memory_gb": between}), teacher_logits=teacher_store)
+    assert report["after"]["top1_agreement"] == 1.0
+    with pytest.raises(QwenforgeError, match="student alone"):
+        heal(tiny_converted, tmp_path / "o2", tiny_llama, HealOptions(**{**options.__dict__, "memory_gb": stored["total"] / 2 / GIB}), teacher_logits=teacher_store)
+
+
+def test_teacher_and_student_without_a_shared_vocabulary_are_refused(tiny_llama, tiny_converted, tmp_path):
+    """A teacher whose tokenizer names no token at the same id: refused before any weights load."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    teacher = tmp_path / "other-vocab"
+    shutil.copytree(tiny_llama, teacher)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (teacher / name).unlink(missing_ok=True)
+    vocab = {f"<word{i}>": i for i in range(200)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<word0>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(teacher / "tokenizer.json"))
+    (teacher / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(QwenforgeError, match="share no vocabulary"):
+        heal(tiny_converted, tmp_path / "o", teacher, _quick(method="global"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_restores_weights_optimizer_and_step(off_norms, tmp_path, monkeypatch):
+    """A heal killed after its first checkpoint and resumed ends with the uninterrupted heal's weights."""
+    from safetensors.torch import load_file
+
+    teacher, student, store = off_norms
+    options = _quick(train="norms", method="global", steps=8, eval_every=4, patience=10, learning_rate=0.1, eval_tokens=96)
+    whole = heal(student, tmp_path / "whole", teacher, options, teacher_logits=store)
+    assert whole["phases"]["global"]["best_step"] == 8
+    real_loss, calls = engine.distillation_loss, []
+
+    def dies_at_step_six(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "distillation_loss", dies_at_step_six)
+    with pytest.raises(RuntimeError, match="killed"):
+        heal(student, tmp_path / "resumed", teacher, options, teacher_logits=store)
+    monkeypatch.setattr(engine, "distillation_loss", real_loss)
+    work = tmp_path / ".heal-work-resumed"
+    assert json.loads((work / "global.json").read_text())["step"] == 4 and (work / "global-optimizer.safetensors").exists()
+    resumed = heal(student, tmp_path / "resumed", teacher, options, teacher_logits=store, resume=True)
+    assert [row["step"] for row in resumed["phases"]["global"]["history"]] == [0, 4, 8]
+    expected, got = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    norms = [name for name in expected if name.endswith(("q_norm.weight", "k_norm.weight"))]
+    assert norms and not torch.equal(expected[norms[0]], load_file(str(student / "model.safetensors"))[norms[0]])
+    for name in norms:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
+    assert resumed["after"]["kl"] == pytest.approx(whole["after"]["kl"], rel=1e-6)

@@ -286,13 +286,19 @@ def heal(
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Evaluation text, different from --text; default: the packaged held-out text."),
     steps: int = typer.Option(300, "--steps", help="Steps per phase (layerwise, global)."),
     train: str = typer.Option("norms+qk-lora", "--train", help="What is trained: norms, norms+qk-lora (merged back) or attention."),
-    method: str = typer.Option("layerwise+global", "--method", help="global, layerwise, layerwise+global, or linearize (closed form, seconds)."),
+    method: Optional[str] = typer.Option(
+        None, "--method", help="global, layerwise, layerwise+global (default; global with --teacher-logits), or linearize (closed form, seconds)."
+    ),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop after this much healing time."),
     divergence: str = typer.Option("forward", "--divergence", help="forward, reverse, jsd or tvd (global phase)."),
     temperature: float = typer.Option(1.0, "--temperature"),
     learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default depends on --train."),
     lora_rank: int = typer.Option(16, "--lora-rank"),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted heal into the same OUT."),
+    teacher_logits: Optional[Path] = typer.Option(
+        None, "--teacher-logits", help="A `qwenforge distill capture` store of the teacher: heal without loading its weights (global or linearize)."
+    ),
+    memory: Optional[float] = typer.Option(None, "--memory", help="Usable memory in GiB; default: what is available now."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted heal into the same OUT (weights, optimizer, step)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -304,11 +310,11 @@ def heal(
     from qwenforge.heal import heal as run_heal
 
     options = HealOptions(
-        train=train, method=method, steps=steps, budget_minutes=budget_minutes, text=str(text) if text else None,
+        train=train, method=method or ("global" if teacher_logits else "layerwise+global"), steps=steps, budget_minutes=budget_minutes, text=str(text) if text else None,
         heldout=str(heldout) if heldout else None, divergence=divergence, temperature=temperature,
-        learning_rate=learning_rate, lora_rank=lora_rank,
+        learning_rate=learning_rate, lora_rank=lora_rank, memory_gb=memory,
     )
-    report = run_heal(converted, out, teacher, options, force=force, resume=resume, console=None if as_json else console)
+    report = run_heal(converted, out, teacher, options, teacher_logits=teacher_logits, force=force, resume=resume, console=None if as_json else console)
     if as_json:
         print_json({key: report[key] for key in ("before", "after", "trainable_parameters", "seconds_total")})
         return

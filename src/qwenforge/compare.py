@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from qwenforge.distill import engine
 from qwenforge.errors import QwenforgeError
 
 Loaded = tuple  # (model, tokenizer)
@@ -47,7 +48,7 @@ def _windows(ids: torch.Tensor, window: int):
         yield ids[start : start + window + 1]
 
 
-def _shared_ids(tokenizer_a, tokenizer_b, rows_a: int, rows_b: int) -> torch.Tensor:
+def shared_ids(tokenizer_a, tokenizer_b, rows_a: int, rows_b: int) -> torch.Tensor:
     """Ids that name the same token string in both tokenizers (padding rows excluded)."""
     vocab_a, vocab_b = tokenizer_a.get_vocab(), tokenizer_b.get_vocab()
     shared = sorted(i for token, i in vocab_a.items() if vocab_b.get(token) == i and i < rows_a and i < rows_b)
@@ -102,43 +103,32 @@ def fidelity(
 
     ref_rows = ref_model.get_output_embeddings().weight.shape[0]
     cand_rows = cand_model.get_output_embeddings().weight.shape[0]
-    shared = _shared_ids(ref_tok, cand_tok, ref_rows, cand_rows)
+    shared = shared_ids(ref_tok, cand_tok, ref_rows, cand_rows)
     compare_layers = (
         ref_model.config.hidden_size == cand_model.config.hidden_size
         and ref_model.config.num_hidden_layers == cand_model.config.num_hidden_layers
     )
-    totals = {"ref_nll": 0.0, "cand_nll": 0.0, "kl": 0.0, "agree": 0, "count": 0}
+    figures = engine.Fidelity()  # the one implementation of KL, agreement, bits per byte (heal and distill use it too)
     cosine_sums = None
     for segment in _windows(ref_ids, window):
         inputs, targets = segment[:-1].unsqueeze(0), segment[1:]
         ref_out = ref_model(inputs, output_hidden_states=compare_layers)
         cand_out = cand_model(inputs, output_hidden_states=compare_layers)
-        ref_logits, cand_logits = ref_out.logits[0].float(), cand_out.logits[0].float()
-        totals["ref_nll"] += torch.nn.functional.cross_entropy(ref_logits, targets, reduction="sum").item()
-        totals["cand_nll"] += torch.nn.functional.cross_entropy(cand_logits, targets, reduction="sum").item()
-        ref_log = torch.log_softmax(ref_logits[:, shared], -1)
-        cand_log = torch.log_softmax(cand_logits[:, shared], -1)
-        # per-token KL is >= 0; clamping removes float32 rounding noise of identical distributions
-        totals["kl"] += (ref_log.exp() * (ref_log - cand_log)).sum(-1).clamp_min(0).sum().item()
-        totals["agree"] += (ref_log.argmax(-1) == cand_log.argmax(-1)).sum().item()
-        totals["count"] += len(targets)
+        figures.add(cand_out.logits[0], torch.log_softmax(ref_out.logits[0].float(), -1), targets, 0, shared)
         if compare_layers:
             cosines = [
                 torch.nn.functional.cosine_similarity(a[0].float(), b[0].float(), dim=-1).sum().item()
                 for a, b in zip(ref_out.hidden_states, cand_out.hidden_states)
             ]
             cosine_sums = cosines if cosine_sums is None else [x + y for x, y in zip(cosine_sums, cosines)]
-    count = totals["count"]
-    predicted_bytes = len(text.encode()) - len(ref_tok.decode(ref_ids[:1]).encode())
-    for name, key in (("reference", "ref_nll"), ("candidate", "cand_nll")):
-        result[name] = {
-            "tokens": len(ref_ids),
-            "bits_per_byte": totals[key] / math.log(2) / max(predicted_bytes, 1),
-            "perplexity": math.exp(totals[key] / count),
-        }
+    figures.text_bytes = len(text.encode()) - len(ref_tok.decode(ref_ids[:1]).encode())  # the bytes predicted
+    summary = figures.summary()
+    count = summary["positions"]
+    result["reference"] = {"tokens": len(ref_ids), "bits_per_byte": summary["teacher_bits_per_byte"], "perplexity": summary["teacher_perplexity"]}
+    result["candidate"] = {"tokens": len(ref_ids), "bits_per_byte": summary["bits_per_byte"], "perplexity": summary["perplexity"]}
     result["bits_per_byte_ratio"] = result["candidate"]["bits_per_byte"] / result["reference"]["bits_per_byte"]
-    result["kl"] = totals["kl"] / count
-    result["top1_agreement"] = totals["agree"] / count
+    result["kl"] = max(summary["kl"], 0.0)  # KL >= 0; identical models can sum to float32 rounding noise below 0
+    result["top1_agreement"] = summary["top1_agreement"]
     if cosine_sums is not None:
         result["layer_cosine"] = [value / count for value in cosine_sums]  # index 0: embeddings
     return result

@@ -13,6 +13,9 @@ Qwen3 model the student. Two methods, combinable:
 Only what the conversion changed is trained (`--train norms`: q_norm/k_norm; `norms+qk-lora`:
 plus low-rank q/k updates merged back; `attention`: every attention weight). Held-out KL picks
 the best checkpoint; the output is a plain Qwen3 checkpoint plus heal_report.json and a plot.
+A teacher that does not fit beside the student is refused with the way out: capture its top-k once
+(`qwenforge distill capture`) and heal from that store (`--teacher-logits`, weights never loaded).
+`--resume` restores the trainable weights, the optimizer's moments and the step.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class HealOptions:
     layerwise_share: float = 0.6  # of the time budget, for layerwise+global
     threads: int | None = None
     seed: int = 0
+    memory_gb: float | None = None  # usable memory; default: what this machine has available now
 
 
 def default_text(name: str) -> Path:
@@ -179,31 +183,73 @@ def layerwise_loss(student, targets: list[tuple[dict, torch.Tensor]]) -> torch.T
 # --- the verb ------------------------------------------------------------------------------------
 
 
-def _check_pair(teacher_dir: Path, student_dir: Path, student_tokenizer, teacher, student, method: str) -> torch.Tensor:
-    """The shared vocabulary: ids naming the same token in both, below both row counts; refuses unusable pairs.
+def _shared_vocabulary(teacher_dir: Path, student_dir: Path, student_tokenizer, teacher_rows: int, student_rows: int):
+    """(shared ids, teacher tokenizer): ids naming the same token in both, below both row counts.
 
     KL and agreement are measured and trained on these ids only: rows the conversion transplanted
-    (new tokens) or padded have no counterpart in the teacher.
+    (new tokens) or padded have no counterpart in the teacher. Reads tokenizers only, no weights.
     """
     from transformers import AutoTokenizer
 
     from qwenforge.checkpoint.folder import sha256_of
+    from qwenforge.compare import shared_ids
 
-    student_vocab = student_tokenizer.get_vocab()
     same_file = all((folder / "tokenizer.json").exists() for folder in (teacher_dir, student_dir)) and sha256_of(
         teacher_dir / "tokenizer.json"
     ) == sha256_of(student_dir / "tokenizer.json")
-    teacher_vocab = student_vocab if same_file else AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
-    rows = min(teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0])
-    shared = torch.tensor(sorted(index for token, index in student_vocab.items() if teacher_vocab.get(token) == index and index < rows), dtype=torch.long)
+    teacher_tokenizer = student_tokenizer if same_file else AutoTokenizer.from_pretrained(teacher_dir)
+    shared = shared_ids(student_tokenizer, teacher_tokenizer, student_rows, teacher_rows)
     if len(shared) == 0:
         raise QwenforgeError(f"{student_dir} and {teacher_dir} share no vocabulary (no token at the same id); heal needs the converted model's source as --teacher")
-    if "layerwise" in method and len(teacher.model.layers) != len(student.model.layers):
+    return shared, teacher_tokenizer
+
+
+def _check_layers(teacher_config: dict, student_config: dict, method: str) -> None:
+    teacher_layers, student_layers = teacher_config.get("num_hidden_layers"), student_config.get("num_hidden_layers")
+    if "layerwise" in method and teacher_layers != student_layers:
         raise QwenforgeError(
-            f"--method {method} matches layer to layer, but the teacher has {len(teacher.model.layers)} layers and the student "
-            f"{len(student.model.layers)}; use --method global"
+            f"--method {method} matches layer to layer, but the teacher has {teacher_layers} layers and the student "
+            f"{student_layers}; use --method global"
         )
-    return shared
+
+
+def _weights_bytes(folder: Path, config: dict) -> int:
+    """Float32 bytes of a checkpoint's weights: from its architecture, else from its files (assumed 16-bit)."""
+    from qwenforge.arch.spec import spec_from_config, weight_bytes
+
+    try:
+        return weight_bytes(spec_from_config(config, str(folder / "config.json")))["fp32"]
+    except QwenforgeError:
+        return 2 * sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, store: bool) -> dict:
+    """Bytes heal holds: both models in float32 (no teacher with a store), held-out teacher
+    log-probabilities, and one batch's logits about four times over (teacher, student, softmax, gradient)."""
+    vocab = max(int(teacher_config.get("vocab_size", 0)), int(student_config.get("vocab_size", 0)))
+    estimate = {
+        "teacher": 0 if store else _weights_bytes(teacher_dir, teacher_config),
+        "student": _weights_bytes(student_dir, student_config),
+        "working": 4 * vocab * (options.eval_tokens + 4 * options.batch_size * options.sequence_length),
+    }
+    estimate["total"] = sum(estimate.values())
+    return estimate
+
+
+def _check_memory(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, store: Path | None) -> dict:
+    from qwenforge.devices import GIB, available_memory
+
+    estimate = memory_estimate(teacher_dir, teacher_config, student_dir, student_config, options, store is not None)
+    available = int(options.memory_gb * GIB) if options.memory_gb else available_memory("cpu")
+    if estimate["total"] <= available:
+        return estimate
+    needed = f"about {estimate['total'] / GIB:.2f} GiB ({available / GIB:.2f} GiB available)"
+    if store is not None:
+        raise QwenforgeError(f"{student_dir}: the student alone needs {needed} in float32; heal it on a machine with more memory")
+    raise QwenforgeError(
+        f"{teacher_dir}: teacher and student together need {needed} in float32; capture the teacher's logits once with "
+        f"`qwenforge distill capture {teacher_dir} --data TEXT --out STORE` and heal with --teacher-logits STORE"
+    )
 
 
 def _load(folder: Path, what: str):
@@ -214,6 +260,75 @@ def _load(folder: Path, what: str):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     except (OSError, ValueError) as error:
         raise QwenforgeError(f"{folder}: cannot load the {what} ({str(error).splitlines()[0]}); give a checkpoint folder") from error
+
+
+# --- a stored teacher (`--teacher-logits`) ---------------------------------------------------------
+
+
+def rebuilt_logprobs(indices: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A full teacher distribution from its stored top-k, the tail mass spread evenly over the other tokens.
+
+    Lets held-out agreement and bits per byte come from the one Fidelity implementation: top-1 and the
+    label's log-probability are exact whenever the store lists them (the label almost always, at k=64).
+    """
+    kept = logprobs.float().clamp(max=0)
+    tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
+    rebuilt = (tail / max(vocab - indices.shape[-1], 1)).log().expand(*indices.shape[:-1], vocab).clone()
+    rebuilt.scatter_(-1, indices.long(), kept)
+    return rebuilt - torch.logsumexp(rebuilt, -1, keepdim=True)
+
+
+def _store_fidelity(student, sequences, indices, logprobs, byte_counts, shared, shared_mask, teacher_rows) -> dict:
+    """Held-out figures against a store: engine.Fidelity on the rebuilt teacher (agreement, bits per byte,
+    perplexity), with KL on the stored top-k plus one tail bucket (zero when the student is the teacher)."""
+    fidelity, kl = engine.Fidelity(), 0.0
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        for ids, top_indices, top_logprobs, nbytes in zip(sequences, indices, logprobs, byte_counts):
+            logits = student(ids[None, :-1]).logits[0]
+            fidelity.add(logits, rebuilt_logprobs(top_indices, top_logprobs, teacher_rows), ids[1:], nbytes, shared)
+            kl += float(engine.topk_divergence(_shared_logits(logits, shared_mask), *_store_targets(top_indices, top_logprobs, shared, teacher_rows, len(shared_mask))).sum())
+    student.train(was_training)
+    return {**fidelity.summary(), "kl": kl / fidelity.positions}
+
+
+def _read_store(folder: Path, teacher_tokenizer, teacher_config: dict, options: HealOptions):
+    """(train ids, train top-k indices, train top-k log-probs, held-out ids, held-out indices, held-out log-probs, index).
+
+    The store's last sequences (--eval-tokens worth) are held out; the rest heals.
+    """
+    from qwenforge.distill import store
+
+    index = store.open_store(folder)
+    if index.get("tokenizer_hash") != store.tokenizer_hash(teacher_tokenizer):
+        raise QwenforgeError(f"{folder}: captured with another tokenizer than the teacher's; capture the converted model's source")
+    if int(index.get("vocab_size", -1)) != int(teacher_config.get("vocab_size", -2)):
+        raise QwenforgeError(f"{folder}: captured from a model with {index.get('vocab_size')} vocabulary rows, the teacher has {teacher_config.get('vocab_size')}; capture this teacher")
+    ids, indices, values = (torch.cat(parts) for parts in zip(*store.iterate_store(folder, index)))
+    held = max(1, math.ceil(options.eval_tokens / (ids.shape[1] - 1)))
+    if options.method == "linearize":
+        held = min(held, len(ids))
+    elif len(ids) <= held:
+        raise QwenforgeError(
+            f"{folder}: {len(ids)} sequences of {ids.shape[1] - 1} tokens; heal holds out the last {held} and heals on the rest: capture more text"
+        )
+    split = len(ids) - held
+    return ids[:split], indices[:split], values[:split], ids[split:], indices[split:], values[split:], index
+
+
+def _store_targets(indices: torch.Tensor, values: torch.Tensor, shared: torch.Tensor, teacher_rows: int, extra: int):
+    """Stored top-k in the shared vocabulary: entries outside it point at column `extra` with no mass (they join the tail)."""
+    mask = torch.zeros(max(teacher_rows, int(indices.max()) + 1), dtype=torch.bool)
+    mask[shared] = True
+    keep = mask[indices]
+    return indices.where(keep, torch.full_like(indices, extra)), values.where(keep, torch.full_like(values, -1e4))
+
+
+def _shared_logits(logits: torch.Tensor, shared_mask: torch.Tensor) -> torch.Tensor:
+    """Student logits with ids outside the shared vocabulary (and one extra column) at no mass."""
+    masked = logits.float().masked_fill(~shared_mask, -1e4)
+    return torch.cat([masked, torch.full_like(masked[..., :1], -1e4)], -1)
 
 
 def _plot(history_by_phase: dict[str, list[dict]], path: Path, before: dict) -> None:
@@ -240,30 +355,62 @@ def _work_folder(out: Path) -> Path:
 
 
 def _save_progress(work: Path, phase: str, student, state: dict) -> None:
-    """What --resume needs: the trainable weights now and the loop's history (optimizer restarts)."""
+    """What --resume needs: the trainable weights now and at the best held-out KL, the optimizer, the step and history."""
     from safetensors.torch import save_file
 
     work.mkdir(parents=True, exist_ok=True)
     trainable = {name: p.detach().contiguous() for name, p in student.named_parameters() if p.requires_grad}
     save_file(trainable, str(work / f"{phase}.safetensors"))
-    write_json(work / f"{phase}.json", {"step": state["step"], "seconds": state["seconds"], "history": state["history"]})
+    saved = {"step": state["step"], "seconds": state["seconds"], "history": state["history"]}
+    if state.get("best_state") is not None:
+        save_file({name: value.contiguous() for name, value in state["best_state"].items()}, str(work / f"{phase}-best.safetensors"))
+    if state.get("optimizer") is not None:  # safetensors holds the moments; the settings go to JSON
+        moments = {f"{index}.{key}": value.contiguous() for index, entry in state["optimizer"]["state"].items() for key, value in entry.items()}
+        save_file(moments, str(work / f"{phase}-optimizer.safetensors"))
+        saved["optimizer_groups"] = state["optimizer"]["param_groups"]
+    write_json(work / f"{phase}.json", saved)
 
 
 def _load_progress(work: Path, phase: str, student) -> dict | None:
+    """The saved state of `phase` with the trainable weights copied into `student` (None: nothing saved)."""
     from safetensors.torch import load_file
 
     if not (work / f"{phase}.json").exists():
         return None
-    saved = load_file(str(work / f"{phase}.safetensors"))
+    progress = json.loads((work / f"{phase}.json").read_text())
     parameters = dict(student.named_parameters())
     with torch.no_grad():
-        for name, value in saved.items():
+        for name, value in load_file(str(work / f"{phase}.safetensors")).items():
             parameters[name].copy_(value)
-    return json.loads((work / f"{phase}.json").read_text())
+    if (work / f"{phase}-best.safetensors").exists():
+        progress["best_state"] = load_file(str(work / f"{phase}-best.safetensors"))
+    if progress.get("optimizer_groups") is not None:
+        state: dict[int, dict] = {}
+        for key, value in load_file(str(work / f"{phase}-optimizer.safetensors")).items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        progress["optimizer"] = {"state": state, "param_groups": progress.pop("optimizer_groups")}
+    return progress
 
 
-def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = HealOptions(), *, force: bool = False, resume: bool = False, console=None) -> dict:
-    """Heal `converted` against its source `teacher_dir`; writes OUT and returns the report."""
+def heal(
+    converted: Path,
+    out: Path,
+    teacher_dir: Path,
+    options: HealOptions = HealOptions(),
+    *,
+    teacher_logits: Path | None = None,
+    force: bool = False,
+    resume: bool = False,
+    console=None,
+) -> dict:
+    """Heal `converted` against its source `teacher_dir`; writes OUT and returns the report.
+
+    With `teacher_logits` (a `qwenforge distill capture` store of the teacher) the teacher's weights are
+    never loaded: its config and tokenizer are read, the global phase trains on the stored top-k and the
+    store's last sequences are the held-out text. `linearize` needs no teacher at all; the store only
+    measures it. `layerwise` needs the teacher's hidden states, so it needs the live teacher.
+    """
     from transformers import AutoTokenizer
 
     converted, out, teacher_dir = Path(converted), Path(out), Path(teacher_dir)
@@ -273,38 +420,66 @@ def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = H
         raise QwenforgeError(f"--train {options.train}: choose one of {', '.join(TRAIN_CHOICES)}")
     if out.exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
+    if teacher_logits is not None:
+        teacher_logits = Path(teacher_logits)
+        if "layerwise" in options.method:
+            raise QwenforgeError(f"--method {options.method} needs the live teacher's hidden states; with --teacher-logits use --method global or linearize")
+        if options.text or options.heldout:
+            raise QwenforgeError(f"{teacher_logits}: the store holds the text (its last sequences are held out); drop --text/--heldout or capture that text")
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     started = time.perf_counter()
 
-    text_path = Path(options.text) if options.text else default_text("calibration.txt")
-    heldout_path = Path(options.heldout) if options.heldout else default_text("heldout.txt")
-    for path in (text_path, heldout_path):
-        if not path.exists():
-            raise QwenforgeError(f"{path}: text file not found")
-    heal_text, heldout_text = text_path.read_text(), heldout_path.read_text()
-    if heal_text.strip() == heldout_text.strip():
-        raise QwenforgeError(f"{text_path} and {heldout_path} are the same text; evaluate on text the model was not healed on")
-
-    teacher = _load(teacher_dir, "teacher")
-    student = _load(converted, "converted model")
+    teacher_config, student_config = read_config(teacher_dir), read_config(converted)
     tokenizer = AutoTokenizer.from_pretrained(converted)
-    shared_vocab = _check_pair(teacher_dir, converted, tokenizer, teacher, student, options.method)
-    train_sequences = engine.token_sequences(tokenizer, heal_text, options.sequence_length, options.heal_tokens, str(text_path))
-    eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout_path))
+    teacher_rows, student_rows = int(teacher_config.get("vocab_size", 0)), int(student_config.get("vocab_size", 0))
+    shared_vocab, teacher_tokenizer = _shared_vocabulary(teacher_dir, converted, tokenizer, teacher_rows, student_rows)
+    _check_layers(teacher_config, student_config, options.method)
+
+    teacher = None
+    if teacher_logits is None:
+        text_path = Path(options.text) if options.text else default_text("calibration.txt")
+        heldout_path = Path(options.heldout) if options.heldout else default_text("heldout.txt")
+        for path in (text_path, heldout_path):
+            if not path.exists():
+                raise QwenforgeError(f"{path}: text file not found")
+        heal_text, heldout_text = text_path.read_text(), heldout_path.read_text()
+        if heal_text.strip() == heldout_text.strip():
+            raise QwenforgeError(f"{text_path} and {heldout_path} are the same text; evaluate on text the model was not healed on")
+        train_sequences = engine.token_sequences(tokenizer, heal_text, options.sequence_length, options.heal_tokens, str(text_path))
+        eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout_path))
+        estimate = _check_memory(teacher_dir, teacher_config, converted, student_config, options, None)
+        teacher = _load(teacher_dir, "teacher")
+        eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
+        store_facts = None
+    else:
+        estimate = _check_memory(teacher_dir, teacher_config, converted, student_config, options, teacher_logits)
+        train_ids, train_indices, train_values, eval_ids, eval_indices, eval_values, index = _read_store(teacher_logits, teacher_tokenizer, teacher_config, options)
+        train_sequences, eval_sequences = list(train_ids[: max(1, options.heal_tokens // (train_ids.shape[1] - 1))]), list(eval_ids)
+        text_path = heldout_path = teacher_logits
+        store_facts = {"store": str(teacher_logits), "heldout_kl": "stored top-k plus one tail bucket", "k": index["k"], "values": index["values"], "data": index.get("data"), "sequence_length": index["sequence_length"]}
+    student = _load(converted, "converted model")
     eval_bytes = engine.byte_counts(tokenizer, eval_sequences)
-    eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
-    evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes, shared_vocab)  # noqa: E731
+    shared_mask = torch.zeros(student_rows, dtype=torch.bool)
+    shared_mask[shared_vocab] = True
+    if teacher_logits is None:
+        evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes, shared_vocab)  # noqa: E731
+    else:
+        evaluate = lambda: _store_fidelity(student, eval_sequences, eval_indices, eval_values, eval_bytes, shared_vocab, shared_mask, teacher_rows)  # noqa: E731
 
     before = evaluate()
     if options.method == "linearize":
-        return _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, text_path, heldout_path, started, force)
+        report = _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts)
+        return report
     named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
     trainable_count = sum(p.numel() for p in named.values())
     learning_rate = options.learning_rate or {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4}[options.train]
-    batches = [torch.stack(train_sequences[i : i + options.batch_size]) for i in range(0, len(train_sequences), options.batch_size)]
-    batches = [b for b in batches if len(b) == options.batch_size] or batches[:1]
+    starts = [i for i in range(0, len(train_sequences), options.batch_size) if i + options.batch_size <= len(train_sequences)] or [0]
+    batches = [torch.stack(train_sequences[i : i + options.batch_size]) for i in starts]
+    if teacher_logits is not None:
+        targets_topk = _store_targets(train_indices, train_values, shared_vocab, teacher_rows, student_rows)
+        batch_topk = [(targets_topk[0][i : i + options.batch_size], targets_topk[1][i : i + options.batch_size]) for i in starts]
     work = _work_folder(out)
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
@@ -319,16 +494,24 @@ def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = H
         if phase == "layerwise":
             targets = [capture_attention_io(teacher, batch) for batch in batches]
             step_loss = lambda step: layerwise_loss(student, targets[step % len(targets)])  # noqa: E731
+        elif teacher_logits is not None:
+            targets = None
+
+            def step_loss(step: int) -> torch.Tensor:
+                batch, (indices, values) = batches[step % len(batches)], batch_topk[step % len(batches)]
+                student_logits = _shared_logits(student(batch[:, :-1]).logits, shared_mask)
+                return engine.distillation_loss(student_logits, batch[:, 1:], teacher_topk=(indices, values), kind=options.divergence, temperature=options.temperature)
+
         else:
             targets = None
 
             def step_loss(step: int) -> torch.Tensor:
                 batch = batches[step % len(batches)]
                 with torch.no_grad():
-                    teacher_logits = teacher(batch[:, :-1]).logits
+                    teacher_logits_now = teacher(batch[:, :-1]).logits
                 student_logits = student(batch[:, :-1]).logits
                 return engine.distillation_loss(
-                    student_logits[..., shared_vocab], batch[:, 1:], teacher_logits=teacher_logits[..., shared_vocab], kind=options.divergence, temperature=options.temperature
+                    student_logits[..., shared_vocab], batch[:, 1:], teacher_logits=teacher_logits_now[..., shared_vocab], kind=options.divergence, temperature=options.temperature
                 )
 
         saved = _load_progress(work, phase, student) if resume else None
@@ -342,12 +525,17 @@ def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = H
                 eval_every=options.eval_every,
                 patience=options.patience,
             )
+            start_step = saved["step"] if saved else 0
             results[phase] = engine.run_loop(
                 named, step_loss, evaluate, settings, label=f"heal {phase}", console=console,
-                start_step=saved["step"] if saved else 0, elapsed=saved["seconds"] if saved else 0.0,
-                history=saved["history"] if saved else None,
+                start_step=start_step, elapsed=saved["seconds"] if saved else 0.0,
+                history=saved["history"] if saved else None, optimizer_state=saved.get("optimizer") if saved else None,
                 on_checkpoint=lambda state, phase=phase: _save_progress(work, phase, student, state),
             )
+            if saved and saved.get("best_state") and results[phase].best["step"] < start_step:
+                with torch.no_grad():  # no better point after resuming: the loop kept the resumed weights, not the best
+                    for name, value in saved["best_state"].items():
+                        named[name].copy_(value)
             _save_progress(work, phase, student, {"step": results[phase].steps, "seconds": results[phase].seconds, "history": results[phase].history})
             progress_file = work / f"{phase}.json"
             write_json(progress_file, {**json.loads(progress_file.read_text()), "done": True})
@@ -365,12 +553,14 @@ def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = H
         "qwenforge_version": __version__,
         "converted": str(converted),
         "teacher": str(teacher_dir),
+        "teacher_logits": store_facts,
         "options": asdict(options),
         "learning_rate": learning_rate,
         "healing_text": str(text_path),
         "heldout_text": str(heldout_path),
         "healing_tokens": sum(b.numel() for b in batches),
         "shared_vocabulary": len(shared_vocab),
+        "memory_estimate_bytes": estimate,
         "trainable_parameters": trainable_count,
         "before": before,
         "after": after,
@@ -385,7 +575,7 @@ def heal(converted: Path, out: Path, teacher_dir: Path, options: HealOptions = H
     return report
 
 
-def _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, text_path, heldout_path, started, force) -> dict:
+def _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts) -> dict:
     scales = linearize_qk_norms(student)
     after = evaluate()
     seconds = time.perf_counter() - started
@@ -393,6 +583,7 @@ def _finish_linearized(student, converted, out, teacher_dir, options, before, ev
         "qwenforge_version": __version__,
         "converted": str(converted),
         "teacher": str(teacher_dir),
+        "teacher_logits": store_facts,
         "options": asdict(options),
         "healing_text": None,
         "heldout_text": str(heldout_path),
