@@ -31,7 +31,7 @@ import torch
 
 from qwenforge import __version__
 from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
-from qwenforge.distill import engine
+from qwenforge.distill import engine, store
 from qwenforge.errors import QwenforgeError
 
 TRAIN_CHOICES = ("norms", "norms+qk-lora", "attention")
@@ -265,19 +265,6 @@ def _load(folder: Path, what: str):
 # --- a stored teacher (`--teacher-logits`) ---------------------------------------------------------
 
 
-def rebuilt_logprobs(indices: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
-    """A full teacher distribution from its stored top-k, the tail mass spread evenly over the other tokens.
-
-    Lets held-out agreement and bits per byte come from the one Fidelity implementation: top-1 and the
-    label's log-probability are exact whenever the store lists them (the label almost always, at k=64).
-    """
-    kept = logprobs.float().clamp(max=0)
-    tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
-    rebuilt = (tail / max(vocab - indices.shape[-1], 1)).log().expand(*indices.shape[:-1], vocab).clone()
-    rebuilt.scatter_(-1, indices.long(), kept)
-    return rebuilt - torch.logsumexp(rebuilt, -1, keepdim=True)
-
-
 def _store_fidelity(student, sequences, indices, logprobs, byte_counts, shared, shared_mask, teacher_rows) -> dict:
     """Held-out figures against a store: engine.Fidelity on the rebuilt teacher (agreement, bits per byte,
     perplexity), with KL on the stored top-k plus one tail bucket (zero when the student is the teacher)."""
@@ -287,7 +274,7 @@ def _store_fidelity(student, sequences, indices, logprobs, byte_counts, shared, 
     with torch.no_grad():
         for ids, top_indices, top_logprobs, nbytes in zip(sequences, indices, logprobs, byte_counts):
             logits = student(ids[None, :-1]).logits[0]
-            fidelity.add(logits, rebuilt_logprobs(top_indices, top_logprobs, teacher_rows), ids[1:], nbytes, shared)
+            fidelity.add(logits, store.rebuilt_logprobs(top_indices, top_logprobs, teacher_rows), ids[1:], nbytes, shared)
             kl += float(engine.topk_divergence(_shared_logits(logits, shared_mask), *_store_targets(top_indices, top_logprobs, shared, teacher_rows, len(shared_mask))).sum())
     student.train(was_training)
     return {**fidelity.summary(), "kl": kl / fidelity.positions}
@@ -298,7 +285,6 @@ def _read_store(folder: Path, teacher_tokenizer, teacher_config: dict, options: 
 
     The store's last sequences (--eval-tokens worth) are held out; the rest heals.
     """
-    from qwenforge.distill import store
 
     index = store.open_store(folder)
     if index.get("tokenizer_hash") != store.tokenizer_hash(teacher_tokenizer):

@@ -325,14 +325,16 @@ def iterate_store(folder: Path, index: dict) -> Iterator[tuple[torch.Tensor, tor
         yield decoded
 
 
+def rebuilt_logprobs(indices: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A full distribution from stored top-k entries, the tail mass spread evenly over the other tokens."""
+    kept = logprobs.float().clamp(max=0)
+    tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
+    rebuilt = (tail / max(vocab - indices.shape[-1], 1)).log().expand(*indices.shape[:-1], vocab).clone()
+    rebuilt.scatter_(-1, indices.long(), kept)
+    return rebuilt - torch.logsumexp(rebuilt, -1, keepdim=True)
+
+
 def reconstruction_kl(teacher_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     """KL(full teacher || store), the store's tail mass spread evenly over the tokens it does not list."""
     full = F.log_softmax(teacher_logits.float(), -1)
-    vocab = full.shape[-1]
-    k = indices.shape[-1]
-    kept = logprobs.float().clamp(max=0)
-    tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
-    rebuilt = (tail / (vocab - k)).log().expand_as(full).clone()
-    rebuilt.scatter_(-1, indices.long(), kept)
-    rebuilt = rebuilt - torch.logsumexp(rebuilt, -1, keepdim=True)
-    return (full.exp() * (full - rebuilt)).sum(-1)
+    return (full.exp() * (full - rebuilt_logprobs(indices, logprobs, full.shape[-1]))).sum(-1)
