@@ -96,20 +96,19 @@ def build_checkpoint(folder: Path, layers: int, tokenizer: Path) -> int:
     return writer.total_bytes
 
 
-def settle() -> bool:
-    """Flush the previous job's dirty pages (else the next job pays for them) and, where allowed
-    (root), drop the page cache so every job reads the disk, as a 72B conversion does."""
+def settle(folder: Path | None = None) -> None:
+    """Flush the previous job's dirty pages (else the next job pays for them) and evict the
+    checkpoint's files from the page cache, so every job reads them from the disk as a 72B
+    conversion does (the interpreter's own libraries stay cached, as on a working machine)."""
     os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-        return True
-    except OSError:
-        return False
+    for file in (folder.iterdir() if folder else []):
+        with open(file, "rb") as handle:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def measure(command: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of `command` run in a fresh child process, after `settle()`."""
-    settle()
+def measure(command: list[str], cold: Path | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of `command` run in a fresh child process, after `settle(cold)`."""
+    settle(cold)
     result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"failed: {' '.join(command)}\n{result.stderr}")
@@ -117,12 +116,12 @@ def measure(command: list[str]) -> tuple[float, int]:
     return float(seconds), int(rss)
 
 
-def best_of(repeats: int, command: list[str], cleanup: Path | None = None) -> tuple[float, int]:
+def best_of(repeats: int, command: list[str], cleanup: Path | None = None, cold: Path | None = None) -> tuple[float, int]:
     runs = []
     for _ in range(repeats):
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
-        runs.append(measure(command))
+        runs.append(measure(command, cold))
     return min(r[0] for r in runs), max(r[1] for r in runs)
 
 
@@ -151,18 +150,18 @@ def main() -> None:
             copy_files = [p for p in source.iterdir()]
             row = {"layers": layers, "bytes": size, "shards": len(list(source.glob("*.safetensors"))), "largest_tensor": largest}
             out.mkdir()
-            row["cp"] = best_of(args.repeats, ["cp", *map(str, copy_files), str(out)])
+            row["cp"] = best_of(args.repeats, ["cp", *map(str, copy_files), str(out)], cold=source)
             shutil.rmtree(out)
             convert = [qwenforge, "convert", str(source), str(out), "--qk-norm", "ones", "--no-measure", "--force", "--max-shard-size", "700MB"]
-            row["convert"] = best_of(args.repeats, convert, cleanup=out)
-            row["transplant"] = best_of(args.repeats, [*convert, "--tokenizer", str(qwen3_tokenizer)], cleanup=out)
+            row["convert"] = best_of(args.repeats, convert, cleanup=out, cold=source)
+            row["transplant"] = best_of(args.repeats, [*convert, "--tokenizer", str(qwen3_tokenizer)], cleanup=out, cold=source)
             if have_mergekit:
                 config = scratch / "passthrough.yml"
                 config.write_text(
                     f"slices:\n  - sources:\n      - model: {source}\n        layer_range: [0, {layers}]\n"
                     "merge_method: passthrough\ndtype: bfloat16\n"
                 )
-                row["mergekit"] = best_of(args.repeats, [args.mergekit, str(config), str(out), "--lazy-unpickle", "--quiet"], cleanup=out)
+                row["mergekit"] = best_of(args.repeats, [args.mergekit, str(config), str(out), "--lazy-unpickle", "--quiet"], cleanup=out, cold=source)
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(source)
             rows.append(row)
@@ -170,7 +169,7 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
     gib = 2**30
-    print("\nevery job starts after sync" + (" and a dropped page cache (cold reads)" if settle() else " (page cache kept: not root)"))
+    print("\nevery job starts after sync, with the source checkpoint evicted from the page cache (cold reads)")
     print(f"interpreter baseline RSS (python + torch + qwenforge imports): {baseline / gib:.2f} GiB")
     for row in rows:
         limit = 2 * row["largest_tensor"] + baseline
