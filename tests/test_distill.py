@@ -306,3 +306,14 @@ def test_cli_distill_train_resume_without_checkpoint_is_one_line(student, captur
 def test_online_with_another_vocabulary_points_to_the_store(teacher, tiny_qwen2):
     with pytest.raises(QwenforgeError, match="distill capture"):
         train_online(teacher, tiny_qwen2, DATA / "calibration.txt", DATA / "heldout.txt", None)
+
+
+def test_online_teacher_that_does_not_fit_is_refused_with_the_way_out(teacher, student):
+    from qwenforge.devices import GIB
+    from qwenforge.distill.train import online_memory
+
+    options = DistillOptions(steps=1)
+    estimate = online_memory(teacher, student, 151_936, options)
+    assert estimate["teacher"] > estimate["student"] / 4 > 0
+    with pytest.raises(QwenforgeError, match="distill capture.*--logits STORE"):
+        train_online(teacher, student, DATA / "calibration.txt", DATA / "heldout.txt", None, DistillOptions(steps=1, memory_gb=estimate["total"] / 2 / GIB))

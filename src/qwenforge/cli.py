@@ -417,6 +417,7 @@ def distill_online(
     temperature: float = typer.Option(1.0, "--temperature"),
     ce_weight: float = typer.Option(0.0, "--ce-weight"),
     lora_rank: int = typer.Option(0, "--lora-rank"),
+    memory: Optional[float] = typer.Option(None, "--memory", help="Usable memory in GiB; default: what is available now."),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
     """Distill with teacher and student in one process (the engine heal uses).
@@ -426,7 +427,7 @@ def distill_online(
     from qwenforge.distill.train import train_online
 
     options = _distill_options(steps=steps, budget_minutes=budget_minutes, learning_rate=learning_rate, divergence=divergence,
-                               temperature=temperature, ce_weight=ce_weight, lora_rank=lora_rank)
+                               temperature=temperature, ce_weight=ce_weight, lora_rank=lora_rank, memory_gb=memory)
     report = train_online(teacher, student, data, heldout, out, options, force=force, console=console)
     console.print(f"held-out KL {report['before']['kl']:.4f} -> {report['best']['kl']:.4f}; bits/byte {report['before']['bits_per_byte']:.4f} -> {report['best']['bits_per_byte']:.4f}")
     console.print(f"[green]wrote[/green] {out}")

@@ -213,23 +213,13 @@ def _check_layers(teacher_config: dict, student_config: dict, method: str) -> No
         )
 
 
-def _weights_bytes(folder: Path, config: dict) -> int:
-    """Float32 bytes of a checkpoint's weights: from its architecture, else from its files (assumed 16-bit)."""
-    from qwenforge.arch.spec import spec_from_config, weight_bytes
-
-    try:
-        return weight_bytes(spec_from_config(config, str(folder / "config.json")))["fp32"]
-    except QwenforgeError:
-        return 2 * sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
 def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, store: bool) -> dict:
     """Bytes heal holds: both models in float32 (no teacher with a store), held-out teacher
     log-probabilities, and one batch's logits about four times over (teacher, student, softmax, gradient)."""
     vocab = max(int(teacher_config.get("vocab_size", 0)), int(student_config.get("vocab_size", 0)))
     estimate = {
-        "teacher": 0 if store else _weights_bytes(teacher_dir, teacher_config),
-        "student": _weights_bytes(student_dir, student_config),
+        "teacher": 0 if store else engine.weights_bytes(teacher_dir),
+        "student": engine.weights_bytes(student_dir),
         "working": 4 * vocab * (options.eval_tokens + 4 * options.batch_size * options.sequence_length),
     }
     estimate["total"] = sum(estimate.values())
@@ -237,18 +227,12 @@ def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, 
 
 
 def _check_memory(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, store: Path | None) -> dict:
-    from qwenforge.devices import GIB, available_memory
-
     estimate = memory_estimate(teacher_dir, teacher_config, student_dir, student_config, options, store is not None)
-    available = int(options.memory_gb * GIB) if options.memory_gb else available_memory("cpu")
-    if estimate["total"] <= available:
-        return estimate
-    needed = f"about {estimate['total'] / GIB:.2f} GiB ({available / GIB:.2f} GiB available)"
     if store is not None:
-        raise QwenforgeError(f"{student_dir}: the student alone needs {needed} in float32; heal it on a machine with more memory")
-    raise QwenforgeError(
-        f"{teacher_dir}: teacher and student together need {needed} in float32; capture the teacher's logits once with "
-        f"`qwenforge distill capture {teacher_dir} --data TEXT --out STORE` and heal with --teacher-logits STORE"
+        return engine.check_fits(estimate, options.memory_gb, f"{student_dir}: the student alone would", "heal it on a machine with more memory")
+    return engine.check_fits(
+        estimate, options.memory_gb, f"{teacher_dir}: teacher and student together would",
+        f"capture the teacher's logits once with `qwenforge distill capture {teacher_dir} --data TEXT --out STORE` and heal with --teacher-logits STORE",
     )
 
 

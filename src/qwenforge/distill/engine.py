@@ -81,6 +81,33 @@ def topk_divergence(
     return _divergence_from_logprobs(teacher, student, kind) * temperature**2
 
 
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def weights_bytes(folder) -> int:
+    """Float32 bytes of a checkpoint's weights: from its architecture, else from its files (assumed 16-bit)."""
+    from pathlib import Path
+
+    from qwenforge.arch.spec import spec_from_config, weight_bytes
+    from qwenforge.checkpoint.folder import read_config
+
+    folder = Path(folder)
+    try:
+        return weight_bytes(spec_from_config(read_config(folder), str(folder / "config.json")))["fp32"]
+    except QwenforgeError:
+        return 2 * sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def check_fits(estimate: dict, memory_gb: float | None, what: str, remedy: str) -> dict:
+    """`estimate` (bytes per part, and "total") against the usable memory; else one line: what needs how much, and the remedy."""
+    from qwenforge.devices import GIB, available_memory
+
+    available = int(memory_gb * GIB) if memory_gb else available_memory("cpu")
+    if estimate["total"] <= available:
+        return estimate
+    raise QwenforgeError(f"{what} need about {estimate['total'] / GIB:.2f} GiB in float32 ({available / GIB:.2f} GiB available); {remedy}")
+
+
 # --- held-out fidelity ---------------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ class DistillOptions:
     min_coverage: float = 0.95  # store mode, other vocabulary: least share of the teacher's top-k mass the student must have
     threads: int | None = None
     seed: int = 0
+    memory_gb: float | None = None  # online mode: usable memory; default: what this machine has available now
 
 
 def _load_student(folder: Path, options: DistillOptions):
@@ -102,6 +103,19 @@ def _settings(options: DistillOptions) -> engine.LoopSettings:
     )
 
 
+def online_memory(teacher_dir: Path, student_dir: Path, vocab: int, options: DistillOptions) -> dict:
+    """Bytes online distillation holds: the teacher, the student (with gradients and Adam's two
+    moments when fully fine-tuned), held-out teacher log-probabilities and one batch's logits about four times over."""
+    student = engine.weights_bytes(student_dir)
+    estimate = {
+        "teacher": engine.weights_bytes(teacher_dir),
+        "student": student * (4 if options.lora_rank == 0 else 1),
+        "working": 4 * vocab * ((options.eval_tokens or 0) + 4 * options.batch_size * options.sequence_length),
+    }
+    estimate["total"] = sum(estimate.values())
+    return estimate
+
+
 def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path, out: Path | None, options: DistillOptions = DistillOptions(), *, force: bool = False, console=None) -> dict:
     """Teacher and student in one process: the teacher's full distribution, no_grad, per batch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,6 +132,10 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
             f"{student_dir} and {teacher_dir} have different tokenizers; online distillation needs one vocabulary: "
             "run `qwenforge distill capture` on the teacher and `distill train --logits`, which maps vocabularies by token string"
         )
+    engine.check_fits(
+        online_memory(teacher_dir, student_dir, len(tokenizer), options), options.memory_gb, f"{teacher_dir}: teacher and student together would",
+        f"capture the teacher once with `qwenforge distill capture {teacher_dir} --data TEXT --out STORE` and run `distill train --logits STORE`",
+    )
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
