@@ -53,3 +53,26 @@ def test_train_then_merge_from_the_command_line(tmp_path, qwen25_tokenizer_dir):
     assert (tmp_path / "merged" / "model.safetensors").exists() or (tmp_path / "merged" / "model.safetensors.index.json").exists()
     result = runner.invoke(app, ["train", "merge", str(tmp_path / "run"), str(tmp_path / "merged")])
     assert "already exists" in str(result.exception)
+
+
+def test_qlora_without_bitsandbytes_or_gpu_is_a_one_line_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from qwenforge.errors import QwenforgeError
+    from qwenforge.train.backends import pytorch
+
+    (tmp_path / "t.yaml").write_text(f"model: embedded\noutput: {tmp_path / 'out'}\nquantization: nf4\n")
+    result = runner.invoke(app, ["train", str(tmp_path / "t.yaml")])
+    assert isinstance(result.exception, QwenforgeError)
+    message = str(result.exception)
+    assert "\n" not in message and "t.yaml: quantization: nf4 needs" in message
+    assert ("bitsandbytes" in message) if importlib.util.find_spec("bitsandbytes") is None else ("CUDA GPU" in message)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(QwenforgeError, match="nf4 needs a CUDA GPU"):
+        pytorch.check_nf4("t.yaml")

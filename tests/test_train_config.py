@@ -55,3 +55,27 @@ def test_overrides_use_dotted_keys():
     assert config.sft.max_steps == 7 and config.dpo.steps == 20
     with pytest.raises(QwenforgeError, match="sft.max_steps: expected an integer"):
         config_from_dict({"model": "embedded", "output": "o"}, overrides={"sft.max_steps": "many"})
+
+
+def test_threads_default_to_the_idle_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from qwenforge.train.pipeline import cpu_threads, torch_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    config = config_from_dict({"model": "embedded", "output": "o"})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert cpu_threads(config) == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert cpu_threads(config) == 1  # round(4 - 2.6)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert cpu_threads(config) == 1
+    assert cpu_threads(config_from_dict({"model": "embedded", "output": "o", "threads": 3})) == 3
+    with pytest.raises(QwenforgeError, match="threads: must be >= 0"):
+        config_from_dict({"model": "embedded", "output": "o", "threads": -1})
+    before = torch.get_num_threads()
+    with torch_threads(config_from_dict({"model": "embedded", "output": "o", "threads": 1})) as used:
+        assert used == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == before  # restored for whatever runs next in the process

@@ -98,3 +98,22 @@ def test_mlx_adapter_loads_in_peft_with_the_same_outputs(tmp_path, tiny_model):
         base_logits = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
     assert np.abs(base_logits - torch_logits).max() > 1e-3  # the adapter really changed the model
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_4bit_base_quantizes_the_block_linears_and_keeps_the_zone_layout(tmp_path, tiny_model):
+    from mlx.utils import tree_flatten
+
+    config = config_for(tiny_model, tmp_path)
+    plan = build_plan(config, tiny_model)
+    backend = create_backend("mlx")
+    backend.load(tiny_model, plan, quantization="nf4", seed=0)
+    backend.start_adapter()
+    names = [name for name, _ in tree_flatten(backend.model.parameters())]
+    quantized = {name.rsplit(".", 1)[0].removesuffix(".linear") for name in names if name.endswith(".scales")}
+    # every linear of every block (7 each), and nothing else: embeddings and lm_head stay as stored
+    assert len(quantized) == 7 * plan.layers and all(".layers." in name for name in quantized)
+    assert backend.trainable_parameters() == plan.trainable_parameters  # LoRA on the 4-bit base, laid out by zone
+    assert set(backend.wrapped) == {(row.layer, module) for row in plan.rows for module in row.modules}
+    before = backend.loss(RECORDS)
+    backend.sft(RECORDS, config.sft, tmp_path / "q")
+    assert backend.loss(RECORDS) < before - 0.05

@@ -618,9 +618,12 @@ def train_run(
         report = zones_report(load_config(config_file, overrides))
         print_json(report) if as_json else print_zones(console, report)
         return
+    from qwenforge.train import ranks
     from qwenforge.train.pipeline import train
 
     result = train(load_config(config_file, overrides), resume=resume, force=force, console=err_console if as_json else console)
+    if not ranks.is_main():  # under `accelerate launch` the main process reports
+        return
     if as_json:
         print_json(result)
         return

@@ -60,8 +60,10 @@ class SftSettings:
     weight_decay: float = 0.0
     scheduler: str = "linear"
     gradient_checkpointing: bool = False
-    # Padding-free BFD packing (TRL): pays off with varlen attention kernels (FlashAttention on GPU);
-    # on this CPU's SDPA it measured 0.89x of padded batches (benchmarks/train_speed.py), so off by default.
+    # Padding-free BFD packing (TRL), one packed row per micro-step on CPU. It saves what padding
+    # costs: 1.03x on the sample curriculum (answers of one length, 5% padding), 1.3-1.75x when
+    # lengths spread (benchmarks/train_speed.py --spread). Off by default: it also means fewer,
+    # larger optimizer steps, which changes what a short run learns.
     packing: bool = False
     save_steps: int = 50
 
@@ -100,6 +102,9 @@ class TrainConfig:
     between_topics: str = "continue"  # continue: one adapter keeps training; merge: fold it in, start fresh
     quantization: str = "none"  # none | nf4 (QLoRA)
     seed: int = 0
+    # CPU threads for torch; 0: the idle cores (cores minus the 1-minute load average, at least 1).
+    # On a shared CPU two threads fighting other work ran 3-8x slower than one (benchmarks note).
+    threads: int = 0
     lora: LoraSettings = field(default_factory=LoraSettings)
     zones: tuple[ZoneConfig, ...] | None = None  # None: lexicon / reasoning / voice preset
     sft: SftSettings = field(default_factory=SftSettings)
@@ -259,6 +264,7 @@ def _check(config: TrainConfig) -> None:
     ):
         for name in names:
             _positive(config, f"{block}.{name}", getattr(getattr(config, block), name))
+    _positive(config, "threads", config.threads, allow_zero=True)
     _positive(config, "sft.weight_decay", config.sft.weight_decay, allow_zero=True)
     if not 0 <= config.sft.warmup_ratio < 1:
         raise QwenforgeError(f"{config.source}: sft.warmup_ratio: must be in [0, 1), got {config.sft.warmup_ratio}")

@@ -11,6 +11,8 @@ Progress is read back from these files, so `--resume` continues after the last f
 or saved step; Ctrl-C asks the trainer to save a checkpoint at the current step and stop.
 Between topics the adapter either keeps training (`continue`) or is merged into the weights
 before a fresh one starts (`merge`); two adapters are never stacked.
+Under `accelerate launch` (several processes, shipped configs in train/accelerate/) every process
+trains in step and only the main one writes, evaluates and prints (train/ranks.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from qwenforge import __version__
 from qwenforge.checkpoint.folder import atomic_output, write_json
 from qwenforge.errors import QwenforgeError
+from qwenforge.train import ranks
 from qwenforge.train.config import TrainConfig, config_to_dict
 from qwenforge.train.curriculum import Curriculum, Topic, dpo_records, load_curriculum, sft_records
 from qwenforge.train.evaluate import VoiceRules, evaluate_topic
@@ -51,6 +54,40 @@ def build_plan(config: TrainConfig, folder: Path) -> ZonePlan:
 
     spec = spec_from_config(read_config(folder), str(folder / "config.json"))
     return plan_zones(config, spec, parameter_counts(spec)["total"])
+
+
+def cpu_threads(config: TrainConfig) -> int:
+    """Torch threads: the configured count, else the cores other work leaves idle (at least one).
+
+    OpenMP threads wait for each other at every operation, so a thread whose core is busy with
+    another process stalls the rest: on this 2-core machine under a load of 5, generation ran 5-8x
+    and a training step 1.2-3x slower with two threads than with one.
+    """
+    import os
+
+    cores = os.cpu_count() or 1
+    if config.threads:
+        return config.threads
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
+@contextmanager
+def torch_threads(config: TrainConfig):
+    """`cpu_threads(config)` torch threads while training on CPU in one process; the previous count after.
+
+    Yields the count in use (None where it is not ours to set: GPU, MLX, accelerate launch).
+    """
+    import torch
+
+    if config.backend != "pytorch" or torch.cuda.is_available() or ranks.world_size() > 1:
+        yield None
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(config))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def topic_dir(out: Path, index: int, topic: Topic) -> Path:
@@ -91,12 +128,15 @@ def ctrl_c_requests_stop(stop: threading.Event):
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl (kept open across a resumed run)."""
+    """Appends one JSON object per line to metrics.jsonl (kept open across a resumed run); main process only."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"time": round(time.time(), 3), **record}, default=str) + "\n")
 
@@ -148,6 +188,11 @@ def _save_adapter(backend, folder: Path, extra: dict) -> None:
             write_json(temp / name, data)
 
 
+def _save_sft(backend, tdir: Path, sft_result: dict) -> None:
+    _save_adapter(backend, tdir / "sft-adapter", {})
+    write_json(tdir / "sft-result.json", sft_result)
+
+
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -159,25 +204,33 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, consol
 
     from qwenforge.train.backends import create_backend
 
-    console = console or Console(quiet=True)
+    ranks.join()
+    if not ranks.is_main() or console is None:
+        console = Console(quiet=True)
+    if ranks.world_size() > 1 and config.backend != "pytorch":
+        raise QwenforgeError(f"backend: {config.backend} trains in one process; use backend: pytorch under accelerate launch")
+    if config.quantization == "nf4" and config.backend == "pytorch":
+        from qwenforge.train.backends.pytorch import check_nf4
+
+        check_nf4(config.source)
     started = time.perf_counter()
     curriculum = load_curriculum(config.curriculum)  # every data problem stops the run here
     folder = resolve_model_folder(config.model)
     plan = build_plan(config, folder)
     out = Path(config.output)
-    _prepare_output(config, out, resume, force)
-    recipe = _write_recipe(config, out, plan, folder, curriculum)
-    metrics = MetricsLog(out / "metrics.jsonl")
+    ranks.on_main(_prepare_output, config, out, resume, force)
+    recipe = ranks.on_main(_write_recipe, config, out, plan, folder, curriculum)
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=ranks.is_main())
     rules = voice_rules(config, curriculum)
     stop = stop or threading.Event()
 
     backend = create_backend(config.backend)
-    with console.status(f"loading {folder.name} ..."):
-        backend.load(folder, plan, config.quantization, config.seed)
-    console.print(f"zones: {len(plan.rows)} of {plan.layers} layers adapted, {plan.trainable_parameters:,} trainable parameters")
-
     summaries = []
-    with ctrl_c_requests_stop(stop):
+    with torch_threads(config) as threads, ctrl_c_requests_stop(stop):
+        with console.status(f"loading {folder.name} ..."):
+            backend.load(folder, plan, config.quantization, config.seed)
+        console.print(f"zones: {len(plan.rows)} of {plan.layers} layers adapted, {plan.trainable_parameters:,} trainable parameters"
+                      + (f"; {threads} CPU thread(s)" if threads else ""))
         for index, topic in enumerate(curriculum.topics):
             tdir = topic_dir(out, index, topic)
             done = _read(tdir / "adapter" / "metrics.json")
@@ -202,11 +255,17 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, consol
         "seconds": round(time.perf_counter() - started, 1),
         "topics": summaries,
         "trainable_parameters": plan.trainable_parameters,
+        "processes": ranks.world_size(),
+        "threads": threads,
         "qwenforge_version": recipe["qwenforge_version"],
     }
-    write_json(out / "summary.json", result)
+    return ranks.on_main(_finish, out, result, metrics)
+
+
+def _finish(out: Path, result: dict, metrics: MetricsLog) -> dict:
     from qwenforge.train.plot import plot_metrics
 
+    write_json(out / "summary.json", result)
     plot_metrics(metrics.read(), out / "metrics.png")
     return result
 
@@ -233,11 +292,22 @@ def _stage_logger(metrics: MetricsLog, topic: str, stage: str, progress, task, o
 
 
 def _evaluate(backend, topic: Topic, rules: VoiceRules, config: TrainConfig, path: Path, metrics: MetricsLog, stage: str, console) -> dict:
+    """Scores on the topic's eval prompts, computed once (cached in `path`); the main process writes them."""
     cached = _read(path)
     if cached is not None:
         return cached
+    if ranks.sharded():  # FSDP / ZeRO-3: generation needs every process for the sharded forward passes
+        scores = _score(backend, topic, rules, config, stage, console)
+        return ranks.on_main(_record_scores, scores, topic, path, metrics, stage, console)
+    return ranks.on_main(lambda: _record_scores(_score(backend, topic, rules, config, stage, console), topic, path, metrics, stage, console))
+
+
+def _score(backend, topic: Topic, rules: VoiceRules, config: TrainConfig, stage: str, console) -> dict:
     with console.status(f"{topic.name}: evaluating ({stage}) on {len(topic.eval)} held-out prompts ..."):
-        scores = evaluate_topic(backend, list(topic.eval), rules, config.evaluation.max_new_tokens)
+        return evaluate_topic(backend, list(topic.eval), rules, config.evaluation.max_new_tokens)
+
+
+def _record_scores(scores: dict, topic: Topic, path: Path, metrics: MetricsLog, stage: str, console) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, scores)
     metrics.write({"topic": topic.name, "stage": stage, **{k: v for k, v in scores.items() if k != "samples"}})
@@ -265,8 +335,7 @@ def _train_topic(config, backend, topic, tdir, previous, rules, metrics, stop, c
             )
         if sft_result["interrupted"]:
             raise Interrupted(f"stopped during {topic.name} SFT at step {sft_result['steps']} (saved); continue with --resume")
-        _save_adapter(backend, sft_adapter, {})
-        write_json(tdir / "sft-result.json", sft_result)
+        ranks.on_main(_save_sft, backend, tdir, sft_result)
     else:
         before = _read(tdir / "eval-before.json") or {}
         if backend.has_adapter():
@@ -298,16 +367,26 @@ def _train_topic(config, backend, topic, tdir, previous, rules, metrics, stop, c
         "before": _scores(before),
         "after_sft": _scores(after_sft),
         "after_dpo": _scores(after_dpo),
-        "sft": _stage_numbers(metrics, topic.name, "sft", sft_result),
-        "dpo": _stage_numbers(metrics, topic.name, "dpo", dpo_result) if dpo_result else None,
+        "sft": sft_result,
+        "dpo": dpo_result,
         "passed": passed,
         "between_topics": config.between_topics,
     }
-    recipe = {"qwenforge_version": __version__, "config": config_to_dict(config), "topic": topic.name}
+    fingerprints = ranks.gather(backend.adapter_fingerprint()) if ranks.world_size() > 1 else None
+    return ranks.on_main(_close_topic, backend, tdir, summary, config, metrics, fingerprints)
+
+
+def _close_topic(backend, tdir: Path, summary: dict, config: TrainConfig, metrics: MetricsLog, fingerprints) -> dict:
+    """Main process: save the topic's adapter, drop trainer checkpoints, log that it is done."""
+    summary = {**summary, "sft": _stage_numbers(metrics, summary["topic"], "sft", summary["sft"]),
+               "dpo": _stage_numbers(metrics, summary["topic"], "dpo", summary["dpo"]) if summary["dpo"] else None}
+    recipe = {"qwenforge_version": __version__, "config": config_to_dict(config), "topic": summary["topic"]}
     _save_adapter(backend, tdir / "adapter", {"metrics.json": summary, "qwenforge-recipe.json": recipe})
     for work in ("sft", "dpo"):  # trainer checkpoints (optimizer state) are only needed until the topic is done
         shutil.rmtree(tdir / work, ignore_errors=True)
-    metrics.write({"topic": topic.name, "stage": "topic-done", "passed": passed})
+    if fingerprints is not None:  # DDP keeps the ranks' adapters identical; this records that it did
+        metrics.write({"topic": summary["topic"], "stage": "ranks", "adapter_fingerprints": fingerprints})
+    metrics.write({"topic": summary["topic"], "stage": "topic-done", "passed": summary["passed"]})
     return summary
 
 
@@ -349,9 +428,10 @@ def sft_trial(model: str | Path, work_dir: Path, topic: str = "tokens", steps: i
     backend.load(folder, plan)
     backend.start_adapter()
     started = time.perf_counter()
-    before = backend.loss(records)
-    result = backend.sft(records, config.sft, Path(work_dir) / "sft")
-    after = backend.loss(records)
+    with torch_threads(config):
+        before = backend.loss(records)
+        result = backend.sft(records, config.sft, Path(work_dir) / "sft")
+        after = backend.loss(records)
     return {
         "topic": topic,
         "examples": len(records),

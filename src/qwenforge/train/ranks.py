@@ -3,7 +3,9 @@
 Every process runs the same pipeline so the trainers stay in lockstep (DDP all-reduces the
 gradients), but only the main process touches the run folder, evaluates or prints; the others
 wait for its result, which it broadcasts, so every rank takes the same decisions (run DPO or not,
-stop or go on) and raises the same error. Outside `accelerate launch` these are no-ops.
+stop or go on) and raises the same error. With a sharded model (FSDP, ZeRO-3) every process
+takes part in evaluation's forward passes and the main one records the scores (not run here: no
+GPUs). Outside `accelerate launch` these are no-ops.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ def join() -> None:
     from accelerate import PartialState
 
     PartialState(cpu=not torch.cuda.is_available())
+
+
+def sharded() -> bool:
+    """FSDP or DeepSpeed ZeRO (set by `accelerate launch`): a forward pass needs every process."""
+    import os
+
+    return world_size() > 1 and any(
+        os.environ.get(key, "").lower() == "true" for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
 
 
 def _dist():

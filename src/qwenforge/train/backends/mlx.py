@@ -6,7 +6,8 @@ SFT is a masked cross-entropy on the answer tokens; DPO uses `dpo_loss` below ag
 log-probabilities computed once from the SFT policy before DPO starts (no second model). Adapters
 are written and read in PEFT's format (lora_A = lora_a^T, lora_B = lora_b^T), so an adapter
 trained here loads in PEFT and the other way round. `quantization: nf4` maps to an MLX 4-bit
-quantized base (mlx's own affine 4-bit, group size 64): QLoRA the MLX way.
+quantized base (mlx's own affine 4-bit, group size 64, on the decoder blocks' linears): QLoRA the
+MLX way.
 Resume restores the adapter and step from the last checkpoint; the optimizer restarts.
 """
 
@@ -41,6 +42,12 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     return losses, beta * logits
 
 
+def _block_linear(path: str, module) -> bool:
+    import mlx.nn as nn
+
+    return isinstance(module, nn.Linear) and ".layers." in f".{path}"
+
+
 def _require_mlx():
     try:
         import mlx.core  # noqa: F401
@@ -69,7 +76,11 @@ class MlxBackend:
         self.model, wrapper = load(str(model_path))
         self.tokenizer = wrapper._tokenizer
         if quantization == "nf4":
-            nn.quantize(self.model, group_size=64, bits=4)
+            # QLoRA laid out as the PyTorch backend (bitsandbytes) and `qwenforge plan` count it: the
+            # decoder blocks' linears in 4 bits (MLX affine: groups of 64, a scale and bias each in the
+            # checkpoint's dtype), embeddings, lm_head and norms as stored. mlx-lm's own conversion
+            # also quantizes the embeddings.
+            nn.quantize(self.model, group_size=64, bits=4, class_predicate=_block_linear)
         self.model.freeze()
         self.plan = plan
 

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from qwenforge.errors import QwenforgeError
+from qwenforge.train import ranks
 from qwenforge.train.config import DpoSettings, SftSettings
 from qwenforge.train.zones import ZonePlan, apply_zone_dropout, lora_config
 
@@ -54,7 +55,7 @@ def _callback(stop: threading.Event | None, on_log):
                 on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
 
         def on_step_end(self, args, state, control, **kwargs):
-            if stop is not None and stop.is_set():
+            if stop is not None and ranks.any_set(stop.is_set()):  # all processes stop at the same step
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -120,6 +121,10 @@ class PyTorchBackend:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def adapter_fingerprint(self) -> float:
+        """Sum of |w| over the trainable weights: equal on every process when DDP kept them in step."""
+        return float(sum(p.detach().double().abs().sum() for p in self.model.parameters() if p.requires_grad))
+
     # -- training ------------------------------------------------------------------------
     def _common_args(self, work_dir: Path, seed: int) -> dict:
         import importlib.util
@@ -141,17 +146,25 @@ class PyTorchBackend:
     def sft(self, records: list[dict], settings: SftSettings, work_dir: Path, seed: int = 0,
             resume: bool = False, stop: threading.Event | None = None, on_log=None) -> dict:
         """Supervised fine-tuning with loss on the assistant's answer only; returns the train metrics."""
+        import torch
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
+        batch, accumulation = settings.batch_size, settings.grad_accumulation
+        if settings.packing and not torch.cuda.is_available():
+            # Padding-free packing flattens a batch into one row; without a varlen kernel (CPU SDPA) that
+            # row's attention is computed in full and masked block-diagonally, so a batch of 4 rows of
+            # 256 costs 1024^2 attention. One packed row per micro-step keeps it at 256^2; accumulating
+            # `batch_size` of them keeps the tokens per optimizer step.
+            batch, accumulation = 1, settings.batch_size * settings.grad_accumulation
         with _quiet():
             args = SFTConfig(
                 **self._common_args(work_dir, seed),
                 learning_rate=settings.learning_rate,
                 num_train_epochs=settings.epochs,
                 max_steps=settings.max_steps,
-                per_device_train_batch_size=settings.batch_size,
-                gradient_accumulation_steps=settings.grad_accumulation,
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accumulation,
                 max_length=settings.max_seq_length,
                 warmup_steps=settings.warmup_ratio,
                 weight_decay=settings.weight_decay,
@@ -264,12 +277,24 @@ class PyTorchBackend:
         return total / max(count, 1)
 
 
+def check_nf4(source: str = "config") -> None:
+    """QLoRA needs bitsandbytes and a CUDA GPU (its 4-bit kernels); say so in one line, before any work."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QwenforgeError(f"{source}: quantization: nf4 needs bitsandbytes; `pip install bitsandbytes` or set quantization: none")
+    if not torch.cuda.is_available():
+        raise QwenforgeError(
+            f"{source}: quantization: nf4 needs a CUDA GPU (bitsandbytes 4-bit); on this CPU set quantization: none, "
+            "or use backend: mlx with a 4-bit base"
+        )
+
+
 def _nf4_config():
-    """QLoRA's quantization: nf4, double quantization, bf16 compute; a clear error without bitsandbytes."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise QwenforgeError("quantization: nf4 needs bitsandbytes; `pip install bitsandbytes` or set quantization: none") from error
+    """QLoRA's quantization: nf4, double quantization, bf16 compute."""
+    check_nf4()
     import torch
     from transformers import BitsAndBytesConfig
 
