@@ -261,3 +261,18 @@ def test_fit_on_a_mac_offers_only_formats_that_run_on_metal():
     formats = {entry["setup"].weights for entry in ranked}
     assert formats and formats <= {"q4_k_m", "q4_1", "q4_0", "q5_k_m", "q6_k", "q8_0", "bf16", "fp16", "fp32"}
     assert ranked[0]["setup"].weights == "q4_k_m" and ranked[0]["reaches_context"]
+
+
+def test_mlx_4bit_constants_are_a_bf16_scale_and_bias_per_64_weights():
+    """What mlx-lm's quantize allocates: measured on the embedded SmolLM2 by the mlx backend, 6,635,520 bytes."""
+    smollm2 = spec_from_config({
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+    })
+    assert line(infer(smollm2, weights="mlx-4bit"), "quantization constants") == 6_635_520
+    big = preset("Qwen2.5-72B-Instruct")
+    linears = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 29568)
+    assert line(infer(big, weights="mlx-4bit"), "quantization constants") == linears // 64 * 4
+    qlora = plan.Setup(mode="qlora", context=1024, lora=plan.lora_targets(big, "all-linear", 16))
+    ranked = plan.fit_device(big, qlora, get_device("M2-Ultra-64GB"))
+    assert ranked and {entry["setup"].weights for entry in ranked} == {"mlx-4bit"}

@@ -51,6 +51,8 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
         WeightFormat("gptq-int4", "transformers", 4, 16 / 128 + 4 / 128, "bf16",
                      "GPTQ 4 bit, group 128: fp16 scale + 4-bit zero per group, int32 g_idx per input"),
         WeightFormat("awq-int4", "transformers", 4, 16 / 128 + 4 / 128, "bf16", "AWQ 4 bit, group 128: fp16 scale + 4-bit zero per group"),
+        WeightFormat("mlx-4bit", "mlx", 4, 2 * 16 / 64, "bf16",
+                     "MLX affine 4 bit (mlx-lm quantize), group 64: bf16 scale + bias per group (fp32 from an fp32 checkpoint)"),
         WeightFormat("q8_0", "llama.cpp", 8, 0.5, "fp32", "GGUF Q8_0: 32 int8 + fp16 scale per block"),
         WeightFormat("q6_k", "llama.cpp", 6, 0.5625, "fp32", "GGUF Q6_K: 210 bytes per 256 weights"),
         WeightFormat("q5_k_m", "llama.cpp", 5, 0.5, "fp32", "GGUF Q5_K_M: Q5_K, half of attn_v/ffn_down in Q6_K"),
@@ -70,8 +72,8 @@ GGUF_BASE_TYPE = {"q8_0": "q8_0", "q6_k": "q6_k", "q5_k_m": "q5_k", "q4_k_m": "q
 # llama.cpp's replacement when a row is not a multiple of the 256-wide k-quant block.
 GGUF_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 # Where each format's kernels run: bitsandbytes has no Metal backend; GPTQ/AWQ kernels are CUDA's; llama.cpp runs everywhere.
-RUNS_ON = {"int8": ("cuda", "cpu"), "nf4": ("cuda", "cpu"), "gptq-int4": ("cuda",), "awq-int4": ("cuda",)}
-QUALITY_ORDER = ("bf16", "fp16", "fp32", "q8_0", "int8", "q6_k", "q5_k_m", "awq-int4", "gptq-int4", "q4_k_m", "q4_1", "nf4", "q4_0")
+RUNS_ON = {"int8": ("cuda", "cpu"), "nf4": ("cuda", "cpu"), "gptq-int4": ("cuda",), "awq-int4": ("cuda",), "mlx-4bit": ("mps",)}
+QUALITY_ORDER = ("bf16", "fp16", "fp32", "q8_0", "int8", "q6_k", "q5_k_m", "awq-int4", "gptq-int4", "q4_k_m", "q4_1", "nf4", "mlx-4bit", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,7 @@ def validate(spec: ModelSpec, setup: Setup, model: str = "the model") -> None:
     if setup.mode == "lora" and setup.weights not in DTYPE_BYTES:
         raise QwenforgeError(f"--mode lora trains a 16/32-bit base; for {setup.weights} weights use --mode qlora")
     if setup.mode == "qlora" and setup.weights in DTYPE_BYTES:
-        raise QwenforgeError(f"--mode qlora needs a quantized base (nf4, int8, gptq-int4, awq-int4); with {setup.weights} use --mode lora")
+        raise QwenforgeError(f"--mode qlora needs a quantized base (nf4, int8, gptq-int4, awq-int4, mlx-4bit); with {setup.weights} use --mode lora")
     if setup.mode in ("lora", "qlora") and not setup.lora:
         raise QwenforgeError("LoRA training needs targets: give --lora-targets (e.g. all-linear) or a zone file")
     if engine == "llama.cpp" and setup.cache_dtype == "fp8":
@@ -302,7 +304,8 @@ def weight_bits(spec: ModelSpec, weights: str) -> tuple[float, float]:
         return values + 32 * one_d, constants
     if weights in DTYPE_BYTES:
         return fmt.value_bits * counts["total"], 0.0
-    # transformers quantizers replace the Linear layers inside the blocks; embeddings, lm_head, norms and biases stay 16-bit.
+    # transformers quantizers (and qwenforge's MLX backend) replace the Linear layers inside the blocks; embeddings,
+    # lm_head, norms and biases stay 16-bit.
     for name, _, in_features, out_features in weight_tensors(spec):
         if name in ("token_embd", "output"):
             values += 16 * in_features * out_features
@@ -577,16 +580,16 @@ def runs_on(weights: str, device_kind: str) -> bool:
 
 def candidate_setups(spec: ModelSpec, base: Setup, device_kind: str = "cuda") -> list[Setup]:
     """The setups `--fit` compares for BASE's mode: every weight format that runs on DEVICE_KIND (and KV dtype, or
-    optimizer/checkpointing). Training keeps its formats on every kind: on Apple machines nf4 stands for MLX's 4-bit."""
+    optimizer/checkpointing). On Apple machines QLoRA's base is MLX's 4-bit (the mlx backend), not bitsandbytes."""
     if base.mode == "infer":
         setups = []
-        for weights in (w for w in QUALITY_ORDER if runs_on(w, device_kind)):
+        for weights in (w for w in QUALITY_ORDER if runs_on(w, device_kind) and WEIGHT_FORMATS[w].engine != "mlx"):  # MLX: training only
             compact = "fp8" if WEIGHT_FORMATS[weights].engine == "transformers" else "q8_0"
             for kv in (default_kv_dtype(weights), compact):
                 setups.append(replace(base, weights=weights, kv_dtype=kv))
         return setups
-    formats = {"full": ("bf16", "fp32"), "lora": ("bf16",), "qlora": ("nf4", "int8", "gptq-int4", "awq-int4")}[base.mode]
-    formats = [w for w in formats if runs_on(w, device_kind) or (w, device_kind) == ("nf4", "mps")]
+    formats = {"full": ("bf16", "fp32"), "lora": ("bf16",), "qlora": ("nf4", "int8", "gptq-int4", "awq-int4", "mlx-4bit")}[base.mode]
+    formats = [w for w in formats if runs_on(w, device_kind)]
     return [
         replace(base, weights=weights, optimizer=optimizer, gradient_checkpointing=checkpointing)
         for weights in formats
