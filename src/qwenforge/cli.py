@@ -306,10 +306,7 @@ def heal(
 
     Example: [bold]qwenforge heal smol-qwen3 smol-healed --teacher smol --train norms+qk-lora --budget-minutes 10[/bold]
 
-    Which method: [bold]linearize[/bold] reproduces the source exactly in seconds (measured: 100% top-1 on SmolLM2)
-    by making q/k-norm act linearly, so the norm no longer normalises and dropped biases stay dropped (convert with
-    --keep-bias first). The gradient methods keep a normalising q/k-norm and also train transplanted rows, but reach
-    about 70% top-1 in minutes on a CPU (benchmarks/heal_curve.json).
+    Which method: [bold]linearize[/bold] reproduces the source exactly in seconds (measured: 100% top-1 on SmolLM2) by making q/k-norm act linearly, so the norm no longer normalises and dropped biases stay dropped (convert with --keep-bias first). The gradient methods keep a normalising q/k-norm and also train transplanted rows, but reach about 70% top-1 in minutes on a CPU (benchmarks/heal_curve.json).
     """
     from qwenforge.heal import HealOptions
     from qwenforge.heal import heal as run_heal
