@@ -519,17 +519,10 @@ def heal(
     if abs(merged_check["kl"] - after["kl"]) > 1e-3 * max(after["kl"], 1e-3):
         raise RuntimeError(f"merging the low-rank updates changed held-out KL {after['kl']} -> {merged_check['kl']}")
 
-    report = {
-        "qwenforge_version": __version__,
-        "converted": str(converted),
-        "teacher": str(teacher_dir),
-        "teacher_logits": store_facts,
-        "options": asdict(options),
+    report = _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocab) | {
         "learning_rate": learning_rate,
         "healing_text": str(text_path),
-        "heldout_text": str(heldout_path),
         "healing_tokens": sum(b.numel() for b in batches),
-        "shared_vocabulary": len(shared_vocab),
         "memory_estimate_bytes": estimate,
         "trainable_parameters": trainable_count,
         "before": before,
@@ -545,19 +538,25 @@ def heal(
     return report
 
 
-def _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts) -> dict:
-    scales = linearize_qk_norms(student)
-    after = evaluate()
-    seconds = time.perf_counter() - started
-    report = {
+def _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocab) -> dict:
+    """What every heal report starts with, whichever method ran."""
+    return {
         "qwenforge_version": __version__,
         "converted": str(converted),
         "teacher": str(teacher_dir),
         "teacher_logits": store_facts,
         "options": asdict(options),
-        "healing_text": None,
         "heldout_text": str(heldout_path),
         "shared_vocabulary": len(shared_vocab),
+    }
+
+
+def _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts) -> dict:
+    scales = linearize_qk_norms(student)
+    after = evaluate()
+    seconds = time.perf_counter() - started
+    report = _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocab) | {
+        "healing_text": None,
         "trainable_parameters": 0,
         "linearized": scales,
         "before": before,
