@@ -118,12 +118,11 @@ def test_heal_global_attention_and_resume(tiny_llama, tiny_converted, tmp_path):
     work = tmp_path / ".heal-work-again"
     work.mkdir()
     history = report["phases"]["global"]["history"]
-    (work / "global.json").write_text(json.dumps({"step": 8, "seconds": 1.0, "history": history, "done": True}))
-    from safetensors.torch import save_file
-
     healed = _load(out)
-    trainable_parameters(healed, "attention")
-    save_file({n: p.detach().contiguous() for n, p in healed.named_parameters() if p.requires_grad}, str(work / "global.safetensors"))
+    named = trainable_parameters(healed, "attention")
+    finished = {"step": 8, "seconds": 1.0, "history": history, "optimizer": {"state": {}, "param_groups": []},
+                "best_state": {n: p.detach() for n, p in named.items()}}
+    engine.save_progress(work / "global", named, finished, {"done": True})
     resumed = heal(tiny_converted, tmp_path / "again", tiny_llama, _quick(train="attention", method="global", steps=8), resume=True)
     assert resumed["phases"]["global"]["stopped"] == "resumed"
     assert resumed["after"]["kl"] == pytest.approx(report["after"]["kl"], rel=1e-4)
@@ -331,7 +330,7 @@ def test_resume_restores_weights_optimizer_and_step(off_norms, tmp_path, monkeyp
         heal(student, tmp_path / "resumed", teacher, options, teacher_logits=store)
     monkeypatch.setattr(engine, "distillation_loss", real_loss)
     work = tmp_path / ".heal-work-resumed"
-    assert json.loads((work / "global.json").read_text())["step"] == 4 and (work / "global-optimizer.safetensors").exists()
+    assert json.loads((work / "global" / "state.json").read_text())["step"] == 4 and (work / "global" / "optimizer.safetensors").exists()
     resumed = heal(student, tmp_path / "resumed", teacher, options, teacher_logits=store, resume=True)
     assert [row["step"] for row in resumed["phases"]["global"]["history"]] == [0, 4, 8]
     expected, got = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))

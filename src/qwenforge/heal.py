@@ -20,7 +20,6 @@ A teacher that does not fit beside the student is refused with the way out: capt
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -324,45 +323,6 @@ def _work_folder(out: Path) -> Path:
     return out.parent / f".heal-work-{out.name}"
 
 
-def _save_progress(work: Path, phase: str, student, state: dict) -> None:
-    """What --resume needs: the trainable weights now and at the best held-out KL, the optimizer, the step and history."""
-    from safetensors.torch import save_file
-
-    work.mkdir(parents=True, exist_ok=True)
-    trainable = {name: p.detach().contiguous() for name, p in student.named_parameters() if p.requires_grad}
-    save_file(trainable, str(work / f"{phase}.safetensors"))
-    saved = {"step": state["step"], "seconds": state["seconds"], "history": state["history"]}
-    if state.get("best_state") is not None:
-        save_file({name: value.contiguous() for name, value in state["best_state"].items()}, str(work / f"{phase}-best.safetensors"))
-    if state.get("optimizer") is not None:  # safetensors holds the moments; the settings go to JSON
-        moments = {f"{index}.{key}": value.contiguous() for index, entry in state["optimizer"]["state"].items() for key, value in entry.items()}
-        save_file(moments, str(work / f"{phase}-optimizer.safetensors"))
-        saved["optimizer_groups"] = state["optimizer"]["param_groups"]
-    write_json(work / f"{phase}.json", saved)
-
-
-def _load_progress(work: Path, phase: str, student) -> dict | None:
-    """The saved state of `phase` with the trainable weights copied into `student` (None: nothing saved)."""
-    from safetensors.torch import load_file
-
-    if not (work / f"{phase}.json").exists():
-        return None
-    progress = json.loads((work / f"{phase}.json").read_text())
-    parameters = dict(student.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(str(work / f"{phase}.safetensors")).items():
-            parameters[name].copy_(value)
-    if (work / f"{phase}-best.safetensors").exists():
-        progress["best_state"] = load_file(str(work / f"{phase}-best.safetensors"))
-    if progress.get("optimizer_groups") is not None:
-        state: dict[int, dict] = {}
-        for key, value in load_file(str(work / f"{phase}-optimizer.safetensors")).items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-        progress["optimizer"] = {"state": state, "param_groups": progress.pop("optimizer_groups")}
-    return progress
-
-
 def heal(
     converted: Path,
     out: Path,
@@ -484,9 +444,11 @@ def heal(
                     student_logits[..., shared_vocab], batch[:, 1:], teacher_logits=teacher_logits_now[..., shared_vocab], kind=options.divergence, temperature=options.temperature
                 )
 
-        saved = _load_progress(work, phase, student) if resume else None
-        if saved and saved.get("done"):
-            results[phase] = engine.LoopResult(history=saved["history"], best=min(saved["history"], key=lambda r: r["kl"]), steps=saved["step"], seconds=saved["seconds"], stopped="resumed")
+        checkpoint = work / phase  # engine.save_progress's layout, as `distill train` keeps it
+        saved = engine.load_progress(checkpoint, named) if resume else None  # copies the saved weights in
+        if saved and saved["extra"].get("done"):
+            history = saved["history"]
+            results[phase] = engine.LoopResult(history=history, best=min(history, key=lambda r: r["kl"]), steps=saved["start_step"], seconds=saved["elapsed"], stopped="resumed")
         else:
             settings = engine.LoopSettings(
                 steps=options.steps,
@@ -495,20 +457,14 @@ def heal(
                 eval_every=options.eval_every,
                 patience=options.patience,
             )
-            start_step = saved["step"] if saved else 0
+            resumed = {key: saved[key] for key in ("start_step", "elapsed", "history", "optimizer_state", "best_state")} if saved else {}
             results[phase] = engine.run_loop(
                 named, step_loss, evaluate, settings, label=f"heal {phase}", console=console,
-                start_step=start_step, elapsed=saved["seconds"] if saved else 0.0,
-                history=saved["history"] if saved else None, optimizer_state=saved.get("optimizer") if saved else None,
-                on_checkpoint=lambda state, phase=phase: _save_progress(work, phase, student, state),
+                on_checkpoint=lambda state, checkpoint=checkpoint: engine.save_progress(checkpoint, named, state), **resumed,
             )
-            if saved and saved.get("best_state") and results[phase].best["step"] < start_step:
-                with torch.no_grad():  # no better point after resuming: the loop kept the resumed weights, not the best
-                    for name, value in saved["best_state"].items():
-                        named[name].copy_(value)
-            _save_progress(work, phase, student, {"step": results[phase].steps, "seconds": results[phase].seconds, "history": results[phase].history})
-            progress_file = work / f"{phase}.json"
-            write_json(progress_file, {**json.loads(progress_file.read_text()), "done": True})
+            final = {"step": results[phase].steps, "seconds": results[phase].seconds, "history": results[phase].history,
+                     "optimizer": {"state": {}, "param_groups": []}, "best_state": {name: p.detach() for name, p in named.items()}}
+            engine.save_progress(checkpoint, named, final, {"done": True})
         history_by_phase[phase] = [{**row, "seconds": row["seconds"] + offset_seconds} for row in results[phase].history]
         offset_seconds += results[phase].seconds
         del targets
