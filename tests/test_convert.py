@@ -296,3 +296,20 @@ def test_safetensors_headers_written_streaming(converted):
     """Output shards are valid safetensors with the planned dtypes."""
     with safe_open(str(converted["zero"] / "model.safetensors"), framework="pt") as handle:
         assert handle.get_slice("model.layers.0.self_attn.q_norm.weight").get_dtype() == "F32"
+
+
+def test_streaming_conversion_never_imports_torch(tiny_qwen2, donor16, tmp_path):
+    """Copy, transplant (subword rows, padding rows), donor q/k-norm and bias drop run on numpy alone:
+    importing torch takes longer than copying 2 GB (checkpoint/dtypes.py)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from qwenforge.convert import convert; "
+        f"convert({str(tiny_qwen2)!r}, {str(tmp_path / 'out')!r}, donor={str(donor16)!r}, new_token_init='subword', measure=False); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    assert (tmp_path / "out" / "model.safetensors").exists() or (tmp_path / "out" / "model.safetensors.index.json").exists()

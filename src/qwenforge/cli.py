@@ -182,14 +182,14 @@ def convert(
     if as_json:
         print_json(record)
         return
-    from qwenforge.compare import summary_line
-
     for warning in record["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning['message']}")
     console.print(f"vocabulary: {record['vocabulary']['summary']}")
     if record.get("smoke_test"):
         console.print(f"smoke test: {record['smoke_test']['prompt']!r} -> {record['smoke_test']['reply']!r}")
     if record.get("fidelity"):
+        from qwenforge.compare import summary_line
+
         console.print(f"fidelity vs source: {summary_line(record['fidelity'])}")
     if record.get("heal"):
         healed = record["heal"]

@@ -13,8 +13,9 @@ import mmap
 import struct
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from qwenforge.checkpoint.dtypes import STORAGE, torch_dtype
 from qwenforge.checkpoint.safetensors_io import list_tensors
 from qwenforge.errors import QwenforgeError
 
@@ -49,16 +50,28 @@ class MappedReader:
         """(file, byte offset, byte count) of the tensor's data, for in-kernel copies."""
         return self._spans[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """A view (no copy) of the tensor's bytes in the mapped file."""
+    def array(self, name: str) -> np.ndarray:
+        """A numpy view (no copy) of the tensor's stored values in the mapped file (bfloat16 as
+        uint16 bits: checkpoint/dtypes.py); no torch needed."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise QwenforgeError(f"{self.folder}: tensor {name} is missing from the checkpoint")
+        file, start, size = self._spans[name]
+        dtype = STORAGE[info.dtype]
+        return np.frombuffer(self._maps[file], dtype=dtype, count=size // dtype.itemsize, offset=start).reshape(info.shape)
+
+    def get(self, name: str):
+        """A torch view (no copy) of the tensor in the mapped file."""
+        import torch
+
         info = self.tensors.get(name)
         if info is None:
             raise QwenforgeError(f"{self.folder}: tensor {name} is missing from the checkpoint")
         file, start, size = self._spans[name]
         if size == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         flat = torch.frombuffer(self._maps[file], dtype=torch.uint8, count=size, offset=start)
-        return flat.view(info.dtype).reshape(info.shape)
+        return flat.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Drop the tensor's pages (or those of rows [first, last)) from this process's memory.

@@ -16,39 +16,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import safe_open
 
+from qwenforge.checkpoint.dtypes import SIZES, code_of
 from qwenforge.errors import QwenforgeError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-DTYPE_TO_SAFETENSORS = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-SAFETENSORS_TO_DTYPE = {v: k for k, v in DTYPE_TO_SAFETENSORS.items()}
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # safetensors name: "BF16", "F32", ... (checkpoint/dtypes.py)
     file: Path
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * SIZES[self.dtype]
 
 
 def _read_header(file: Path) -> dict:
@@ -98,10 +84,9 @@ def list_tensors(folder: Path) -> dict[str, TensorInfo]:
         for name, info in _read_header(file).items():
             if name == "__metadata__":
                 continue
-            dtype = SAFETENSORS_TO_DTYPE.get(info["dtype"])
-            if dtype is None:
+            if info["dtype"] not in SIZES:
                 raise QwenforgeError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-            tensors[name] = TensorInfo(name, tuple(info["shape"]), dtype, file)
+            tensors[name] = TensorInfo(name, tuple(info["shape"]), info["dtype"], file)
     return tensors
 
 
@@ -119,7 +104,8 @@ class TensorReader:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str):
+        """The tensor (torch; safetensors imports torch on first use)."""
         info = self.tensors.get(name)
         if info is None:
             raise QwenforgeError(f"{self.folder}: tensor {name} is missing from the checkpoint")
@@ -128,7 +114,7 @@ class TensorReader:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)
 
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[str, object]]:
         for name in self.tensors:
             yield name, self.get(name)
 
@@ -151,12 +137,12 @@ def parse_size(size: str | int) -> int:
         raise QwenforgeError(f"size {size!r} not understood; use e.g. 5GB, 500MB or 16GiB") from None
 
 
-def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> list[list]:
-    """Group (name, shape, dtype) entries, in order, into shards of at most max_shard_bytes."""
+def plan_shards(entries: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int) -> list[list]:
+    """Group (name, shape, dtype code) entries, in order, into shards of at most max_shard_bytes."""
     shards: list[list] = [[]]
     size = 0
     for entry in entries:
-        nbytes = math.prod(entry[1]) * torch.empty((), dtype=entry[2]).element_size()
+        nbytes = math.prod(entry[1]) * SIZES[entry[2]]
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -168,12 +154,15 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_sha
 class ShardedWriter:
     """Writes planned tensors into shards, streaming: `write(name, tensor)` in plan order, then `close()`.
 
-    The plan (names, shapes, dtypes) is fixed up front so every shard's header can be written
-    before its data; a tensor that differs from its plan is a bug and raises.
+    The plan (names, shapes, dtypes as torch dtypes or safetensors names) is fixed up front so
+    every shard's header can be written before its data; a tensor that differs from its plan is a
+    bug and raises. Files are not fsynced: like `cp` and `save_pretrained`, the writer leaves that
+    to the kernel; a killed run is covered by writing into a temporary folder.
     """
 
-    def __init__(self, folder: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size="5GB"):
+    def __init__(self, folder: Path, entries: list[tuple[str, tuple[int, ...], object]], max_shard_size="5GB"):
         self.folder = Path(folder)
+        entries = [(name, tuple(shape), code_of(dtype)) for name, shape, dtype in entries]
         self.shards = plan_shards(entries, parse_size(max_shard_size))
         count = len(self.shards)
         self.files = (
@@ -190,8 +179,8 @@ class ShardedWriter:
             self._handle.close()
         header, offset = {}, 0
         for name, shape, dtype in self.shards[index]:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": DTYPE_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            nbytes = math.prod(shape) * SIZES[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         header["__metadata__"] = {"format": "pt"}
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -201,33 +190,41 @@ class ShardedWriter:
         self._handle.write(encoded)
         self._shard = index
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next planned tensor."""
+    def write(self, name: str, tensor) -> None:
+        """Write the next planned tensor (a torch tensor)."""
         _, (planned, shape, dtype) = self._order[self._position]
-        if name != planned or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        if name != planned or tuple(tensor.shape) != tuple(shape) or code_of(tensor.dtype) != dtype:
             raise RuntimeError(f"writer expected {planned} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
         self.write_parts(name, [tensor])
 
     def write_parts(self, name: str, parts: list) -> None:
-        """Write the next planned tensor from ordered parts: tensors of its dtype (streamed through
-        Python) and `(file, offset, nbytes)` spans of another file, copied by the kernel as `cp`
-        does (or read and written where the kernel cannot copy between the two files)."""
+        """Write the next planned tensor from ordered parts: torch tensors of its dtype or numpy
+        arrays of its stored form (`dtypes.STORAGE`), streamed through Python, and
+        `(file, offset, nbytes)` spans of another file, copied by the kernel as `cp` does (or read
+        and written where the kernel cannot copy between the two files)."""
         shard_index, (planned, shape, dtype) = self._order[self._position]
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(shape) * SIZES[dtype]
         if name != planned:
             raise RuntimeError(f"writer expected {planned}, got {name}")
         if shard_index != self._shard:
             self._open_shard(shard_index)
         written = 0
         for part in parts:
-            if isinstance(part, torch.Tensor):
-                if part.dtype != dtype:
+            if isinstance(part, tuple):
+                written += self._copy_span(*part)
+                continue
+            if isinstance(part, np.ndarray):
+                if part.dtype.itemsize != SIZES[dtype]:
+                    raise RuntimeError(f"{name}: part of dtype {part.dtype}, planned {dtype}")
+                data = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+            else:  # a torch tensor, so torch is imported already
+                import torch
+
+                if code_of(part.dtype) != dtype:
                     raise RuntimeError(f"{name}: part of dtype {part.dtype}, planned {dtype}")
                 data = part.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-                self._handle.write(data)  # numpy's buffer is written directly: no second copy
-                written += data.nbytes
-            else:
-                written += self._copy_span(*part)
+            self._handle.write(data)  # the array's buffer is written directly: no second copy
+            written += data.nbytes
         if written != expected:
             raise RuntimeError(f"{name}: wrote {written} bytes, planned {expected}")
         self.total_bytes += written
@@ -258,8 +255,6 @@ class ShardedWriter:
         if self._position != len(self._order):
             raise RuntimeError(f"writer closed after {self._position} of {len(self._order)} tensors")
         if self._handle:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
             self._handle.close()
         if len(self.files) > 1:
             weight_map = {name: self.files[i] for i, entry in self._order for name in [entry[0]]}
@@ -267,7 +262,7 @@ class ShardedWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_state_dict(folder: Path, state: dict[str, torch.Tensor], max_shard_size="5GB") -> list[str]:
+def write_state_dict(folder: Path, state: dict, max_shard_size="5GB") -> list[str]:
     """Save an in-memory state dict as (sharded) safetensors; returns the files written."""
     entries = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
     writer = ShardedWriter(folder, entries, max_shard_size)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from qwenforge.checkpoint.dtypes import STORAGE, code_of
 from qwenforge.checkpoint.safetensors_io import TensorInfo
 from qwenforge.errors import QwenforgeError
 
@@ -32,6 +33,8 @@ class PickleReader:
             files = sorted({self.folder / name for name in json.loads(index.read_text())["weight_map"].values()})
         else:
             files = sorted(self.folder.glob("*.bin"))
+        import torch
+
         self._states: dict[Path, dict] = {}
         self.tensors: dict[str, TensorInfo] = {}
         for file in files:
@@ -43,16 +46,23 @@ class PickleReader:
                 raise QwenforgeError(f"{file}: not a readable tensors-only pickle ({error}); re-export as safetensors") from error
             self._states[file] = state
             for name, tensor in state.items():
-                self.tensors[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
+                self.tensors[name] = TensorInfo(name, tuple(tensor.shape), code_of(tensor.dtype), file)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str):
         info = self.tensors.get(name)
         if info is None:
             raise QwenforgeError(f"{self.folder}: tensor {name} is missing from the checkpoint")
         return self._states[info.file][name]
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor's stored values as numpy (bfloat16 as uint16 bits), as `MappedReader.array`."""
+        import torch
+
+        tensor = self.get(name).contiguous()
+        return tensor.reshape(-1).view(torch.uint8).numpy().view(STORAGE[self.tensors[name].dtype]).reshape(tensor.shape)
 
 
 def open_source(folder: Path, allow_pickle: bool):

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
 from qwenforge.arch.spec import ModelSpec
+from qwenforge.checkpoint.dtypes import NAMES
 from qwenforge.checkpoint.safetensors_io import TensorInfo
 from qwenforge.errors import QwenforgeError
 
@@ -25,7 +24,7 @@ class Step:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # safetensors name ("BF16"); shown as "bfloat16"
     op: str
     source: str | None
     detail: str = ""
@@ -33,7 +32,7 @@ class Step:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["shape"] = list(self.shape)
-        data["dtype"] = str(self.dtype).removeprefix("torch.")
+        data["dtype"] = NAMES[self.dtype]
         return data
 
 
@@ -137,7 +136,7 @@ def format_plan(plan: dict) -> str:
     lines = []
     for step in plan["steps"]:
         origin = step.source if step.source and step.source != step.name else ("(source)" if step.source else "(new)")
-        lines.append(f"{step.name:<{width}}  {str(list(step.shape)):<14} {str(step.dtype).removeprefix('torch.'):<9} {step.op:<15} {origin}  {step.detail}".rstrip())
+        lines.append(f"{step.name:<{width}}  {str(list(step.shape)):<14} {NAMES[step.dtype]:<9} {step.op:<15} {origin}  {step.detail}".rstrip())
     for drop in plan["dropped"]:
         lines.append(f"{drop['name']:<{width}}  dropped: {drop['reason']}")
     return "\n".join(lines)

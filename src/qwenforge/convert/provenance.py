@@ -7,13 +7,15 @@ measured fidelity); the model card says the same in prose.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import sha256_of, write_json
+from qwenforge.checkpoint.folder import write_json
 
 METADATA_NAME = "conversion_metadata.json"
 CONFIG_DIFF_NAME = "config_diff.json"
@@ -24,28 +26,49 @@ def input_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def hash_in_background(folders: dict[str, Path], first: list[Path] = ()) -> tuple[ThreadPoolExecutor, dict[str, Future]]:
+class Hashing:
     """sha256 of every input file on worker threads (hashlib releases the GIL), overlapping the conversion.
 
-    Files in `first` (the source shards in the order the conversion reads them) are hashed in
-    that order, so hashing and copying read each shard at about the same time and the disk
-    serves it once: a model larger than the page cache is otherwise read twice, which doubled
-    the wall time at 20 GB. A core stays with the copy.
+    Started before the tokenizers are parsed, so hashing, the slowest reader of the shards, has
+    the most time. Files in `first` (the source shards in the order the conversion reads them) are
+    hashed in that order, so hashing and copying read each shard at about the same time and the
+    disk serves it once: a model larger than the page cache is otherwise read twice, which doubled
+    the wall time at 20 GB. A core stays with the copy. Leaving the `with` block early (an error)
+    stops the workers within one block instead of finishing every file.
     """
-    pool = ThreadPoolExecutor(max_workers=min(4, max(1, (os.cpu_count() or 1) - 1)))
-    rank = {Path(file).resolve(): position for position, file in enumerate(dict.fromkeys(first))}
-    jobs = [(role, file) for role, folder in folders.items() for file in input_files(folder)]
-    jobs.sort(key=lambda job: rank.get(job[1].resolve(), len(rank)))
-    futures = {f"{role}:{file.name}": pool.submit(sha256_of, file) for role, file in jobs}
-    return pool, futures
 
+    def __init__(self, folders: dict[str, Path], first: list[Path] = (), enabled: bool = True):
+        self.folders = folders
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=min(4, max(1, (os.cpu_count() or 1) - 1)))
+        rank = {Path(file).resolve(): position for position, file in enumerate(dict.fromkeys(first))}
+        jobs = [(role, file) for role, folder in folders.items() for file in input_files(folder)] if enabled else []
+        jobs.sort(key=lambda job: rank.get(job[1].resolve(), len(rank)))
+        self._futures = {(role, file.name): self._pool.submit(self._sha256, file) for role, file in jobs}
 
-def collect_hashes(folders: dict[str, Path], futures: dict[str, Future]) -> dict:
-    out = {}
-    for role, folder in folders.items():
-        files = dict(sorted((key.split(":", 1)[1], future.result()) for key, future in futures.items() if key.startswith(role + ":")))
-        out[role] = {"path": str(Path(folder).resolve()), "sha256": files}
-    return out
+    def _sha256(self, file: Path) -> str | None:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 22):
+                if self._stop.is_set():
+                    return None
+                digest.update(block)
+        return digest.hexdigest()
+
+    def results(self) -> dict:
+        """{role: {"path", "sha256": {file name: hex}}}, waiting for the workers."""
+        out = {}
+        for role, folder in self.folders.items():
+            files = dict(sorted((name, future.result()) for (owner, name), future in self._futures.items() if owner == role))
+            out[role] = {"path": str(Path(folder).resolve()), "sha256": files}
+        return out
+
+    def __enter__(self) -> "Hashing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def metadata(options: dict, inputs: dict, plan: dict, warnings: list, special_tokens: list, extra: dict) -> dict:

@@ -10,8 +10,6 @@ too big for memory runs layer-offloaded (checkpoint/offload.py), so memory stays
 
 from __future__ import annotations
 
-import torch
-
 QK_NORM_METHODS = ("donor", "calibrated", "ones")
 
 
@@ -24,6 +22,8 @@ def calibrate(
     name -> q/k projection bias, read from the checkpoint) replaces the modules' own, which an
     offloaded model has already put back on the meta device when a forward hook runs.
     """
+    import torch
+
     from qwenforge.compare import load
 
     model, tokenizer = load(source)

@@ -17,11 +17,13 @@ import shlex
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from qwenforge.arch.spec import spec_from_config
+from qwenforge.checkpoint.dtypes import from_float32, to_float32, torch_dtype
 from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
-from qwenforge.checkpoint.safetensors_io import ShardedWriter, TensorReader
+from qwenforge.checkpoint.mapped_reader import MappedReader
+from qwenforge.checkpoint.safetensors_io import ShardedWriter
 from qwenforge.convert import preflight, provenance, vocab
 from qwenforge.convert.pickle_source import open_source
 from qwenforge.convert.plan import build_plan
@@ -60,13 +62,13 @@ def _bias_record(reader, plan: dict) -> dict | None:
     names = [d["name"] for d in plan["dropped"] if d["name"].endswith("_proj.bias")]
     if not names:
         return None
-    norms = {name: reader.get(name).float().norm().item() for name in names}
+    norms = {name: float(np.linalg.norm(to_float32(reader.array(name), reader.tensors[name].dtype))) for name in names}
     return {"count": len(names), "max_norm": max(norms.values()), "norms": norms}
 
 
 def _donor_projections(
     method: str, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, names: list[str], donor_tied: bool
-) -> tuple[dict[str, torch.Tensor], dict]:
+) -> tuple[dict[str, np.ndarray], dict]:
     """New-token rows by least-squares projection of the donor's rows into the source space, per matrix."""
     if method != "donor-projected" or not vocab_map.new:
         return {}, {}
@@ -80,28 +82,30 @@ def _donor_projections(
         source_rows = vocab.read_rows(reader, name, [vocab_map.shared[t] for t in fit_ids])
         donor_rows = vocab.read_rows(donor_reader, donor_name, [donor_tok.vocab[target_by_id[t]] for t in fit_ids])
         mapping = vocab.fit_projection(donor_rows, source_rows)
-        residual = (vocab.apply_projection(mapping, donor_rows) - source_rows).norm() / source_rows.norm()
+        residual = np.linalg.norm(vocab.apply_projection(mapping, donor_rows) - source_rows) / np.linalg.norm(source_rows)
         in_donor = [t for t in vocab_map.new if vocab_map.new_tokens[t] in donor_tok.vocab]
-        rows = torch.full((len(vocab_map.new), source_width), float("nan"))
+        rows = np.full((len(vocab_map.new), source_width), np.nan, dtype=np.float32)
         if in_donor:
             projected = vocab.apply_projection(mapping, vocab.read_rows(donor_reader, donor_name, [donor_tok.vocab[vocab_map.new_tokens[t]] for t in in_donor]))
             position = {t: i for i, t in enumerate(vocab_map.new)}
             rows[[position[t] for t in in_donor]] = projected
         out[name] = rows  # NaN rows (tokens the donor lacks) are filled by subword in _new_rows
-        fits[name] = {"donor_tensor": donor_name, "fit_rows": len(fit_ids), "relative_residual": residual.item(), "projected_tokens": len(in_donor)}
+        fits[name] = {"donor_tensor": donor_name, "fit_rows": len(fit_ids), "relative_residual": float(residual), "projected_tokens": len(in_donor)}
     return out, fits
 
 
-def _new_rows(method: str, matrix: torch.Tensor, source_tok, vocab_map, projected: torch.Tensor | None, pieces) -> torch.Tensor:
-    rows = vocab.new_token_rows(method, matrix, source_tok, vocab_map, projected, pieces)
-    if method == "donor-projected" and torch.isnan(rows).any():  # tokens the donor lacks: subword instead
-        missing = torch.isnan(rows[:, 0])
-        rows[missing] = vocab.subword_rows(matrix, [p for p, m in zip(pieces, missing.tolist()) if m])
+def _new_rows(method: str, matrix: np.ndarray, dtype: str, source_tok, vocab_map, projected: np.ndarray | None, pieces) -> np.ndarray:
+    rows = vocab.new_token_rows(method, matrix, dtype, source_tok, vocab_map, projected, pieces)
+    if method == "donor-projected" and np.isnan(rows).any():  # tokens the donor lacks: subword instead
+        missing = np.isnan(rows[:, 0])
+        rows[missing] = vocab.subword_rows(matrix, dtype, [p for p, m in zip(pieces, missing.tolist()) if m])
     return rows
 
 
 def smoke_test(model, tokenizer) -> dict:
     """Greedy reply to a chat prompt with stock transformers."""
+    import torch
+
     messages = [{"role": "user", "content": SMOKE_PROMPT}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
@@ -179,137 +183,125 @@ def convert(
     warnings = preflight.check_options(spec, donor_spec, qk_norm, new_token_init, keep_bias)
     if donor_spec is not None:
         warnings += preflight.check_donor(spec, donor_spec, donor, qk_norm)
-        donor_reader = TensorReader(donor)
+        donor_reader = MappedReader(donor)
     reader = open_source(source, allow_pickle)
-    source_tok = vocab.load_tokenizer(source)
-    target_dir = Path(tokenizer) if tokenizer else (donor if donor is not None else source)
-    target_tok = source_tok if target_dir == source else vocab.load_tokenizer(target_dir)
-    vocab.check_tokenizer(target_tok)
-    donor_tok = None if donor is None else target_tok if target_dir == donor else vocab.load_tokenizer(donor)
-    if target_dir == source:
-        rows = spec.embedding_rows
-    elif donor_spec is not None and donor_spec.embedding_rows >= len(target_tok):
-        rows = donor_spec.embedding_rows
-    else:
-        rows = max(spec.embedding_rows, padded_rows(len(target_tok)))
-    vocab_map = vocab.align(source_tok, target_tok, spec.embedding_rows, rows)
-    # 2. plan
-    plan = build_plan(reader.tensors, spec, rows, keep_bias, qk_norm, new_token_init, not vocab_map.identity, source)
-    bias_dropped = _bias_record(reader, plan)
-    if bias_dropped and bias_dropped["max_norm"] > 0:
-        warnings.append(
-            {"code": "bias-dropped", "message": f"{bias_dropped['count']} attention biases dropped (largest norm {bias_dropped['max_norm']:.4g}); outputs change (--keep-bias keeps them exactly)"}
-        )
-    preflight.apply_strict(warnings, strict)
-    attention_bias = keep_bias and (spec.qkv_bias or spec.o_bias)
-    token_ids = _remap_ids(source_config, source_tok, target_tok)
-    target_config = qwen3_config(source_config, spec, rows, attention_bias, token_ids)
-    vocabulary = vocab.summary(vocab_map, source_tok, target_tok, new_token_init)
-    special_tokens = vocab.special_token_map(source_tok, target_tok, vocab_map, new_token_init)
-    calibration_file = Path(calibration_text) if calibration_text else default_text("calibration.txt")
-    fidelity_file = Path(fidelity_text) if fidelity_text else default_text("heldout.txt")
-    for file in (calibration_file, fidelity_file):
-        if not file.exists():
-            raise QwenforgeError(f"{file}: text file not found")
-    options = {
-        "source": str(source), "out": str(out), "donor": str(donor) if donor else None, "tokenizer": str(tokenizer) if tokenizer else None,
-        "keep_bias": keep_bias, "qk_norm": qk_norm, "new_token_init": new_token_init,
-        "calibration_text": str(calibration_text) if calibration_text else None, "fidelity_text": str(fidelity_text) if fidelity_text else None,
-        "fidelity_tokens": fidelity_tokens, "calibration_tokens": calibration_tokens, "max_shard_size": max_shard_size, "strict": strict, "allow_pickle": allow_pickle, "measure": measure,
-    }
-    options["command"] = _command_line(options)
-    result = {"plan": plan, "warnings": warnings, "config": target_config, "vocabulary": vocabulary, "special_tokens": special_tokens}
-    if dry_run:
-        return result
-
-    # 3. prepare what cannot be streamed: calibrated norms, projected new-token rows
-    source_model = None
-    norms = {}
-    if qk_norm == "calibrated":
-        from qwenforge import compare
-        from qwenforge.convert.qk_norm import calibrate
-
-        source_model = compare.load(source)
-        biases = {name: reader.get(name) for name in reader.tensors if name.endswith(("q_proj.bias", "k_proj.bias"))}
-        norms = calibrate(source_model, calibration_file.read_text(), keep_bias, max_tokens=calibration_tokens, biases=biases)
-    matrices = [s.name for s in plan["steps"] if s.op == "transplant-rows"]
-    projected, projection_fits = _donor_projections(
-        new_token_init, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, matrices, bool(donor_spec and donor_spec.tied_embeddings)
-    )
-    pieces = None
-    if vocab_map.new and (new_token_init == "subword" or any(torch.isnan(rows).any() for rows in projected.values())):
-        pieces = vocab.subword_pieces(source_tok, [vocab_map.new_tokens[t] for t in vocab_map.new])
     folders = {"source": source} | ({"donor": donor} if donor else {}) | ({"tokenizer": Path(tokenizer)} if tokenizer else {})
-    read_order = [reader.tensors[s.source].file for s in plan["steps"] if s.source in reader.tensors]
-    pool, hashes = provenance.hash_in_background(folders, read_order)
+    with provenance.Hashing(folders, [info.file for info in reader.tensors.values()], enabled=not dry_run) as hashes:
+        source_tok = vocab.load_tokenizer(source)
+        target_dir = Path(tokenizer) if tokenizer else (donor if donor is not None else source)
+        target_tok = source_tok if target_dir == source else vocab.load_tokenizer(target_dir)
+        vocab.check_tokenizer(target_tok)
+        donor_tok = None if donor is None else target_tok if target_dir == donor else vocab.load_tokenizer(donor)
+        if target_dir == source:
+            rows = spec.embedding_rows
+        elif donor_spec is not None and donor_spec.embedding_rows >= len(target_tok):
+            rows = donor_spec.embedding_rows
+        else:
+            rows = max(spec.embedding_rows, padded_rows(len(target_tok)))
+        vocab_map = vocab.align(source_tok, target_tok, spec.embedding_rows, rows)
+        # 2. plan
+        plan = build_plan(reader.tensors, spec, rows, keep_bias, qk_norm, new_token_init, not vocab_map.identity, source)
+        bias_dropped = _bias_record(reader, plan)
+        if bias_dropped and bias_dropped["max_norm"] > 0:
+            warnings.append(
+                {"code": "bias-dropped", "message": f"{bias_dropped['count']} attention biases dropped (largest norm {bias_dropped['max_norm']:.4g}); outputs change (--keep-bias keeps them exactly)"}
+            )
+        preflight.apply_strict(warnings, strict)
+        attention_bias = keep_bias and (spec.qkv_bias or spec.o_bias)
+        token_ids = _remap_ids(source_config, source_tok, target_tok)
+        target_config = qwen3_config(source_config, spec, rows, attention_bias, token_ids)
+        vocabulary = vocab.summary(vocab_map, source_tok, target_tok, new_token_init)
+        special_tokens = vocab.special_token_map(source_tok, target_tok, vocab_map, new_token_init)
+        calibration_file = Path(calibration_text) if calibration_text else default_text("calibration.txt")
+        fidelity_file = Path(fidelity_text) if fidelity_text else default_text("heldout.txt")
+        for file in (calibration_file, fidelity_file):
+            if not file.exists():
+                raise QwenforgeError(f"{file}: text file not found")
+        options = {
+            "source": str(source), "out": str(out), "donor": str(donor) if donor else None, "tokenizer": str(tokenizer) if tokenizer else None,
+            "keep_bias": keep_bias, "qk_norm": qk_norm, "new_token_init": new_token_init,
+            "calibration_text": str(calibration_text) if calibration_text else None, "fidelity_text": str(fidelity_text) if fidelity_text else None,
+            "fidelity_tokens": fidelity_tokens, "calibration_tokens": calibration_tokens, "max_shard_size": max_shard_size, "strict": strict, "allow_pickle": allow_pickle, "measure": measure,
+        }
+        options["command"] = _command_line(options)
+        result = {"plan": plan, "warnings": warnings, "config": target_config, "vocabulary": vocabulary, "special_tokens": special_tokens}
+        if dry_run:
+            return result
 
-    def produce(step) -> torch.Tensor:
-        if step.op == "copy":
-            return reader.get(step.source)
-        if step.op == "transplant-rows":
-            matrix = reader.get(step.source)
-            new = _new_rows(new_token_init, matrix, source_tok, vocab_map, projected.get(step.name), pieces)
-            release = getattr(reader, "release", None)
-            if release is None:
-                return vocab.transplant(matrix, vocab_map, len(source_tok), new)
-            release(step.source)  # pages touched by the new-row methods
-            return vocab.transplant(matrix, vocab_map, len(source_tok), new, lambda first, last: release(step.source, (first, last)))
-        if step.op == "donor":
-            return donor_reader.get(step.name).to(step.dtype)
-        if step.op == "calibrated":
-            return norms[step.name].to(step.dtype)
-        if step.op == "ones":
-            return torch.ones(step.shape, dtype=step.dtype)
-        if step.op == "zeros":
-            return torch.zeros(step.shape, dtype=step.dtype)
-        raise AssertionError(f"unknown plan op {step.op}")
+        # 3. prepare what cannot be streamed: calibrated norms, projected new-token rows
+        source_model = None
+        norms = {}
+        if qk_norm == "calibrated":
+            from qwenforge import compare
+            from qwenforge.convert.qk_norm import calibrate
 
-    # 4. stream into a temporary folder; 5. check; 6. provenance; rename
-    try:
-        with atomic_output(out, force) as temp:
-            writer = ShardedWriter(temp, [(s.name, s.shape, s.dtype) for s in plan["steps"]], max_shard_size)
-            for done, step in enumerate(plan["steps"], 1):
-                # Unchanged bytes (whole tensors, shared vocabulary runs) are copied by the kernel, as `cp`
-                # does; only what changes streams through Python.
-                if step.op == "copy" and hasattr(reader, "span"):
-                    writer.write_parts(step.name, [reader.span(step.source)])
-                elif step.op == "transplant-rows" and hasattr(reader, "span"):
-                    matrix = reader.get(step.source)
-                    new = _new_rows(new_token_init, matrix, source_tok, vocab_map, projected.get(step.name), pieces)
-                    writer.write_parts(step.name, vocab.transplant_parts(matrix, reader.span(step.source), vocab_map, new))
-                else:
-                    writer.write(step.name, produce(step))
-                if step.source in reader.tensors and hasattr(reader, "release"):
-                    reader.release(step.source)
-                if progress:
-                    progress(done, len(plan["steps"]), step.name)
-            writer.close()
-            write_json(temp / "config.json", target_config)
-            copy_tokenizer_files(target_dir, temp)
-            generation = json.loads((source / "generation_config.json").read_text()) if (source / "generation_config.json").exists() else {}
-            generation.update(_remap_ids(generation, source_tok, target_tok) or token_ids)
-            generation.pop("transformers_version", None)
-            write_json(temp / "generation_config.json", generation)
-            extra = {"vocabulary": vocabulary, "bias_dropped": bias_dropped, "projection": projection_fits, "calibration_text": str(calibration_file)}
-            if measure:
-                from qwenforge import compare
+            source_model = compare.load(source)
+            biases = {name: reader.get(name) for name in reader.tensors if name.endswith(("q_proj.bias", "k_proj.bias"))}
+            norms = calibrate(source_model, calibration_file.read_text(), keep_bias, max_tokens=calibration_tokens, biases=biases)
+        matrices = [s.name for s in plan["steps"] if s.op == "transplant-rows"]
+        projected, projection_fits = _donor_projections(
+            new_token_init, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, matrices, bool(donor_spec and donor_spec.tied_embeddings)
+        )
+        pieces = None
+        if vocab_map.new and (new_token_init == "subword" or any(np.isnan(rows).any() for rows in projected.values())):
+            pieces = vocab.subword_pieces(source_tok, [vocab_map.new_tokens[t] for t in vocab_map.new])
 
-                converted = compare.load(temp)
-                extra["smoke_test"] = smoke_test(*converted)
-                fidelity = compare.fidelity(source_model or source, converted, fidelity_file.read_text(), max_tokens=fidelity_tokens)
-                fidelity["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
-                extra["fidelity"] = fidelity
-                del converted
-            inputs = provenance.collect_hashes(folders, hashes)
-            extra["seconds"] = round(time.time() - started, 2)
-            record = provenance.metadata(options, inputs, plan, warnings, special_tokens, extra)
-            provenance.write_provenance(temp, record, config_diff(source_config, target_config), source.name)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise QwenforgeError(f"{out}: disk full while writing; free space (the output needs about the source's size) and retry") from error
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    result["metadata"] = record
-    result["out"] = out
-    return result
+        spans = hasattr(reader, "span")  # a pickle source has no byte spans to copy
+
+        def parts(step) -> list:
+            """The output tensor as writer parts. Unchanged bytes (whole tensors, shared vocabulary
+            runs) are spans the kernel copies, as `cp` does; only what changes streams through Python,
+            as numpy, so a conversion without calibration or measurement never imports torch."""
+            if step.op == "copy":
+                return [reader.span(step.source) if spans else reader.array(step.source)]
+            if step.op == "transplant-rows":
+                matrix, dtype = reader.array(step.source), reader.tensors[step.source].dtype
+                new = _new_rows(new_token_init, matrix, dtype, source_tok, vocab_map, projected.get(step.name), pieces)
+                return vocab.transplant_parts(matrix, dtype, reader.span(step.source) if spans else None, vocab_map, new)
+            if step.op == "donor":
+                raw, dtype = donor_reader.array(step.name), donor_reader.tensors[step.name].dtype
+                return [raw if dtype == step.dtype else from_float32(to_float32(raw, dtype), step.dtype)]
+            if step.op == "calibrated":
+                return [norms[step.name].to(torch_dtype(step.dtype))]
+            if step.op in ("ones", "zeros"):
+                return [from_float32(np.full(step.shape, 1.0 if step.op == "ones" else 0.0, dtype=np.float32), step.dtype)]
+            raise AssertionError(f"unknown plan op {step.op}")
+
+        # 4. stream into a temporary folder; 5. check; 6. provenance; rename
+        try:
+            with atomic_output(out, force) as temp:
+                writer = ShardedWriter(temp, [(s.name, s.shape, s.dtype) for s in plan["steps"]], max_shard_size)
+                for done, step in enumerate(plan["steps"], 1):
+                    writer.write_parts(step.name, parts(step))
+                    if step.source in reader.tensors and hasattr(reader, "release"):
+                        reader.release(step.source)  # pages this step touched (mapped source)
+                    if progress:
+                        progress(done, len(plan["steps"]), step.name)
+                writer.close()
+                write_json(temp / "config.json", target_config)
+                copy_tokenizer_files(target_dir, temp)
+                generation = json.loads((source / "generation_config.json").read_text()) if (source / "generation_config.json").exists() else {}
+                generation.update(_remap_ids(generation, source_tok, target_tok) or token_ids)
+                generation.pop("transformers_version", None)
+                write_json(temp / "generation_config.json", generation)
+                extra = {"vocabulary": vocabulary, "bias_dropped": bias_dropped, "projection": projection_fits, "calibration_text": str(calibration_file)}
+                if measure:
+                    from qwenforge import compare
+
+                    converted = compare.load(temp)
+                    extra["smoke_test"] = smoke_test(*converted)
+                    fidelity = compare.fidelity(source_model or source, converted, fidelity_file.read_text(), max_tokens=fidelity_tokens)
+                    fidelity["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
+                    extra["fidelity"] = fidelity
+                    del converted
+                inputs = hashes.results()
+                extra["seconds"] = round(time.time() - started, 2)
+                record = provenance.metadata(options, inputs, plan, warnings, special_tokens, extra)
+                provenance.write_provenance(temp, record, config_diff(source_config, target_config), source.name)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise QwenforgeError(f"{out}: disk full while writing; free space (the output needs about the source's size) and retry") from error
+            raise
+        result["metadata"] = record
+        result["out"] = out
+        return result

@@ -6,7 +6,8 @@ evenly spaced sample of the real rows (`padding_sample`), so a padding id's logi
 logit of those tokens: strictly below the maximum and, on real text, far below any top-k (a zero
 row would score 0, which can beat every real token). A sample, not every row: reading the whole
 embedding matrix a second time only to average it cost more than copying it.
-Memory: the source matrix, the output matrix and a sample of rows for the donor projection.
+The row arithmetic is numpy on the stored values (checkpoint/dtypes.py), so a transplant needs
+no torch. Memory: new rows and samples of rows; shared rows are copied by the kernel.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
+from qwenforge.checkpoint.dtypes import from_float32, to_float32
 from qwenforge.errors import QwenforgeError
 
 NEW_TOKEN_METHODS = ("donor-projected", "subword", "mean", "zero")
@@ -104,6 +106,11 @@ class VocabMap:
     identity: bool
     new_tokens: dict[int, str] = field(default_factory=dict)
 
+    @cached_property
+    def shared_runs(self) -> list[tuple[int, int, int]]:
+        """Shared ids as (target start, source start, length) runs, computed once for both matrices."""
+        return runs(sorted(self.shared.items()))
+
 
 def align(source: Tokenizer, target: Tokenizer, source_rows: int, target_rows: int) -> VocabMap:
     """Match target tokens to source tokens by string."""
@@ -166,21 +173,11 @@ def special_token_map(source: Tokenizer, target: Tokenizer, vocab_map: VocabMap,
     return rows
 
 
-def read_rows(reader, name: str, rows: list[int]) -> torch.Tensor:
-    """Rows of a 2-D tensor in float32, read by contiguous runs (safetensors slices), never the whole matrix."""
+def read_rows(reader, name: str, rows: list[int]) -> np.ndarray:
+    """Rows of a 2-D tensor in float32; a memory-mapped reader touches only those rows' pages."""
     if not rows:
-        return torch.empty(0)
-    info = reader.tensors[name]
-    if info.file.suffix != ".safetensors":  # pickle sources are loaded whole anyway
-        return reader.get(name)[torch.tensor(rows)].float()
-    with safe_open(str(info.file), framework="pt") as handle:
-        view = handle.get_slice(name)
-        parts, start = [], 0
-        for i in range(1, len(rows) + 1):
-            if i == len(rows) or rows[i] != rows[i - 1] + 1:
-                parts.append(view[rows[start] : rows[i - 1] + 1])
-                start = i
-        return torch.cat(parts).float()
+        return np.empty((0, reader.tensors[name].shape[1]), dtype=np.float32)
+    return to_float32(reader.array(name)[rows], reader.tensors[name].dtype)
 
 
 def projection_sample(vocab_map: VocabMap, widest: int) -> list[int]:
@@ -198,15 +195,15 @@ def projection_sample(vocab_map: VocabMap, widest: int) -> list[int]:
     return sample
 
 
-def fit_projection(donor_rows: torch.Tensor, source_rows: torch.Tensor) -> torch.Tensor:
+def fit_projection(donor_rows: np.ndarray, source_rows: np.ndarray) -> np.ndarray:
     """Least-squares linear map (with bias column) from donor space to source space on shared tokens."""
-    design = torch.cat([donor_rows.double(), torch.ones(len(donor_rows), 1, dtype=torch.float64)], dim=1)
-    return torch.linalg.lstsq(design, source_rows.double(), driver="gelsd").solution
+    design = np.hstack([donor_rows.astype(np.float64), np.ones((len(donor_rows), 1))])
+    return np.linalg.lstsq(design, source_rows.astype(np.float64), rcond=None)[0]
 
 
-def apply_projection(mapping: torch.Tensor, donor_rows: torch.Tensor) -> torch.Tensor:
-    design = torch.cat([donor_rows.double(), torch.ones(len(donor_rows), 1, dtype=torch.float64)], dim=1)
-    return (design @ mapping).float()
+def apply_projection(mapping: np.ndarray, donor_rows: np.ndarray) -> np.ndarray:
+    design = np.hstack([donor_rows.astype(np.float64), np.ones((len(donor_rows), 1))])
+    return (design @ mapping).astype(np.float32)
 
 
 def subword_pieces(source: Tokenizer, tokens: list[str | None]) -> list[list[int]]:
@@ -217,20 +214,21 @@ def subword_pieces(source: Tokenizer, tokens: list[str | None]) -> list[list[int
     return [fast.encode(token, add_special_tokens=False).ids if token else [] for token in tokens]
 
 
-def subword_rows(source_matrix: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
-    """Mean of the source rows of each token's pieces (the mean real row for a token without pieces)."""
-    rows = []
-    for ids in pieces:
-        rows.append(source_matrix[ids].float().mean(0) if ids else mean_row(source_matrix, len(source_matrix)))
-    return torch.stack(rows) if rows else torch.empty(0, source_matrix.shape[1])
+def subword_rows(matrix: np.ndarray, dtype: str, pieces: list[list[int]]) -> np.ndarray:
+    """Mean (float32) of the source rows of each token's pieces (the mean real row for a token without pieces).
+
+    `matrix` holds the stored values (checkpoint/dtypes.py), as a mapped reader's `array` gives them.
+    """
+    rows = [to_float32(matrix[ids], dtype).mean(0) if ids else mean_row(matrix, dtype, len(matrix)) for ids in pieces]
+    return np.stack(rows) if rows else np.empty((0, matrix.shape[1]), dtype=np.float32)
 
 
-def mean_row(matrix: torch.Tensor, count: int, chunk: int = 8192) -> torch.Tensor:
+def mean_row(matrix: np.ndarray, dtype: str, count: int, chunk: int = 8192) -> np.ndarray:
     """Mean (float32) of the first `count` rows, in chunks: never a float copy of the whole matrix."""
-    total = torch.zeros(matrix.shape[1], dtype=torch.float64)
+    total = np.zeros(matrix.shape[1], dtype=np.float64)
     for start in range(0, count, chunk):
-        total += matrix[start : min(start + chunk, count)].sum(0, dtype=torch.float32).double()
-    return (total / max(count, 1)).float()
+        total += to_float32(matrix[start : min(start + chunk, count)], dtype).sum(0, dtype=np.float64)
+    return (total / max(count, 1)).astype(np.float32)
 
 
 def padding_sample(count: int, sample: int = PADDING_SAMPLE_ROWS) -> list[int]:
@@ -249,77 +247,54 @@ def runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return [tuple(run) for run in out]
 
 
-def transplant(
-    source_matrix: torch.Tensor,
-    vocab_map: VocabMap,
-    source_size: int,
-    new_rows: torch.Tensor | None,
-    release_rows=None,
-    chunk: int = 16384,
-) -> torch.Tensor:
-    """The output matrix: shared rows copied (by contiguous runs), new rows given, padding rows the mean of the real rows.
-
-    Memory: the output matrix plus, when `release_rows(first, last)` drops source rows already
-    copied (a memory-mapped source), a chunk of the source; otherwise the whole source too.
-    """
+def transplant_parts(matrix: np.ndarray, dtype: str, span: tuple | None, vocab_map: VocabMap, new_rows: np.ndarray | None) -> list:
+    """The output matrix as ordered writer parts (`ShardedWriter.write_parts`): shared runs as byte
+    spans of the source file, copied by the kernel (or, without a `span`, as slices of `matrix`),
+    new rows and padding rows as small arrays of the stored dtype. Padding rows are the mean of
+    `padding_sample` of the output's real rows."""
     if vocab_map.identity:
-        return source_matrix
-    out = torch.empty((vocab_map.target_rows, source_matrix.shape[1]), dtype=source_matrix.dtype)
-    for target, source, length in runs(sorted(vocab_map.shared.items())):
-        for offset in range(0, length, chunk):
-            size = min(chunk, length - offset)
-            out[target + offset : target + offset + size] = source_matrix[source + offset : source + offset + size]
-            if release_rows is not None:
-                release_rows(source + offset, source + offset + size)
-    if vocab_map.new:
-        out[torch.tensor(vocab_map.new, dtype=torch.long)] = new_rows.to(source_matrix.dtype)
-    if vocab_map.target_size < vocab_map.target_rows:
-        out[vocab_map.target_size :] = out[padding_sample(vocab_map.target_size)].float().mean(0).to(source_matrix.dtype)
-    return out
-
-
-def transplant_parts(source_matrix: torch.Tensor, span: tuple, vocab_map: VocabMap, new_rows: torch.Tensor | None) -> list:
-    """The output matrix as ordered writer parts: shared runs as byte spans of the source file
-    (copied by the kernel), new and padding rows as small tensors. Same rows as `transplant`."""
-    file, offset, _ = span
-    row_bytes = source_matrix.shape[1] * source_matrix.element_size()
-    if vocab_map.identity:
-        return [span]
+        return [span if span is not None else matrix]
+    row_bytes = matrix.shape[1] * matrix.dtype.itemsize
     placed: list[tuple[int, object]] = []
-    for target, source, length in runs(sorted(vocab_map.shared.items())):
-        placed.append((target, (file, offset + source * row_bytes, length * row_bytes)))
-    rows = new_rows.to(source_matrix.dtype) if vocab_map.new else None
+    for target, source, length in vocab_map.shared_runs:
+        part = (span[0], span[1] + source * row_bytes, length * row_bytes) if span is not None else matrix[source : source + length]
+        placed.append((target, part))
+    position = {target: i for i, target in enumerate(vocab_map.new)}
     if vocab_map.new:
-        placed.extend((target, rows[i : i + 1]) for i, target in enumerate(vocab_map.new))
+        stored = from_float32(new_rows, dtype)
+        placed.extend((target, stored[i : i + 1]) for target, i in position.items())
     padding = vocab_map.target_rows - vocab_map.target_size
     if padding:
-        position = {target: i for i, target in enumerate(vocab_map.new)}
-        sample = [source_matrix[vocab_map.shared[t]] if t in vocab_map.shared else rows[position[t]] for t in padding_sample(vocab_map.target_size)]
-        placed.append((vocab_map.target_size, torch.stack(sample).float().mean(0).to(source_matrix.dtype).expand(padding, -1)))
+        sample = padding_sample(vocab_map.target_size)
+        shared = to_float32(matrix[[vocab_map.shared[t] for t in sample if t in vocab_map.shared]], dtype)
+        new = np.asarray([new_rows[position[t]] for t in sample if t not in vocab_map.shared], dtype=np.float32).reshape(-1, matrix.shape[1])
+        mean = from_float32(np.concatenate([shared, new]).mean(0), dtype)
+        placed.append((vocab_map.target_size, np.broadcast_to(mean, (padding, len(mean)))))
     return [part for _, part in sorted(placed, key=lambda item: item[0])]
 
 
 def new_token_rows(
     method: str,
-    source_matrix: torch.Tensor,
+    matrix: np.ndarray,
+    dtype: str,
     source: Tokenizer,
     vocab_map: VocabMap,
-    donor_projected: torch.Tensor | None = None,
+    donor_projected: np.ndarray | None = None,
     pieces: list[list[int]] | None = None,
-) -> torch.Tensor:
-    """Vectors of the target tokens the source lacks, by method (donor-projected rows come precomputed)."""
+) -> np.ndarray:
+    """float32 vectors of the target tokens the source lacks, by method (donor-projected rows come precomputed)."""
     count = len(vocab_map.new)
-    width = source_matrix.shape[1]
+    width = matrix.shape[1]
     if count == 0:
-        return torch.empty(0, width)
+        return np.empty((0, width), dtype=np.float32)
     if method == "zero":
-        return torch.zeros(count, width)
+        return np.zeros((count, width), dtype=np.float32)
     if method == "mean":
-        return mean_row(source_matrix, len(source)).expand(count, width).clone()
+        return np.tile(mean_row(matrix, dtype, len(source)), (count, 1))
     if method == "subword":
         if pieces is None:
             pieces = subword_pieces(source, [vocab_map.new_tokens[i] for i in vocab_map.new])
-        return subword_rows(source_matrix, pieces)
+        return subword_rows(matrix, dtype, pieces)
     if method == "donor-projected":
         if donor_projected is None:
             raise QwenforgeError("--new-token-init donor-projected needs --donor; choose subword, mean or zero")
