@@ -12,6 +12,8 @@ child process whose peak RSS is read from getrusage(RUSAGE_CHILDREN):
   mergekit   `mergekit-yaml` passthrough of all layers (if installed in its own venv; never a
              qwenforge dependency: python3 -m venv /tmp/mergekit-venv &&
              /tmp/mergekit-venv/bin/pip install torch==2.13.0 mergekit).
+Jobs run in rounds, each once per round; `paired` is the median over rounds of job / that
+round's cp, which holds up better than the fastest-of ratio when the disk's speed drifts.
 Targets: convert <= 1.3x cp; peak RSS <= 2x the largest tensor + the interpreter's baseline,
 the same at both sizes; faster than mergekit. `--no-measure` skips the optional model loads
 (smoke test, fidelity), which are not streaming by nature.
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,19 +119,24 @@ def measure(command: list[str], cold: Path | None = None) -> tuple[float, int]:
     return float(seconds), int(rss)
 
 
-def best_of(repeats: int, command: list[str], cleanup: Path | None = None, cold: Path | None = None) -> tuple[float, int]:
-    runs = []
+def rounds(repeats: int, jobs: dict[str, list[str]], out: Path, cold: Path) -> dict[str, list[tuple[float, int]]]:
+    """Every job once per round, in turn, `repeats` rounds: the disk's throughput drifts over
+    minutes on this VM, so a job is compared with the cp of its own round, not of another minute."""
+    runs: dict[str, list[tuple[float, int]]] = {job: [] for job in jobs}
     for _ in range(repeats):
-        if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)
-        runs.append(measure(command, cold))
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+        for job, command in jobs.items():
+            shutil.rmtree(out, ignore_errors=True)
+            if job == "cp":
+                out.mkdir()
+            runs[job].append(measure(command, cold))
+    shutil.rmtree(out, ignore_errors=True)
+    return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 14], help="model sizes (layers) to measure")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per command; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (each job once per round); the fastest counts, and the median of each round's job/cp")
     parser.add_argument("--mergekit", default="/tmp/mergekit-venv/bin/mergekit-yaml", help="mergekit-yaml in its own venv")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder, removed)")
     args = parser.parse_args()
@@ -138,7 +146,8 @@ def main() -> None:
     source_tokenizer, qwen3_tokenizer = tokenizer_folder("qwen2.5", root), tokenizer_folder("qwen3", root)
     scratch = Path(tempfile.mkdtemp(prefix="convert-speed-", dir=args.workdir))
     have_mergekit = Path(args.mergekit).exists()
-    _, baseline = measure([sys.executable, "-c", "import torch, tokenizers, qwenforge.cli, qwenforge.convert.run"])
+    # what convert imports without --measure or calibration (torch is not among it: checkpoint/dtypes.py)
+    _, baseline = measure([sys.executable, "-c", "import numpy, tokenizers, qwenforge.cli, qwenforge.convert.run"])
     rows = []
     try:
         for layers in args.layers:
@@ -149,19 +158,19 @@ def main() -> None:
             out = scratch / "out"
             copy_files = [p for p in source.iterdir()]
             row = {"layers": layers, "bytes": size, "shards": len(list(source.glob("*.safetensors"))), "largest_tensor": largest}
-            out.mkdir()
-            row["cp"] = best_of(args.repeats, ["cp", *map(str, copy_files), str(out)], cold=source)
-            shutil.rmtree(out)
             convert = [qwenforge, "convert", str(source), str(out), "--qk-norm", "ones", "--no-measure", "--force", "--max-shard-size", "700MB"]
-            row["convert"] = best_of(args.repeats, convert, cleanup=out, cold=source)
-            row["transplant"] = best_of(args.repeats, [*convert, "--tokenizer", str(qwen3_tokenizer)], cleanup=out, cold=source)
+            jobs = {"cp": ["cp", *map(str, copy_files), str(out)], "convert": convert, "transplant": [*convert, "--tokenizer", str(qwen3_tokenizer)]}
             if have_mergekit:
                 config = scratch / "passthrough.yml"
                 config.write_text(
                     f"slices:\n  - sources:\n      - model: {source}\n        layer_range: [0, {layers}]\n"
                     "merge_method: passthrough\ndtype: bfloat16\n"
                 )
-                row["mergekit"] = best_of(args.repeats, [args.mergekit, str(config), str(out), "--lazy-unpickle", "--quiet"], cleanup=out, cold=source)
+                jobs["mergekit"] = [args.mergekit, str(config), str(out), "--lazy-unpickle", "--quiet"]
+            runs = rounds(args.repeats, jobs, out, source)
+            row["runs"] = runs
+            for job, measured in runs.items():  # fastest wall time, largest peak RSS
+                row[job] = (min(m[0] for m in measured), max(m[1] for m in measured))
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(source)
             rows.append(row)
@@ -170,15 +179,17 @@ def main() -> None:
 
     gib = 2**30
     print("\nevery job starts after sync, with the source checkpoint evicted from the page cache (cold reads)")
-    print(f"interpreter baseline RSS (python + torch + qwenforge imports): {baseline / gib:.2f} GiB")
+    print(f"interpreter baseline RSS (python + numpy + qwenforge imports): {baseline / gib:.2f} GiB")
     for row in rows:
         limit = 2 * row["largest_tensor"] + baseline
         print(f"\n{row['layers']} layers: {row['bytes'] / 1e9:.2f} GB in {row['shards']} shards, largest tensor {row['largest_tensor'] / gib:.2f} GiB")
-        print(f"  {'job':<11}{'wall s':>8}{'peak RSS GiB':>14}{'time / cp':>11}")
+        print(f"  {'job':<11}{'wall s':>8}{'peak RSS GiB':>14}{'time / cp':>11}{'paired':>9}   each round's wall s")
         for job in ("cp", "convert", "transplant", "mergekit"):
             if job in row:
                 seconds, rss = row[job]
-                print(f"  {job:<11}{seconds:>8.2f}{rss / gib:>14.2f}{seconds / row['cp'][0]:>11.2f}")
+                paired = statistics.median(m[0] / c[0] for m, c in zip(row["runs"][job], row["runs"]["cp"]))
+                each = " ".join(f"{m[0]:.2f}" for m in row["runs"][job])
+                print(f"  {job:<11}{seconds:>8.2f}{rss / gib:>14.2f}{seconds / row['cp'][0]:>11.2f}{paired:>9.2f}   {each}")
         for job in ("convert", "transplant"):
             print(f"  {job}: peak RSS / (2 x largest tensor + baseline) = {row[job][1] / limit:.2f}")
         if "mergekit" in row:
