@@ -313,3 +313,20 @@ def test_streaming_conversion_never_imports_torch(tiny_qwen2, donor16, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
     assert (tmp_path / "out" / "model.safetensors").exists() or (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("which", ["qwen25_tokenizer_dir", "qwen3_tokenizer_dir"])
+def test_vocabulary_read_without_merges_equals_full_parse(which, request):
+    from qwenforge.convert.vocab import _read_vocabulary
+
+    raw = (request.getfixturevalue(which) / "tokenizer.json").read_bytes()
+    full, fast = json.loads(raw), _read_vocabulary(raw)
+    assert "merges" not in fast["model"]  # the fast path was taken
+    assert fast["model"]["vocab"] == full["model"]["vocab"] and fast["added_tokens"] == full["added_tokens"]
+
+
+def test_vocabulary_read_falls_back_when_merges_are_not_last():
+    from qwenforge.convert.vocab import _read_vocabulary
+
+    raw = b'{"added_tokens": [], "model": {"merges": ["a b"], "vocab": {"a": 0, "b": 1}}}'
+    assert _read_vocabulary(raw) == json.loads(raw)

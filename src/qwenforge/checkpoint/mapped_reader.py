@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -59,6 +60,19 @@ class MappedReader:
         file, start, size = self._spans[name]
         dtype = STORAGE[info.dtype]
         return np.frombuffer(self._maps[file], dtype=dtype, count=size // dtype.itemsize, offset=start).reshape(info.shape)
+
+    def rows(self, name: str, ids: list[int]) -> np.ndarray:
+        """Rows of a 2-D tensor (stored values) read with pread, not through the mapping: touching
+        scattered rows of a mapping maps whole neighbourhoods into this process (fault-around)."""
+        info = self.tensors[name]
+        dtype = STORAGE[info.dtype]
+        file, start, size = self._spans[name]
+        row_bytes = size // info.shape[0]
+        out = np.empty((len(ids), info.shape[1]), dtype=dtype)
+        with open(file, "rb") as handle:
+            for position, row in enumerate(ids):
+                out[position] = np.frombuffer(os.pread(handle.fileno(), row_bytes, start + row * row_bytes), dtype=dtype)
+        return out
 
     def get(self, name: str):
         """A torch view (no copy) of the tensor in the mapped file."""

@@ -201,7 +201,8 @@ class ShardedWriter:
         """Write the next planned tensor from ordered parts: torch tensors of its dtype or numpy
         arrays of its stored form (`dtypes.STORAGE`), streamed through Python, and
         `(file, offset, nbytes)` spans of another file, copied by the kernel as `cp` does (or read
-        and written where the kernel cannot copy between the two files)."""
+        and written where the kernel cannot copy between the two files), or a function returning
+        one of those, called when its turn comes."""
         shard_index, (planned, shape, dtype) = self._order[self._position]
         expected = math.prod(shape) * SIZES[dtype]
         if name != planned:
@@ -210,6 +211,8 @@ class ShardedWriter:
             self._open_shard(shard_index)
         written = 0
         for part in parts:
+            if callable(part):  # computed only now, after the parts before it are written
+                part = part()
             if isinstance(part, tuple):
                 written += self._copy_span(*part)
                 continue

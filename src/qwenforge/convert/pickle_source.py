@@ -64,6 +64,9 @@ class PickleReader:
         tensor = self.get(name).contiguous()
         return tensor.reshape(-1).view(torch.uint8).numpy().view(STORAGE[self.tensors[name].dtype]).reshape(tensor.shape)
 
+    def rows(self, name: str, ids: list[int]) -> np.ndarray:
+        return self.array(name)[ids]
+
 
 def open_source(folder: Path, allow_pickle: bool):
     """A reader for the source weights: safetensors, or pickle shards when allowed."""

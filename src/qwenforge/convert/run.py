@@ -257,7 +257,7 @@ def convert(
             if step.op == "transplant-rows":
                 matrix, dtype = reader.array(step.source), reader.tensors[step.source].dtype
                 new = _new_rows(new_token_init, matrix, dtype, source_tok, vocab_map, projected.get(step.name), pieces)
-                return vocab.transplant_parts(matrix, dtype, reader.span(step.source) if spans else None, vocab_map, new)
+                return vocab.transplant_parts(reader, step.source, vocab_map, new)
             if step.op == "donor":
                 raw, dtype = donor_reader.array(step.name), donor_reader.tensors[step.name].dtype
                 return [raw if dtype == step.dtype else from_float32(to_float32(raw, dtype), step.dtype)]
