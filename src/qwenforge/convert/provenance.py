@@ -8,6 +8,7 @@ measured fidelity); the model card says the same in prose.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -26,6 +27,38 @@ def input_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def _stamp(file: Path) -> list[int]:
+    """What changes whenever a file's bytes do: device, inode, size, modification and change times
+    (ctime cannot be set back by hand), as git's index and rsync trust."""
+    info = file.stat()
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def _known_file() -> Path:
+    from qwenforge.cache import cache_root
+
+    return cache_root() / "sha256.json"
+
+
+def _read_known() -> dict:
+    try:
+        return json.loads(_known_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_known(known: dict) -> None:
+    """Written whole and renamed into place: a reader never sees half a file."""
+    file = _known_file()
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        temp = file.with_name(f".{file.name}.{os.getpid()}")
+        temp.write_text(json.dumps({path: entry for path, entry in known.items() if os.path.exists(path)}))
+        temp.replace(file)
+    except OSError:  # a read-only cache costs only the next run's hashing
+        pass
+
+
 class Hashing:
     """sha256 of every input file on worker threads (hashlib releases the GIL), overlapping the conversion.
 
@@ -34,25 +67,32 @@ class Hashing:
     hashed in that order, so hashing and copying read each shard at about the same time and the
     disk serves it once: a model larger than the page cache is otherwise read twice, which doubled
     the wall time at 20 GB. A core stays with the copy. Leaving the `with` block early (an error)
-    stops the workers within one block instead of finishing every file.
+    stops the workers within one block instead of finishing every file. A file hashed before and
+    unchanged since (same `_stamp`) is not read again: the digests are kept in the cache folder, so
+    converting the same source again with other options skips the hashing.
     """
 
     def __init__(self, folders: dict[str, Path], first: list[Path] = (), enabled: bool = True):
         self.folders = folders
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=min(4, max(1, (os.cpu_count() or 1) - 1)))
+        self._known = _read_known() if enabled else {}
         rank = {Path(file).resolve(): position for position, file in enumerate(dict.fromkeys(first))}
         jobs = [(role, file) for role, folder in folders.items() for file in input_files(folder)] if enabled else []
         jobs.sort(key=lambda job: rank.get(job[1].resolve(), len(rank)))
         self._futures = {(role, file.name): self._pool.submit(self._sha256, file) for role, file in jobs}
 
     def _sha256(self, file: Path) -> str | None:
+        key, stamp = str(file.resolve()), _stamp(file)
+        if self._known.get(key, {}).get("stamp") == stamp:
+            return self._known[key]["sha256"]
         digest = hashlib.sha256()
         with open(file, "rb") as handle:
             while block := handle.read(1 << 22):
                 if self._stop.is_set():
                     return None
                 digest.update(block)
+        self._known[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
         return digest.hexdigest()
 
     def results(self) -> dict:
@@ -61,6 +101,7 @@ class Hashing:
         for role, folder in self.folders.items():
             files = dict(sorted((name, future.result()) for (owner, name), future in self._futures.items() if owner == role))
             out[role] = {"path": str(Path(folder).resolve()), "sha256": files}
+        _write_known(self._known)
         return out
 
     def __enter__(self) -> "Hashing":
