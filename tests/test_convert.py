@@ -330,3 +330,25 @@ def test_vocabulary_read_falls_back_when_merges_are_not_last():
 
     raw = b'{"added_tokens": [], "model": {"merges": ["a b"], "vocab": {"a": 0, "b": 1}}}'
     assert _read_vocabulary(raw) == json.loads(raw)
+
+
+def test_known_hashes_are_reused_until_the_file_changes(tiny_qwen2, tmp_path, monkeypatch):
+    """A second conversion takes an unchanged file's sha256 from the cache; a changed file is hashed again."""
+    import os
+
+    monkeypatch.setenv("QWENFORGE_CACHE", str(tmp_path / "cache"))
+    weights = next(tiny_qwen2.glob("*.safetensors"))
+    true_digest = sha256_of(weights)
+
+    def recorded(out) -> str:
+        convert(tiny_qwen2, tmp_path / out, qk_norm="ones", measure=False)
+        return json.loads((tmp_path / out / "conversion_metadata.json").read_text())["inputs"]["source"]["sha256"][weights.name]
+
+    assert recorded("first") == true_digest
+    known_file = tmp_path / "cache" / "sha256.json"
+    known = json.loads(known_file.read_text())
+    known[str(weights.resolve())]["sha256"] = "0" * 64  # what only the cache can say
+    known_file.write_text(json.dumps(known))
+    assert recorded("second") == "0" * 64
+    os.utime(weights)  # same bytes, new times: hashed again
+    assert recorded("third") == true_digest
