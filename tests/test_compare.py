@@ -61,6 +61,26 @@ def test_a_perturbed_candidate_is_measured(tiny, tiny_qwen2):
     assert result["kl"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-3)
 
 
+def test_windows_batched_in_one_pass_equal_one_at_a_time(tiny, tiny_qwen2, monkeypatch):
+    """Windows go through the models several at a time (an offloaded model then reads its weights
+    once), the last right-padded; every figure equals the window-by-window measurement."""
+    model, tokenizer = compare.load(tiny_qwen2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(40.0)
+    calls = []
+    original = compare._forward
+    monkeypatch.setattr(compare, "_forward", lambda *args, **kwargs: calls.append(args[1].shape) or original(*args, **kwargs))
+    batched = compare.fidelity(tiny, (model, tokenizer), TEXT, window=16)  # 3.x windows: one padded batch
+    assert [shape[0] for shape in calls] == [4, 4]  # one pass per model
+    batched_bits = compare.bits_per_byte(tiny, TEXT, window=16)["bits_per_byte"]
+    monkeypatch.setattr(compare, "WINDOWS_PER_PASS", 1)
+    single = compare.fidelity(tiny, (model, tokenizer), TEXT, window=16)
+    for key in ("kl", "top1_agreement", "bits_per_byte_ratio"):
+        assert batched[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7)
+    assert batched["layer_cosine"] == pytest.approx(single["layer_cosine"], rel=1e-5)
+    assert batched_bits == pytest.approx(compare.bits_per_byte(tiny, TEXT, window=16)["bits_per_byte"], rel=1e-5)
+
+
 def test_cli_compare_json_and_plot(tmp_path, tiny_qwen2, tiny_llama):
     text = tmp_path / "text.txt"
     text.write_text(default_text("heldout.txt").read_text()[:600])

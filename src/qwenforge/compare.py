@@ -42,10 +42,27 @@ def text_prefix(tokenizer, text: str, max_tokens: int) -> str:
     return tokenizer.decode(ids[:max_tokens])
 
 
-def _windows(ids: torch.Tensor, window: int):
-    """Segments overlapping by one token, so every token after the first is predicted exactly once."""
-    for start in range(0, len(ids) - 1, window):
-        yield ids[start : start + window + 1]
+WINDOWS_PER_PASS = 4  # the default 1,024 tokens in one forward pass: an offloaded model reads its weights once
+
+
+def _batches(ids: torch.Tensor, window: int):
+    """(inputs [B, T], targets [B, T], lengths) of windows overlapping by one token, so every token after
+    the first is predicted exactly once; up to WINDOWS_PER_PASS windows per batch, the last
+    right-padded (a causal model's real positions never see the padding)."""
+    segments = [ids[start : start + window + 1] for start in range(0, len(ids) - 1, window)]
+    for first in range(0, len(segments), WINDOWS_PER_PASS):
+        group = segments[first : first + WINDOWS_PER_PASS]
+        lengths = [len(segment) - 1 for segment in group]
+        inputs = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        targets = torch.zeros_like(inputs)
+        for row, segment in enumerate(group):
+            inputs[row, : lengths[row]], targets[row, : lengths[row]] = segment[:-1], segment[1:]
+        yield inputs, targets, lengths
+
+
+def _forward(model, inputs: torch.Tensor, lengths: list[int], hidden: bool = False):
+    mask = (torch.arange(inputs.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+    return model(inputs, attention_mask=mask, output_hidden_states=hidden)
 
 
 def shared_ids(tokenizer_a, tokenizer_b, rows_a: int, rows_b: int) -> torch.Tensor:
@@ -61,10 +78,11 @@ def bits_per_byte(model: str | Path | Loaded, text: str, window: int = 256) -> d
     model, tokenizer = load(model)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
     nll, count = 0.0, 0
-    for segment in _windows(ids, window):
-        logits = model(segment[:-1].unsqueeze(0)).logits[0].float()
-        nll += torch.nn.functional.cross_entropy(logits, segment[1:], reduction="sum").item()
-        count += len(segment) - 1
+    for inputs, targets, lengths in _batches(ids, window):
+        logits = _forward(model, inputs, lengths).logits
+        for row, length in enumerate(lengths):
+            nll += torch.nn.functional.cross_entropy(logits[row, :length].float(), targets[row, :length], reduction="sum").item()
+            count += length
     predicted_bytes = len(text.encode()) - len(tokenizer.decode(ids[:1]).encode())
     return {
         "tokens": len(ids),
@@ -110,17 +128,17 @@ def fidelity(
     )
     figures = engine.Fidelity()  # the one implementation of KL, agreement, bits per byte (heal and distill use it too)
     cosine_sums = None
-    for segment in _windows(ref_ids, window):
-        inputs, targets = segment[:-1].unsqueeze(0), segment[1:]
-        ref_out = ref_model(inputs, output_hidden_states=compare_layers)
-        cand_out = cand_model(inputs, output_hidden_states=compare_layers)
-        figures.add(cand_out.logits[0], torch.log_softmax(ref_out.logits[0].float(), -1), targets, 0, shared)
-        if compare_layers:
-            cosines = [
-                torch.nn.functional.cosine_similarity(a[0].float(), b[0].float(), dim=-1).sum().item()
-                for a, b in zip(ref_out.hidden_states, cand_out.hidden_states)
-            ]
-            cosine_sums = cosines if cosine_sums is None else [x + y for x, y in zip(cosine_sums, cosines)]
+    for inputs, targets, lengths in _batches(ref_ids, window):
+        ref_out = _forward(ref_model, inputs, lengths, compare_layers)
+        cand_out = _forward(cand_model, inputs, lengths, compare_layers)
+        for row, length in enumerate(lengths):
+            figures.add(cand_out.logits[row, :length], torch.log_softmax(ref_out.logits[row, :length].float(), -1), targets[row, :length], 0, shared)
+            if compare_layers:
+                cosines = [
+                    torch.nn.functional.cosine_similarity(a[row, :length].float(), b[row, :length].float(), dim=-1).sum().item()
+                    for a, b in zip(ref_out.hidden_states, cand_out.hidden_states)
+                ]
+                cosine_sums = cosines if cosine_sums is None else [x + y for x, y in zip(cosine_sums, cosines)]
     figures.text_bytes = len(text.encode()) - len(ref_tok.decode(ref_ids[:1]).encode())  # the bytes predicted
     summary = figures.summary()
     count = summary["positions"]
