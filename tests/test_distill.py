@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,12 @@ def test_online_teacher_that_does_not_fit_is_refused_with_the_way_out(teacher, s
     assert estimate["teacher"] > estimate["student"] / 4 > 0
     with pytest.raises(QwenforgeError, match="distill capture.*--logits STORE"):
         train_online(teacher, student, DATA / "calibration.txt", DATA / "heldout.txt", None, DistillOptions(steps=1, memory_gb=estimate["total"] / 2 / GIB))
+
+
+def test_rebuilt_distribution_ignores_absent_entries():
+    """An absent entry (-inf, a token the student lacks) that points at a listed id never overwrites it."""
+    indices = torch.tensor([[0, 3, 0]])  # the third entry is absent and, as mapping.py leaves it, points at id 0
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.2), float("-inf")]])
+    rebuilt = store.rebuilt_logprobs(indices, logprobs, 10).exp()[0]
+    assert torch.isclose(rebuilt[0], torch.tensor(0.5)) and torch.isclose(rebuilt[3], torch.tensor(0.2))
+    assert torch.allclose(rebuilt[[1, 2, 4, 5, 6, 7, 8, 9]], torch.tensor(0.3 / 8))

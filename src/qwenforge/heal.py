@@ -248,21 +248,6 @@ def _load(folder: Path, what: str):
 # --- a stored teacher (`--teacher-logits`) ---------------------------------------------------------
 
 
-def _store_fidelity(student, sequences, indices, logprobs, byte_counts, shared, shared_mask, teacher_rows) -> dict:
-    """Held-out figures against a store: engine.Fidelity on the rebuilt teacher (agreement, bits per byte,
-    perplexity), with KL on the stored top-k plus one tail bucket (zero when the student is the teacher)."""
-    fidelity, kl = engine.Fidelity(), 0.0
-    was_training = student.training
-    student.eval()
-    with torch.no_grad():
-        for ids, top_indices, top_logprobs, nbytes in zip(sequences, indices, logprobs, byte_counts):
-            logits = student(ids[None, :-1]).logits[0]
-            fidelity.add(logits, store.rebuilt_logprobs(top_indices, top_logprobs, teacher_rows), ids[1:], nbytes, shared)
-            kl += float(engine.topk_divergence(_shared_logits(logits, shared_mask), *_store_targets(top_indices, top_logprobs, shared, teacher_rows, len(shared_mask))).sum())
-    student.train(was_training)
-    return {**fidelity.summary(), "kl": kl / fidelity.positions}
-
-
 def _read_store(folder: Path, teacher_tokenizer, teacher_config: dict, options: HealOptions):
     """(train ids, train top-k indices, train top-k log-probs, held-out ids, held-out indices, held-out log-probs, index).
 
@@ -284,20 +269,6 @@ def _read_store(folder: Path, teacher_tokenizer, teacher_config: dict, options: 
         )
     split = len(ids) - held
     return ids[:split], indices[:split], values[:split], ids[split:], indices[split:], values[split:], index
-
-
-def _store_targets(indices: torch.Tensor, values: torch.Tensor, shared: torch.Tensor, teacher_rows: int, extra: int):
-    """Stored top-k in the shared vocabulary: entries outside it point at column `extra` with no mass (they join the tail)."""
-    mask = torch.zeros(max(teacher_rows, int(indices.max()) + 1), dtype=torch.bool)
-    mask[shared] = True
-    keep = mask[indices]
-    return indices.where(keep, torch.full_like(indices, extra)), values.where(keep, torch.full_like(values, -1e4))
-
-
-def _shared_logits(logits: torch.Tensor, shared_mask: torch.Tensor) -> torch.Tensor:
-    """Student logits with ids outside the shared vocabulary (and one extra column) at no mass."""
-    masked = logits.float().masked_fill(~shared_mask, -1e4)
-    return torch.cat([masked, torch.full_like(masked[..., :1], -1e4)], -1)
 
 
 def _plot(history_by_phase: dict[str, list[dict]], path: Path, before: dict) -> None:
@@ -396,7 +367,7 @@ def heal(
     if teacher_logits is None:
         evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes, shared_vocab)  # noqa: E731
     else:
-        evaluate = lambda: _store_fidelity(student, eval_sequences, eval_indices, eval_values, eval_bytes, shared_vocab, shared_mask, teacher_rows)  # noqa: E731
+        evaluate = lambda: store.store_fidelity(student, eval_sequences, eval_indices, eval_values, eval_bytes, teacher_rows, shared_vocab)  # noqa: E731
 
     before = evaluate()
     if options.method == "linearize":
@@ -408,7 +379,7 @@ def heal(
     starts = [i for i in range(0, len(train_sequences), options.batch_size) if i + options.batch_size <= len(train_sequences)] or [0]
     batches = [torch.stack(train_sequences[i : i + options.batch_size]) for i in starts]
     if teacher_logits is not None:
-        targets_topk = _store_targets(train_indices, train_values, shared_vocab, teacher_rows, student_rows)
+        targets_topk = store.store_targets(train_indices, train_values, shared_vocab, teacher_rows, student_rows)
         batch_topk = [(targets_topk[0][i : i + options.batch_size], targets_topk[1][i : i + options.batch_size]) for i in starts]
     work = _work_folder(out)
     if not resume:
@@ -429,7 +400,7 @@ def heal(
 
             def step_loss(step: int) -> torch.Tensor:
                 batch, (indices, values) = batches[step % len(batches)], batch_topk[step % len(batches)]
-                student_logits = _shared_logits(student(batch[:, :-1]).logits, shared_mask)
+                student_logits = store.shared_logits(student(batch[:, :-1]).logits, shared_mask)
                 return engine.distillation_loss(student_logits, batch[:, 1:], teacher_topk=(indices, values), kind=options.divergence, temperature=options.temperature)
 
         else:

@@ -326,12 +326,61 @@ def iterate_store(folder: Path, index: dict) -> Iterator[tuple[torch.Tensor, tor
 
 
 def rebuilt_logprobs(indices: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
-    """A full distribution from stored top-k entries, the tail mass spread evenly over the other tokens."""
+    """A full distribution from stored top-k entries, the tail mass spread evenly over the other tokens.
+
+    Absent entries (log-probability -inf: a token the student's vocabulary lacks, mapping.py) are
+    written to an extra column that is then dropped, so they never overwrite a listed token.
+    """
     kept = logprobs.float().clamp(max=0)
+    present = torch.isfinite(kept)
     tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
-    rebuilt = (tail / max(vocab - indices.shape[-1], 1)).log().expand(*indices.shape[:-1], vocab).clone()
-    rebuilt.scatter_(-1, indices.long(), kept)
+    others = (vocab - present.sum(-1, keepdim=True)).clamp(min=1)
+    rebuilt = (tail / others).log().expand(*indices.shape[:-1], vocab + 1).clone()
+    rebuilt.scatter_(-1, indices.long().where(present, vocab), kept)
+    rebuilt = rebuilt[..., :vocab]
     return rebuilt - torch.logsumexp(rebuilt, -1, keepdim=True)
+
+
+def store_targets(indices: torch.Tensor, values: torch.Tensor, shared: torch.Tensor, teacher_rows: int, extra: int):
+    """Stored top-k in the shared vocabulary: entries outside it point at column `extra` with no mass (they join the tail)."""
+    mask = torch.zeros(max(teacher_rows, int(indices.max()) + 1), dtype=torch.bool, device=indices.device)
+    mask[shared] = True
+    keep = mask[indices]
+    return indices.where(keep, torch.full_like(indices, extra)), values.where(keep, torch.full_like(values, -1e4))
+
+
+def shared_logits(logits: torch.Tensor, shared_mask: torch.Tensor) -> torch.Tensor:
+    """Student logits with ids outside the shared vocabulary (and one extra column, see `store_targets`) at no mass."""
+    masked = logits.float().masked_fill(~shared_mask, -1e4)
+    return torch.cat([masked, torch.full_like(masked[..., :1], -1e4)], -1)
+
+
+def store_fidelity(student, sequences, indices, logprobs, byte_counts, teacher_rows: int | None = None, shared: torch.Tensor | None = None) -> dict:
+    """Held-out figures against a store, for `distill train` and `heal --teacher-logits`:
+    `engine.Fidelity` on the rebuilt teacher distribution (agreement, bits per byte, perplexity) and
+    KL on the stored top-k plus one tail bucket (zero when the student is the teacher).
+
+    `shared` (ids both vocabularies hold, after a transplant) keeps KL and agreement to those ids;
+    stored entries outside it join the tail. `teacher_rows` defaults to the student's.
+    """
+    fidelity, kl = engine.Fidelity(), 0.0
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    with torch.no_grad():
+        for ids, top_indices, top_logprobs, nbytes in zip(sequences, indices, logprobs, byte_counts):
+            ids, top_indices, top_logprobs = ids.to(device), top_indices.to(device), top_logprobs.to(device)
+            logits = student(ids[None, :-1]).logits[0]
+            rows = teacher_rows or logits.shape[-1]
+            targets = (logits, top_indices, top_logprobs)
+            if shared is not None:
+                mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+                mask[shared] = True
+                targets = (shared_logits(logits, mask), *store_targets(top_indices, top_logprobs, shared, rows, len(mask)))
+            kl += float(engine.topk_divergence(*targets).sum())
+            fidelity.add(logits, rebuilt_logprobs(top_indices, top_logprobs, rows), ids[1:], nbytes, shared)
+    student.train(was_training)
+    return {**fidelity.summary(), "kl": kl / fidelity.positions}
 
 
 def reconstruction_kl(teacher_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ through LoRA (merged back), and written as a plain checkpoint with distill_repor
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -189,30 +188,6 @@ def _outcome(student, result, tokens_per_step: int, started: float) -> dict:
     }
 
 
-def _store_fidelity(student, sequences, indices, logprobs, byte_counts, options: DistillOptions) -> dict:
-    """Held-out figures against a store: top-k+tail KL, agreement with the teacher's top token, bits per byte."""
-    kl = agree = nll = positions = 0.0
-    was_training = student.training
-    student.eval()
-    device = next(student.parameters()).device
-    with torch.no_grad():
-        for ids, top_indices, top_logprobs in zip(sequences, indices, logprobs):
-            ids, top_indices, top_logprobs = ids.to(device), top_indices.to(device), top_logprobs.to(device)
-            logits = student(ids[None, :-1]).logits[0]
-            kl += float(engine.topk_divergence(logits, top_indices, top_logprobs, "forward").sum())
-            agree += float((logits.argmax(-1) == top_indices[:, 0]).sum())
-            nll += float(torch.nn.functional.cross_entropy(logits.float(), ids[1:], reduction="sum"))
-            positions += len(ids) - 1
-    student.train(was_training)
-    return {
-        "kl": kl / positions,
-        "top1_agreement": agree / positions,
-        "bits_per_byte": nll / math.log(2) / max(sum(byte_counts), 1),
-        "perplexity": math.exp(nll / positions),
-        "positions": int(positions),
-    }
-
-
 def _fingerprints(trainable: dict, world: int) -> list[float]:
     """Sum of |weights| on every rank (equal when the processes trained in step)."""
     value = float(sum(p.detach().double().abs().sum() for p in trainable.values()))
@@ -315,7 +290,7 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
         extra = {"generator": generator.get_state().tolist(), "options": asdict(options), "logits": str(logits), "student": str(student_dir), "processes": world}
         engine.save_progress(checkpoint, trainable, state, extra)
 
-    evaluate = lambda: _store_fidelity(student, ids[held], indices[held], values[held], eval_bytes, options)  # noqa: E731
+    evaluate = lambda: store.store_fidelity(student, ids[held], indices[held], values[held], eval_bytes)  # noqa: E731
     started = time.perf_counter()
     result = engine.run_loop(trainable, step_loss, evaluate, _settings(options), label="distill train", console=console,
                              on_checkpoint=on_checkpoint if checkpoint is not None else None, **saved)
