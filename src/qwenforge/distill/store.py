@@ -273,8 +273,7 @@ def capture(
             progress.update(task, completed=done)
     index["complete"] = True
     index["tokens"] = sum(shard["sequences"] for shard in index["shards"]) * index["sequence_length"]
-    index["bytes_on_disk_per_token"] = sum(shard["bytes"] for shard in index["shards"]) / max(index["tokens"], 1)
-    index["bytes_per_token"] = round(index["bytes_on_disk_per_token"], 1)
+    index["bytes_per_token"] = round(sum(shard["bytes"] for shard in index["shards"]) / max(index["tokens"], 1), 1)  # on disk
     write_json(index_path, index)
     return index
 
