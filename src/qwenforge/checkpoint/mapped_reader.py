@@ -78,14 +78,7 @@ class MappedReader:
         """A torch view (no copy) of the tensor in the mapped file."""
         import torch
 
-        info = self.tensors.get(name)
-        if info is None:
-            raise QwenforgeError(f"{self.folder}: tensor {name} is missing from the checkpoint")
-        file, start, size = self._spans[name]
-        if size == 0:
-            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        flat = torch.frombuffer(self._maps[file], dtype=torch.uint8, count=size, offset=start)
-        return flat.view(torch_dtype(info.dtype)).reshape(info.shape)
+        return torch.from_numpy(self.array(name)).view(torch_dtype(self.tensors[name].dtype))
 
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Drop the tensor's pages (or those of rows [first, last)) from this process's memory.

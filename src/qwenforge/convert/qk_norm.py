@@ -10,6 +10,11 @@ too big for memory runs layer-offloaded (checkpoint/offload.py), so memory stays
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported only when calibrating: a plain conversion never needs it
+    import torch
+
 QK_NORM_METHODS = ("donor", "calibrated", "ones")
 
 
