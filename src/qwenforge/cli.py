@@ -143,7 +143,9 @@ def convert(
     Example: [bold]qwenforge convert Qwen2.5-7B-Instruct/ q3/ --donor Qwen3-8B/ --keep-bias --dry-run[/bold]
 
     Without a donor the source keeps its own tokenizer and q/k-norm is calibrated on text.
-    OUT gets conversion_metadata.json, config_diff.json and a README with the measured fidelity.
+    OUT gets conversion_metadata.json (with the sha256 of every input file; a file hashed before
+    and unchanged since is not read again), config_diff.json and a README with the measured fidelity.
+    With --qk-norm ones or donor and --no-measure the conversion only streams: about the time of `cp`.
     """
     from rich.progress import Progress
 
