@@ -7,7 +7,9 @@ values; the 6-layer one is 2.2 GB, 187 layers is 30 GB: more than this machine's
 the copies read the disk as a 72B conversion would) by streaming, then times in the same run, each in a fresh
 child process whose peak RSS is read from getrusage(RUSAGE_CHILDREN):
   cp         copying the same files (the floor: no work at all);
-  convert    `qwenforge convert --qk-norm ones --no-measure` (own tokenizer: copy, graft, padding rows reset);
+  convert    `qwenforge convert --qk-norm ones --no-measure` (own tokenizer: copy, graft, padding rows
+             reset, sha256 of every input file);
+  again      the same conversion again: the inputs' sha256 are known from the first (provenance.py);
   transplant the same with the real Qwen3 tokenizer (vocabulary re-indexed to 151,936 rows);
   mergekit   `mergekit-yaml` passthrough of all layers (if installed in its own venv; never a
              qwenforge dependency: python3 -m venv /tmp/mergekit-venv &&
@@ -109,26 +111,29 @@ def settle(folder: Path | None = None) -> None:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def measure(command: list[str], cold: Path | None = None) -> tuple[float, int]:
+def measure(command: list[str], cold: Path | None = None, env: dict | None = None) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of `command` run in a fresh child process, after `settle(cold)`."""
     settle(cold)
-    result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, env={**os.environ, **(env or {})})
     if result.returncode:
         raise SystemExit(f"failed: {' '.join(command)}\n{result.stderr}")
     seconds, rss = result.stdout.split()
     return float(seconds), int(rss)
 
 
-def rounds(repeats: int, jobs: dict[str, list[str]], out: Path, cold: Path) -> dict[str, list[tuple[float, int]]]:
+def rounds(repeats: int, jobs: dict[str, list[str]], out: Path, cold: Path, scratch: Path) -> dict[str, list[tuple[float, int]]]:
     """Every job once per round, in turn, `repeats` rounds: the disk's throughput drifts over
-    minutes on this VM, so a job is compared with the cp of its own round, not of another minute."""
+    minutes on this VM, so a job is compared with the cp of its own round, not of another minute.
+    Each qwenforge job gets an empty cache folder, so it hashes its inputs, except `again`, which
+    reuses the folder of the `convert` before it: a repeat conversion whose hashes are known."""
     runs: dict[str, list[tuple[float, int]]] = {job: [] for job in jobs}
-    for _ in range(repeats):
+    for round_number in range(repeats):
         for job, command in jobs.items():
             shutil.rmtree(out, ignore_errors=True)
             if job == "cp":
                 out.mkdir()
-            runs[job].append(measure(command, cold))
+            cache = scratch / f"cache-{cold.name}-{round_number}-{'convert' if job == 'again' else job}"
+            runs[job].append(measure(command, cold, {"QWENFORGE_CACHE": str(cache)}))
     shutil.rmtree(out, ignore_errors=True)
     return runs
 
@@ -159,7 +164,7 @@ def main() -> None:
             copy_files = [p for p in source.iterdir()]
             row = {"layers": layers, "bytes": size, "shards": len(list(source.glob("*.safetensors"))), "largest_tensor": largest}
             convert = [qwenforge, "convert", str(source), str(out), "--qk-norm", "ones", "--no-measure", "--force", "--max-shard-size", "700MB"]
-            jobs = {"cp": ["cp", *map(str, copy_files), str(out)], "convert": convert, "transplant": [*convert, "--tokenizer", str(qwen3_tokenizer)]}
+            jobs = {"cp": ["cp", *map(str, copy_files), str(out)], "convert": convert, "again": convert, "transplant": [*convert, "--tokenizer", str(qwen3_tokenizer)]}
             if have_mergekit:
                 config = scratch / "passthrough.yml"
                 config.write_text(
@@ -167,7 +172,7 @@ def main() -> None:
                     "merge_method: passthrough\ndtype: bfloat16\n"
                 )
                 jobs["mergekit"] = [args.mergekit, str(config), str(out), "--lazy-unpickle", "--quiet"]
-            runs = rounds(args.repeats, jobs, out, source)
+            runs = rounds(args.repeats, jobs, out, source, scratch)
             row["runs"] = runs
             for job, measured in runs.items():  # fastest wall time, largest peak RSS
                 row[job] = (min(m[0] for m in measured), max(m[1] for m in measured))
@@ -184,7 +189,7 @@ def main() -> None:
         limit = 2 * row["largest_tensor"] + baseline
         print(f"\n{row['layers']} layers: {row['bytes'] / 1e9:.2f} GB in {row['shards']} shards, largest tensor {row['largest_tensor'] / gib:.2f} GiB")
         print(f"  {'job':<11}{'wall s':>8}{'peak RSS GiB':>14}{'time / cp':>11}{'paired':>9}   each round's wall s")
-        for job in ("cp", "convert", "transplant", "mergekit"):
+        for job in ("cp", "convert", "again", "transplant", "mergekit"):
             if job in row:
                 seconds, rss = row[job]
                 paired = statistics.median(m[0] / c[0] for m, c in zip(row["runs"][job], row["runs"]["cp"]))
@@ -202,7 +207,7 @@ def main() -> None:
         )
         # seconds per extra GB between the two sizes: fixed costs (interpreter start, tokenizers) cancel out
         extra_gb = (last["bytes"] - first["bytes"]) / 1e9
-        marginal = {job: (last[job][0] - first[job][0]) / extra_gb for job in ("cp", "convert", "transplant", "mergekit") if job in last}
+        marginal = {job: (last[job][0] - first[job][0]) / extra_gb for job in ("cp", "convert", "again", "transplant", "mergekit") if job in last}
         print("marginal seconds per GB: " + ", ".join(f"{job} {value:.2f}" for job, value in marginal.items()))
         print(f"marginal convert / cp = {marginal['convert'] / marginal['cp']:.2f}", end="")
         if "mergekit" in marginal:
