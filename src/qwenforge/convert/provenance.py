@@ -7,7 +7,6 @@ measured fidelity); the model card says the same in prose.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import write_json
+from qwenforge.checkpoint.folder import sha256_of, write_json
 
 METADATA_NAME = "conversion_metadata.json"
 CONFIG_DIFF_NAME = "config_diff.json"
@@ -86,14 +85,10 @@ class Hashing:
         key, stamp = str(file.resolve()), _stamp(file)
         if self._known.get(key, {}).get("stamp") == stamp:
             return self._known[key]["sha256"]
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 22):
-                if self._stop.is_set():
-                    return None
-                digest.update(block)
-        self._known[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
-        return digest.hexdigest()
+        digest = sha256_of(file, stop=self._stop)
+        if digest is not None:
+            self._known[key] = {"stamp": stamp, "sha256": digest}
+        return digest
 
     def results(self) -> dict:
         """{role: {"path", "sha256": {file name: hex}}}, waiting for the workers."""
