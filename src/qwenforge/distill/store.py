@@ -366,16 +366,18 @@ def store_fidelity(student, sequences, indices, logprobs, byte_counts, teacher_r
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
+    student_rows = student.get_output_embeddings().weight.shape[0]
+    rows = teacher_rows or student_rows
+    if shared is not None:
+        mask = torch.zeros(student_rows, dtype=torch.bool, device=device)
+        mask[shared] = True
     with torch.no_grad():
         for ids, top_indices, top_logprobs, nbytes in zip(sequences, indices, logprobs, byte_counts):
             ids, top_indices, top_logprobs = ids.to(device), top_indices.to(device), top_logprobs.to(device)
             logits = student(ids[None, :-1]).logits[0]
-            rows = teacher_rows or logits.shape[-1]
             targets = (logits, top_indices, top_logprobs)
             if shared is not None:
-                mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-                mask[shared] = True
-                targets = (shared_logits(logits, mask), *store_targets(top_indices, top_logprobs, shared, rows, len(mask)))
+                targets = (shared_logits(logits, mask), *store_targets(top_indices, top_logprobs, shared, rows, student_rows))
             kl += float(engine.topk_divergence(*targets).sum())
             fidelity.add(logits, rebuilt_logprobs(top_indices, top_logprobs, rows), ids[1:], nbytes, shared)
     student.train(was_training)
