@@ -45,7 +45,7 @@ def padded_rows(count: int, multiple: int = 128) -> int:
 
 def _remap_ids(values: dict, source_tok: vocab.Tokenizer, target_tok: vocab.Tokenizer) -> dict:
     """bos/eos/pad ids moved to the target tokenizer by token string (unknown strings drop)."""
-    by_id = source_tok._by_id()
+    by_id = source_tok.by_id
 
     def move(value):
         if isinstance(value, list):
@@ -72,7 +72,7 @@ def _donor_projections(
     """New-token rows by least-squares projection of the donor's rows into the source space, per matrix."""
     if method != "donor-projected" or not vocab_map.new:
         return {}, {}
-    target_by_id = target_tok._by_id()
+    target_by_id = target_tok.by_id
     out, fits = {}, {}
     for name in names:
         donor_name = "model.embed_tokens.weight" if donor_tied else name

@@ -41,7 +41,9 @@ class Tokenizer:
     def __len__(self) -> int:
         return max(self.vocab.values()) + 1
 
-    def _by_id(self) -> dict[int, str]:
+    @cached_property
+    def by_id(self) -> dict[int, str]:
+        """id -> token string, built once (alignment and id remapping each need it)."""
         return {i: s for s, i in self.vocab.items()}
 
 
@@ -137,7 +139,7 @@ def align(source: Tokenizer, target: Tokenizer, source_rows: int, target_rows: i
     if len(target) > target_rows:
         raise QwenforgeError(f"{target.folder}: tokenizer has {len(target)} tokens, more than the {target_rows} output rows")
     shared, new, new_tokens = {}, [], {}
-    by_id = target._by_id()
+    by_id = target.by_id
     if target is source:  # the source's own tokenizer: every id maps to itself (ids without a token are new)
         shared = {index: index for index in sorted(by_id)}
         new = [index for index in range(len(target)) if index not in shared]
