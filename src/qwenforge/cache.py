@@ -16,8 +16,13 @@ def cache_root() -> Path:
 
 
 def embedded_model(root: Path | None = None) -> Path:
-    """The real SmolLM2-135M-Instruct as an HF folder: imported from its GGUF once, then reused."""
-    folder = (root or cache_root()) / "models" / EMBEDDED_MODEL_NAME
+    """The real Qwen2.5-Coder-0.5B-Instruct as an HF folder: imported from its GGUF once, then reused.
+
+    Dequantized to float32: the GGUF's block-quantized values (fp16 scale x small integer) are exact
+    in float32, while bfloat16 would round them and make "the source" differ from the published model.
+    """
+    root = root or cache_root()
+    folder = root / "models" / EMBEDDED_MODEL_NAME
     if not (folder / "config.json").exists():
-        import_gguf(embedded_gguf(), folder, force=True)
+        import_gguf(embedded_gguf(root), folder, force=True)
     return folder
