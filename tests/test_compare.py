@@ -97,8 +97,8 @@ def test_cli_compare_json_and_plot(tmp_path, tiny_qwen2, tiny_llama):
 
 
 @pytest.mark.slow
-def test_different_tokenizers_compare_bits_per_byte_only(tiny_qwen2, embedded_model_dir):
-    result = compare.fidelity(embedded_model_dir, tiny_qwen2, default_text("heldout.txt").read_text(), max_tokens=96)
+def test_different_tokenizers_compare_bits_per_byte_only(tiny_other_vocab, embedded_model_dir):
+    result = compare.fidelity(embedded_model_dir, tiny_other_vocab, default_text("heldout.txt").read_text(), max_tokens=96)
     assert not result["same_tokenization"]
     assert "kl" not in result and "top1_agreement" not in result
     # the real model predicts English far better than a random tiny one

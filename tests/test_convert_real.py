@@ -1,4 +1,4 @@
-"""convert on the real SmolLM2-135M-Instruct (Llama-shaped source): completes and reports its fidelity."""
+"""convert and heal on the real Qwen2.5-Coder-0.5B-Instruct (q/k/v biases, untied head): slow, real model on the CPU."""
 
 from __future__ import annotations
 
@@ -11,19 +11,29 @@ from qwenforge import compare
 from qwenforge.convert import convert
 from qwenforge.convert.run import default_text
 
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
-def test_smollm2_converts_with_calibrated_qk_norm(tmp_path, embedded_model_dir):
-    out = tmp_path / "smollm2-qwen3"
-    result = convert(embedded_model_dir, out, qk_norm="calibrated", fidelity_tokens=128, calibration_tokens=256)
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, embedded_model_dir):
+    out = tmp_path_factory.mktemp("real") / "qwen2.5-coder-qwen3"
+    result = convert(embedded_model_dir, out, keep_bias=True, qk_norm="calibrated", fidelity_tokens=128, calibration_tokens=256)
+    return out, result
+
+
+def test_real_qwen25_converts_with_biases_and_calibrated_qk_norm(converted, embedded_model_dir):
+    out, result = converted
     record = json.loads((out / "conversion_metadata.json").read_text())
-    assert record["vocabulary"]["new"] == 0 and record["vocabulary"]["rows"] == 49_152
+    assert record["vocabulary"]["new"] == 0 and record["vocabulary"]["rows"] == 151_936
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["attention_bias"] is True
+    assert config["tie_word_embeddings"] is False and config["num_hidden_layers"] == 24
     assert record["smoke_test"]["loaded_with"] == "Qwen3ForCausalLM" and record["smoke_test"]["reply"]
     fidelity = record["fidelity"]
     assert fidelity["same_tokenization"]
-    # the q/k-norm graft costs something, but a calibrated model still mostly agrees with its source
+    # the q/k-norm costs something (measured: about 25% top-1 at 512 tokens), but far from the 0% of dropped biases
     assert fidelity["candidate"]["bits_per_byte"] > fidelity["reference"]["bits_per_byte"]
-    assert 0.25 < fidelity["top1_agreement"] < 1.0
+    assert 0.1 < fidelity["top1_agreement"] < 1.0
     assert f"{fidelity['candidate']['bits_per_byte']:.4f}" in (out / "README.md").read_text()
     assert result["metadata"]["fidelity"]["kl"] == pytest.approx(fidelity["kl"])
 
@@ -35,4 +45,22 @@ def test_smollm2_converts_with_calibrated_qk_norm(tmp_path, embedded_model_dir):
             layer.self_attn.k_norm.weight.fill_(1.0)
     ones = compare.fidelity(embedded_model_dir, (model, tokenizer), default_text("heldout.txt").read_text(), max_tokens=128)
     assert fidelity["kl"] < ones["kl"]
-    assert fidelity["top1_agreement"] > ones["top1_agreement"]
+
+
+def test_real_qwen25_healed_answers_as_its_source(converted, embedded_model_dir, tmp_path):
+    """Closed-form heal restores the source on held-out text, and the test question keeps its answer."""
+    from qwenforge.heal import HealOptions, heal
+    from qwenforge.infer.generation import Sampling, build_prompt, complete
+    from qwenforge.infer.load import load_model
+
+    out, _ = converted
+    report = heal(out, tmp_path / "healed", embedded_model_dir, HealOptions(method="linearize", eval_tokens=256, threads=2))
+    assert report["before"]["top1_agreement"] < 0.8
+    assert report["after"]["top1_agreement"] >= 0.99
+    assert report["after"]["bits_per_byte"] == pytest.approx(report["after"]["teacher_bits_per_byte"], rel=1e-3)
+    answers = []
+    for model in (embedded_model_dir, tmp_path / "healed"):
+        loaded = load_model(str(model), dtype="float32", threads=2)
+        prompt = build_prompt(loaded.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+        answers.append(complete(loaded, prompt, Sampling(temperature=0, max_new_tokens=12)).text)
+    assert "Paris" in answers[0] and answers[1] == answers[0]

@@ -213,11 +213,11 @@ def test_another_vocabulary_maps_by_token_string(captured, tiny_qwen2, tmp_path)
     assert report["store"]["student_map"]["coverage"] > 0.99 and report["best"]["kl"] < report["before"]["kl"]
 
 
-def test_a_student_that_splits_text_differently_is_refused(captured, embedded_model_dir):
+def test_a_student_that_splits_text_differently_is_refused(captured, tiny_other_vocab):
     from transformers import AutoTokenizer
 
     with pytest.raises(QwenforgeError, match="splits the captured text differently"):
-        store.open_store(captured, AutoTokenizer.from_pretrained(embedded_model_dir))
+        store.open_store(captured, AutoTokenizer.from_pretrained(tiny_other_vocab))
 
 
 def test_topk_divergence_with_absent_entries_is_finite():

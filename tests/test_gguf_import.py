@@ -23,7 +23,9 @@ EXPECTED_FILES = {
 def test_embedded_model_imports_and_answers(embedded_model_dir):
     assert EXPECTED_FILES <= {p.name for p in embedded_model_dir.iterdir()}
     config = json.loads((embedded_model_dir / "config.json").read_text())
-    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert config["model_type"] == "qwen2" and "quantization_config" not in config
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"] is False
+    assert config["num_hidden_layers"] == 24 and config["hidden_size"] == 896 and config["vocab_size"] == 151_936
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
     model = AutoModelForCausalLM.from_pretrained(embedded_model_dir)
     inputs = tokenizer.apply_chat_template(
@@ -40,7 +42,20 @@ def test_embedded_model_imports_and_answers(embedded_model_dir):
 
 def test_gguf_metadata_of_embedded_model():
     config = gguf_metadata(embedded_gguf())["config"]
-    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
+    assert config["model_type"] == "qwen2" and config["num_hidden_layers"] == 24 and config["hidden_size"] == 896
+    assert config["num_attention_heads"] == 14 and config["num_key_value_heads"] == 2
+
+
+def test_embedded_gguf_is_assembled_once_and_verified(tmp_path, monkeypatch):
+    from qwenforge.checkpoint import gguf_import
+
+    path = embedded_gguf()
+    assert path.stat().st_size == gguf_import.EMBEDDED_GGUF_BYTES
+    assert embedded_gguf() == path  # reused, not rebuilt
+    monkeypatch.setattr(gguf_import, "EMBEDDED_GGUF_SHA256", "0" * 64)
+    with pytest.raises(QwenforgeError, match="reinstall"):
+        embedded_gguf(tmp_path)
+    assert list((tmp_path / "gguf").iterdir()) == []  # nothing half-written is left
 
 
 def test_not_a_gguf(tmp_path):

@@ -97,7 +97,8 @@ def test_llama_cpp_tensor_type_rules():
 
 
 def test_gguf_weights_equal_the_bundled_real_file(embedded_model_dir):
-    # The embedded SmolLM2-135M GGUF (Q4_1): 576-wide rows are no multiple of 256, so the tied embedding is Q8_0, norms F32.
+    # The embedded Qwen2.5-Coder-0.5B GGUF (Q4_K_M): 896-wide rows are no multiple of 256, so most K-quant
+    # tensors fall back (Q4_K -> Q5_0, Q6_K -> Q8_0) and the untied output is Q8_0; only ffn_down (4,864 wide) is K-quant.
     from gguf import GGUFReader
 
     from qwenforge.arch.resolve import load_model_config
@@ -105,10 +106,18 @@ def test_gguf_weights_equal_the_bundled_real_file(embedded_model_dir):
 
     path = embedded_gguf()
     spec = spec_from_config(*load_model_config(str(embedded_model_dir)))  # the config imported from that file
-    stored = sum(int(tensor.n_bytes) for tensor in GGUFReader(path).tensors)
-    result = infer(spec, weights="q4_1", context=2048)
+    tensors = GGUFReader(path).tensors
+    stored = sum(int(tensor.n_bytes) for tensor in tensors)
+    result = infer(spec, weights="q4_k_m", context=2048)
     assert line(result, "weights") + line(result, "quantization constants") == stored
-    assert plan.gguf_tensor_type(spec, "q4_1", "token_embd", None, 576) == "q8_0"
+    types = {tensor.name: tensor.tensor_type.name.lower() for tensor in tensors}
+    assert plan.gguf_tensor_type(spec, "q4_k_m", "output", None, 896) == types["output.weight"] == "q8_0"
+    assert plan.gguf_tensor_type(spec, "q4_k_m", "token_embd", None, 896) == types["token_embd.weight"] == "q5_0"
+    # Half the layers get more bits (ffn_down Q6_K, attn_v Q6_K -> Q8_0); the published file picked other layers
+    # than llama.cpp's use_more_bits rule does, so the counts are compared, not the layer numbers.
+    for module, name, width in (("down_proj", "ffn_down", 4864), ("v_proj", "attn_v", 896)):
+        planned = sorted(plan.gguf_tensor_type(spec, "q4_k_m", module, layer, width) for layer in range(24))
+        assert planned == sorted(types[f"blk.{layer}.{name}.weight"] for layer in range(24))
 
 
 def test_training_logits_are_full_vocabulary_fp32_and_their_gradients():

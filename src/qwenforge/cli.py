@@ -50,7 +50,7 @@ def root(
 @app.command()
 def spec(
     model: Optional[str] = typer.Argument(
-        None, help="Preset name, checkpoint folder, config.json, GGUF file, or 'embedded' (the bundled SmolLM2-135M)."
+        None, help="Preset name, checkpoint folder, config.json, GGUF file, or 'embedded' (the bundled Qwen2.5-Coder-0.5B-Instruct)."
     ),
     list_presets: bool = typer.Option(False, "--list", help="List the built-in presets."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
@@ -93,7 +93,7 @@ def demo(
     workdir: Optional[Path] = typer.Option(None, help="Folder for the demo's outputs (default: a fresh one in the cache)."),
     quick: bool = typer.Option(False, "--quick", help="Shorter runs of the long steps (used by the tests)."),
 ) -> None:
-    """The whole pipeline on the embedded real model (SmolLM2-135M-Instruct), end to end."""
+    """The whole pipeline on the embedded real model (Qwen2.5-Coder-0.5B-Instruct), end to end: every stage prints what it did and how long it took."""
     from qwenforge.demo import run_demo
 
     run_demo(console, workdir=workdir, quick=quick)
