@@ -81,16 +81,21 @@ def step_ask_source(state: DemoState) -> None:
 
 
 def step_convert(state: DemoState) -> None:
-    """Rebuild the model in the Qwen3 architecture, biases kept, q/k-norm calibrated on text, and measure what it cost."""
+    """Rebuild the model in the Qwen3 architecture with the real Qwen3 tokenizer, biases kept, q/k-norm calibrated, and measure what it cost."""
+    from qwenforge.cache import cache_root
     from qwenforge.compare import summary_line
     from qwenforge.convert import convert
+    from qwenforge.fixtures.tokenizers import tokenizer_folder
 
     out = state.workdir / "converted-qwen3"
     tokens = 128 if state.quick else 256
-    with state.console.status("Converting to Qwen3 (keeping q/k/v biases, calibrating q/k-norm, smoke test, fidelity) ..."):
-        result = convert(state.model, out, keep_bias=True, qk_norm="calibrated", force=True, fidelity_tokens=tokens, calibration_tokens=2 * tokens)
+    qwen3_tokenizer = tokenizer_folder("qwen3", cache_root())
+    with state.console.status("Converting to Qwen3 (Qwen3 tokenizer, q/k/v biases kept, q/k-norm calibrated, smoke test, fidelity) ..."):
+        result = convert(state.model, out, tokenizer=qwen3_tokenizer, keep_bias=True, qk_norm="calibrated", force=True,
+                         fidelity_tokens=tokens, calibration_tokens=2 * tokens)
     record = result["metadata"]
     state.console.print(f"wrote {out}: {len(record['tensors'])} tensors, q/k-norm calibrated on {2 * tokens} tokens")
+    state.console.print(f"vocabulary: {record['vocabulary']['summary']}")
     state.console.print(f"smoke test: {record['smoke_test']['prompt']!r} -> {record['smoke_test']['reply']!r}")
     state.console.print(f"fidelity vs source ({record['fidelity']['text']}, {tokens} tokens): {summary_line(record['fidelity'])}")
     state.results["converted"] = out
@@ -131,7 +136,7 @@ def step_train(state: DemoState) -> None:
 
     steps, examples = (2, 2) if state.quick else (4, 4)
     with state.console.status(f"SFT: {steps} steps on {examples} examples of the sample topic 'tokens' ..."):
-        trial = sft_trial(state.model, state.workdir / "train", steps=steps, examples=examples, max_seq_length=128 if state.quick else 192)
+        trial = sft_trial(state.model, state.workdir / "train", steps=steps, examples=examples, max_seq_length=128 if state.quick else 192, threads=state.threads)
     state.console.print(
         f"zones: {trial['adapted_layers']} layers adapted, {trial['trainable_parameters']:,} trainable parameters; "
         f"answer loss {trial['loss_before']:.3f} -> {trial['loss_after']:.3f} after {trial['steps']} steps ({trial['seconds']:.0f}s)"

@@ -409,14 +409,14 @@ def _stage_numbers(metrics: MetricsLog, topic: str, stage: str, result: dict) ->
 
 
 def sft_trial(model: str | Path, work_dir: Path, topic: str = "tokens", steps: int = 3, examples: int = 8,
-              max_seq_length: int = 256) -> dict:
+              max_seq_length: int = 256, threads: int | None = None) -> dict:
     """A few SFT steps on one sample topic: the answer loss on those examples before and after.
 
     The demo's training step; the zone plan and chat-template handling are the real ones.
     """
     from qwenforge.train.backends import create_backend
 
-    config = TrainConfig(model=str(model), output=str(work_dir))
+    config = TrainConfig(model=str(model), output=str(work_dir), threads=threads)
     config = dataclasses.replace(
         config, sft=dataclasses.replace(config.sft, max_steps=steps, batch_size=2, max_seq_length=max_seq_length, learning_rate=1e-3)
     )
