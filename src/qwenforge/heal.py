@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.distill import engine, store
 from qwenforge.errors import QwenforgeError
 
@@ -319,6 +319,7 @@ def heal(
         raise QwenforgeError(f"--method {options.method}: choose one of {', '.join(METHODS)}")
     if options.train not in TRAIN_CHOICES:
         raise QwenforgeError(f"--train {options.train}: choose one of {', '.join(TRAIN_CHOICES)}")
+    refuse_overlap(out, {"teacher": teacher_dir, "teacher logits": teacher_logits})  # OUT may be CONVERTED (healed in place)
     if out.exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     if teacher_logits is not None:

@@ -76,6 +76,19 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def refuse_overlap(out: Path, inputs: dict[str, Path | None]) -> None:
+    """Refuse an output that is, holds or lies inside one of the inputs: replacing OUT would delete it.
+
+    `inputs` maps a name for the message (e.g. "source") to a path (None: not given)."""
+    target = Path(out).resolve()
+    for role, path in inputs.items():
+        if path is None:
+            continue
+        given = Path(path).resolve()
+        if target == given or target in given.parents or given in target.parents:
+            raise QwenforgeError(f"{out}: the output overlaps the {role} {path}; writing it would delete the {role}; choose an output folder elsewhere")
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it to `out` only when the block completes.

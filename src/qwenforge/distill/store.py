@@ -203,7 +203,7 @@ def capture(
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from qwenforge.checkpoint.folder import copy_tokenizer_files
+    from qwenforge.checkpoint.folder import copy_tokenizer_files, refuse_overlap
 
     teacher_dir, out = Path(teacher_dir), Path(out)
     if encoding not in VALUE_ENCODINGS:
@@ -212,6 +212,7 @@ def capture(
         raise QwenforgeError(f"--compression {compression}: choose one of {', '.join(COMPRESSIONS)}")
     if engine_name not in ENGINES:
         raise QwenforgeError(f"--engine {engine_name}: choose one of {', '.join(ENGINES)}")
+    refuse_overlap(out, {"teacher": teacher_dir})
     index_path = out / INDEX
     if out.exists() and not resume:
         if not force:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.distill import engine, store
 from qwenforge.errors import QwenforgeError
 
@@ -120,6 +120,8 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher_dir, student_dir = Path(teacher_dir), Path(student_dir)
+    if out is not None:
+        refuse_overlap(out, {"teacher": teacher_dir, "student": student_dir, "data": data, "held-out text": heldout})
     if out is not None and Path(out).exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     if options.threads:
@@ -234,6 +236,8 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
         rank = dist.get_rank()
 
     student_dir, logits = Path(student_dir), Path(logits)
+    if out is not None:
+        refuse_overlap(out, {"student": student_dir, "logit store": logits})
     if out is not None and Path(out).exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     checkpoint = checkpoint_folder(out) if out is not None else None
