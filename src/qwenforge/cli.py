@@ -552,6 +552,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
     max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="vllm engine: print the vllm serve command instead of running it."),
+    max_request_bytes: int = typer.Option(4 * 2**20, help="Largest request body; bigger ones get HTTP 413 unread."),
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions (streaming or not), /v1/models, /health.
 
@@ -563,6 +564,7 @@ def serve(
     start_server(
         console, model, _load_options(engine, dtype, quant, device, base, threads, max_context),
         host=host, port=port, api_key=api_key, served_name=served_name, tensor_parallel=tensor_parallel, dry_run=dry_run,
+        max_request_bytes=max_request_bytes,
     )
 
 
