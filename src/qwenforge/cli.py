@@ -504,7 +504,7 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
     top_p: float = typer.Option(1.0),
     max_new_tokens: int = typer.Option(256),
-    seed: int = typer.Option(0, help="Seeds each batch from its position, so runs (and resumed runs) repeat."),
+    seed: int = typer.Option(0, help="Seeds each prompt from its position, so runs (and resumed runs) repeat."),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
     engine: str = typer.Option("transformers", help=_ENGINE_HELP),
     dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),

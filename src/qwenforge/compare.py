@@ -27,9 +27,12 @@ def load(model: str | Path | Loaded) -> Loaded:
 
     from qwenforge.checkpoint.offload import load_causal_lm
 
+    from qwenforge.checkpoint.safetensors_io import list_tensors
+
     folder = Path(model)
     if not (folder / "config.json").exists():
         raise QwenforgeError(f"{folder}: not a checkpoint folder (no config.json)")
+    list_tensors(folder)  # a truncated or corrupt shard is one line here, not a loader's traceback
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return load_causal_lm(folder), tokenizer  # layer-offloaded when it does not fit beside another model
 
@@ -182,17 +185,26 @@ def plot_layers(result: dict, path: Path, title: str = "hidden-state cosine per 
     axis.set_title(title)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as error:
+        raise QwenforgeError(f"{path}: cannot write the plot ({error.strerror or error}); choose another path") from None
+    finally:
+        plt.close(figure)
     return Path(path)
 
 
 def compare_files(a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plot: Path | None = None) -> dict:
     """The `compare` verb: read the text file, measure, optionally plot."""
+    from qwenforge.files import check_writable, read_text
+
     text_file = Path(text_file)
-    if not text_file.exists():
-        raise QwenforgeError(f"{text_file}: text file not found")
-    result = fidelity(a, b, text_file.read_text(), max_tokens=max_tokens)
+    if max_tokens < 2:
+        raise QwenforgeError(f"--max-tokens {max_tokens}: must be at least 2 (one token predicts the next)")
+    text = read_text(text_file, "text file")
+    if plot:
+        check_writable(plot, "plot")  # before the measurement, not after it
+    result = fidelity(a, b, text, max_tokens=max_tokens)
     result["text"] = str(text_file)
     if plot:
         plot_layers(result, plot)

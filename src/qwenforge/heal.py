@@ -32,6 +32,7 @@ from qwenforge import __version__
 from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.distill import engine, store
 from qwenforge.errors import QwenforgeError
+from qwenforge.files import read_text
 
 TRAIN_CHOICES = ("norms", "norms+qk-lora", "attention")
 METHODS = ("global", "layerwise", "layerwise+global", "linearize")
@@ -346,7 +347,7 @@ def heal(
         for path in (text_path, heldout_path):
             if not path.exists():
                 raise QwenforgeError(f"{path}: text file not found")
-        heal_text, heldout_text = text_path.read_text(), heldout_path.read_text()
+        heal_text, heldout_text = read_text(text_path, "healing text"), read_text(heldout_path, "held-out text")
         if heal_text.strip() == heldout_text.strip():
             raise QwenforgeError(f"{text_path} and {heldout_path} are the same text; evaluate on text the model was not healed on")
         train_sequences = engine.token_sequences(tokenizer, heal_text, options.sequence_length, options.heal_tokens, str(text_path))

@@ -18,12 +18,14 @@ OWNER_FILE = ".qwenforge-owner"  # pid of the run writing a temporary folder
 
 
 def read_json(path: Path) -> dict:
+    from qwenforge.files import read_text
+
     path = Path(path)
     if not path.exists():
         raise QwenforgeError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
+        return json.loads(read_text(path, "JSON file"))
+    except ValueError as error:
         raise QwenforgeError(f"{path}: malformed JSON ({error}); fix or replace the file") from error
 
 

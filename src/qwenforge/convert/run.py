@@ -30,6 +30,7 @@ from qwenforge.convert.plan import build_plan
 from qwenforge.convert.qk_norm import QK_NORM_METHODS
 from qwenforge.convert.target_config import config_diff, qwen3_config
 from qwenforge.errors import QwenforgeError
+from qwenforge.files import read_text
 
 SMOKE_PROMPT = "What is the capital of France?"
 
@@ -218,9 +219,10 @@ def convert(
         special_tokens = vocab.special_token_map(source_tok, target_tok, vocab_map, new_token_init)
         calibration_file = Path(calibration_text) if calibration_text else default_text("calibration.txt")
         fidelity_file = Path(fidelity_text) if fidelity_text else default_text("heldout.txt")
-        for file in (calibration_file, fidelity_file):
-            if not file.exists():
-                raise QwenforgeError(f"{file}: text file not found")
+        texts = {"calibration": read_text(calibration_file, "calibration text"), "fidelity": read_text(fidelity_file, "fidelity text")}
+        for flag, count in (("--fidelity-tokens", fidelity_tokens), ("--calibration-tokens", calibration_tokens)):
+            if count < 2:
+                raise QwenforgeError(f"{flag} {count}: must be at least 2")
         options = {
             "source": str(source), "out": str(out), "donor": str(donor) if donor else None, "tokenizer": str(tokenizer) if tokenizer else None,
             "keep_bias": keep_bias, "qk_norm": qk_norm, "new_token_init": new_token_init,
@@ -241,7 +243,7 @@ def convert(
 
             source_model = compare.load(source)
             biases = {name: reader.get(name) for name in reader.tensors if name.endswith(("q_proj.bias", "k_proj.bias"))}
-            norms = calibrate(source_model, calibration_file.read_text(), keep_bias, max_tokens=calibration_tokens, biases=biases)
+            norms = calibrate(source_model, texts["calibration"], keep_bias, max_tokens=calibration_tokens, biases=biases)
         matrices = [s.name for s in plan["steps"] if s.op == "transplant-rows"]
         projected, projection_fits = _donor_projections(
             new_token_init, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, matrices, bool(donor_spec and donor_spec.tied_embeddings)
@@ -292,7 +294,8 @@ def convert(
                 measure_failure = None
                 if measure:
                     try:
-                        extra.update(_measure(temp, source_model or source, fidelity_file, fidelity_text, fidelity_tokens))
+                        extra.update(_measure(temp, source_model or source, texts["fidelity"], fidelity_tokens))
+                        extra["fidelity"]["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
                     except Exception as error:  # noqa: BLE001 - a failed check must not cost the finished conversion
                         measure_failure = error
                         extra["measure_error"] = f"{type(error).__name__}: {error}"
@@ -314,12 +317,9 @@ def convert(
         return result
 
 
-def _measure(folder: Path, source, fidelity_file: Path, fidelity_text, fidelity_tokens: int) -> dict:
-    """Smoke test and fidelity of the converted model in `folder` against the source."""
+def _measure(folder: Path, source, text: str, fidelity_tokens: int) -> dict:
+    """Smoke test and fidelity (on `text`) of the converted model in `folder` against the source."""
     from qwenforge import compare
 
     converted = compare.load(folder)
-    smoke = smoke_test(*converted)
-    fidelity = compare.fidelity(source, converted, fidelity_file.read_text(), max_tokens=fidelity_tokens)
-    fidelity["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
-    return {"smoke_test": smoke, "fidelity": fidelity}
+    return {"smoke_test": smoke_test(*converted), "fidelity": compare.fidelity(source, converted, text, max_tokens=fidelity_tokens)}
