@@ -19,6 +19,17 @@ from qwenforge.errors import QwenforgeError
 Loaded = tuple  # (model, tokenizer)
 
 
+def check_folder(folder: str | Path) -> Path:
+    """A checkpoint folder whose config and weight headers read cleanly: one line, not a loader's traceback."""
+    from qwenforge.checkpoint.folder import read_config
+    from qwenforge.checkpoint.safetensors_io import list_tensors
+
+    folder = Path(folder)
+    read_config(folder)
+    list_tensors(folder)
+    return folder
+
+
 def load(model: str | Path | Loaded) -> Loaded:
     """(model, tokenizer) from a checkpoint folder on the CPU (float32, or offloaded when too big); a loaded pair passes through."""
     if isinstance(model, tuple):
@@ -27,12 +38,7 @@ def load(model: str | Path | Loaded) -> Loaded:
 
     from qwenforge.checkpoint.offload import load_causal_lm
 
-    from qwenforge.checkpoint.safetensors_io import list_tensors
-
-    folder = Path(model)
-    if not (folder / "config.json").exists():
-        raise QwenforgeError(f"{folder}: not a checkpoint folder (no config.json)")
-    list_tensors(folder)  # a truncated or corrupt shard is one line here, not a loader's traceback
+    folder = check_folder(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return load_causal_lm(folder), tokenizer  # layer-offloaded when it does not fit beside another model
 
@@ -103,6 +109,9 @@ def fidelity(
     window: int = 256,
 ) -> dict:
     """Compare `candidate` with `reference` on `text` (first `max_tokens` tokens of the reference's tokenization)."""
+    for model in (reference, candidate):  # both checked before either is loaded
+        if not isinstance(model, tuple):
+            check_folder(model)
     ref_model, ref_tok = load(reference)
     cand_model, cand_tok = load(candidate)
     text = text_prefix(ref_tok, text, max_tokens)

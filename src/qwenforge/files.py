@@ -12,7 +12,7 @@ from pathlib import Path
 from qwenforge.errors import QwenforgeError
 
 
-def read_text(path: Path, what: str = "text file") -> str:
+def read_text(path: Path, what: str = "text file", allow_empty: bool = False) -> str:
     """The UTF-8 text of `path`; `what` names the file's role in the message (e.g. "input file")."""
     path = Path(path)
     if not path.exists():
@@ -20,11 +20,14 @@ def read_text(path: Path, what: str = "text file") -> str:
     if path.is_dir():
         raise QwenforgeError(f"{path}: is a folder; give a {what}")
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise QwenforgeError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); save the {what} as UTF-8") from None
     except OSError as error:
         raise QwenforgeError(f"{path}: cannot read the {what} ({error.strerror})") from None
+    if not allow_empty and not text.strip():
+        raise QwenforgeError(f"{path}: the {what} is empty")
+    return text
 
 
 def check_writable(path: Path, what: str = "output file") -> None:

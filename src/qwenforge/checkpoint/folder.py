@@ -34,9 +34,14 @@ def read_config(folder: Path) -> dict:
     folder = Path(folder)
     if not folder.exists():
         raise QwenforgeError(f"{folder}: no such folder; give a checkpoint folder, config.json, GGUF file or preset")
+    if not folder.is_dir():
+        raise QwenforgeError(f"{folder}: not a folder; give a checkpoint folder (config.json, *.safetensors, tokenizer files)")
     if not (folder / "config.json").exists():
         raise QwenforgeError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-    return read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise QwenforgeError(f"{folder / 'config.json'}: expected a JSON object of settings; copy the checkpoint's config.json again")
+    return config
 
 
 def write_json(path: Path, data: dict) -> None:
