@@ -299,3 +299,20 @@ def test_failed_measurement_keeps_the_conversion(tmp_path, tiny_qwen2, monkeypat
     record = json.loads((out / "conversion_metadata.json").read_text())
     assert record["measure_error"] == "ValueError: the check itself broke" and "measurement failed" in (out / "README.md").read_text()
     assert not list(tmp_path.glob(".tmp-out-*"))
+
+
+def test_heal_with_another_tokenizer_is_refused_before_converting(tmp_path, tiny_qwen2, qwen25_tokenizer_dir):
+    """Heal feeds the student's ids to the teacher: a --tokenizer that numbers tokens otherwise is one line."""
+    other = copy_checkpoint(qwen25_tokenizer_dir, tmp_path / "other-tokenizer")
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["Ġthe"], vocab["the"] = vocab["the"], vocab["Ġthe"]  # the same strings, other ids
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "qwenforge.cli", "convert", str(tiny_qwen2), str(out), "--tokenizer", str(other), "--qk-norm", "ones", "--no-measure", "--heal", "linearize"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "splits text unlike the teacher's" in result.stderr
+    assert_nothing_written(out)

@@ -159,6 +159,10 @@ def convert(
         strict=strict, force=force, allow_pickle=allow_pickle, measure=measure,
         fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
     )
+    if heal_method and tokenizer and not dry_run:
+        from qwenforge.heal import check_healable_tokenizer
+
+        check_healable_tokenizer(source, tokenizer)  # before converting, not after
     if dry_run:
         result = run_convert(source, out, dry_run=True, **options)
         if as_json:
