@@ -52,7 +52,7 @@ def _read_header(file: Path) -> dict:
         raise QwenforgeError(f"{file}: not a readable safetensors file ({reason}); re-download or re-export it") from error
 
 
-def _shard_names(index: Path) -> set[str]:
+def shard_names(index: Path) -> set[str]:
     """The shard file names of an index.json, each a file inside the index's own folder."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -71,7 +71,7 @@ def list_tensors(folder: Path) -> dict[str, TensorInfo]:
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.exists():
-        files = sorted({folder / name for name in _shard_names(index)})
+        files = sorted({folder / name for name in shard_names(index)})
     elif (folder / SINGLE_NAME).exists():
         files = [folder / SINGLE_NAME]
     else:
