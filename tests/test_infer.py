@@ -214,6 +214,67 @@ def test_generate_resumes_and_repeats_with_a_seed(tiny, tmp_path):
     assert _rows(resumed) == _rows(full)
 
 
+def test_seeded_sampling_is_per_prompt_so_a_mid_batch_resume_repeats(tiny, tmp_path):
+    """Resumed after a torn line in the middle of a batch, every later prompt gets its full run's answer."""
+    from qwenforge.infer.batch import generate_file
+
+    source = _prompts(tmp_path / "in.jsonl")
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=8, seed=11)
+    full = tmp_path / "full.jsonl"
+    generate_file(tiny, source, full, sampling, batch_size=2)
+    assert len({row["output"] for row in _rows(full)}) > 1  # really sampled, not one fixed answer
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_text(full.read_text().splitlines()[0] + "\n" + '{"id": "q1", "outp')  # killed mid-batch
+    summary = generate_file(tiny, source, resumed, sampling, batch_size=2)
+    assert summary["skipped"] == 1 and summary["generated"] == 5
+    assert _rows(resumed) == _rows(full)
+
+
+def test_generate_refuses_outputs_that_would_lose_work(tiny, tmp_path):
+    from qwenforge.infer.batch import generate_file
+
+    source = _prompts(tmp_path / "in.jsonl")
+    sampling = Sampling(temperature=0, max_new_tokens=2)
+    before = source.read_text()
+    with pytest.raises(QwenforgeError, match="is the input file too"):
+        generate_file(tiny, source, tmp_path / "." / "in.jsonl", sampling)
+    assert source.read_text() == before
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(QwenforgeError, match="is a folder; give a file name for the output file"):
+        generate_file(tiny, source, tmp_path / "folder", sampling)
+    (tmp_path / "plain-file").write_text("x")
+    with pytest.raises(QwenforgeError, match="cannot write the output file there"):
+        generate_file(tiny, source, tmp_path / "plain-file" / "out.jsonl", sampling)
+
+
+def test_a_first_prompt_that_fails_leaves_no_empty_output(tiny, tmp_path):
+    from qwenforge.infer.batch import generate_file
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": 1, "prompt": "word " * 5000}) + "\n")  # over the context limit
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(QwenforgeError, match="context limit"):
+        generate_file(tiny, source, out, Sampling(temperature=0, max_new_tokens=2))
+    assert not out.exists() and not (tmp_path / "out.jsonl.recipe.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b'{"id": 1, "messages": []}\n', r"in.jsonl:1: need a \"prompt\" string or a non-empty \"messages\" list"),
+        (b'{"id": 1, "messages": [{"role": "user"}]}\n', r"in.jsonl:1: each message needs a role"),
+        (b'{"id": [1], "prompt": "x"}\n', r"in.jsonl:1: \"id\" must be a string or an integer"),
+        (b'{"id": 1, "prompt": "caf\xe9"}\n', r"in.jsonl: not UTF-8 text \(byte 24 is 0xe9\); save the input file as UTF-8"),
+    ],
+)
+def test_generate_input_shapes_are_one_line(tmp_path, content, match):
+    from qwenforge.infer.batch import read_prompts
+
+    (tmp_path / "in.jsonl").write_bytes(content)
+    with pytest.raises(QwenforgeError, match=match):
+        read_prompts(tmp_path / "in.jsonl")
+
+
 def test_generate_input_errors_name_file_and_line(tmp_path):
     from qwenforge.infer.batch import read_prompts
 

@@ -159,6 +159,10 @@ def convert(
         strict=strict, force=force, allow_pickle=allow_pickle, measure=measure,
         fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
     )
+    if heal_method and tokenizer and not dry_run:
+        from qwenforge.heal import check_healable_tokenizer
+
+        check_healable_tokenizer(source, tokenizer)  # before converting, not after
     if dry_run:
         result = run_convert(source, out, dry_run=True, **options)
         if as_json:
@@ -504,7 +508,7 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
     top_p: float = typer.Option(1.0),
     max_new_tokens: int = typer.Option(256),
-    seed: int = typer.Option(0, help="Seeds each batch from its position, so runs (and resumed runs) repeat."),
+    seed: int = typer.Option(0, help="Seeds each prompt from its position, so runs (and resumed runs) repeat."),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
     engine: str = typer.Option("transformers", help=_ENGINE_HELP),
     dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),
@@ -552,6 +556,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
     max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="vllm engine: print the vllm serve command instead of running it."),
+    max_request_bytes: int = typer.Option(4 * 2**20, help="Largest request body; bigger ones get HTTP 413 unread."),
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions (streaming or not), /v1/models, /health.
 
@@ -563,6 +568,7 @@ def serve(
     start_server(
         console, model, _load_options(engine, dtype, quant, device, base, threads, max_context),
         host=host, port=port, api_key=api_key, served_name=served_name, tensor_parallel=tensor_parallel, dry_run=dry_run,
+        max_request_bytes=max_request_bytes,
     )
 
 

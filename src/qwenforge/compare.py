@@ -19,6 +19,17 @@ from qwenforge.errors import QwenforgeError
 Loaded = tuple  # (model, tokenizer)
 
 
+def check_folder(folder: str | Path) -> Path:
+    """A checkpoint folder whose config and weight headers read cleanly: one line, not a loader's traceback."""
+    from qwenforge.checkpoint.folder import read_config
+    from qwenforge.checkpoint.safetensors_io import list_tensors
+
+    folder = Path(folder)
+    read_config(folder)
+    list_tensors(folder)
+    return folder
+
+
 def load(model: str | Path | Loaded) -> Loaded:
     """(model, tokenizer) from a checkpoint folder on the CPU (float32, or offloaded when too big); a loaded pair passes through."""
     if isinstance(model, tuple):
@@ -27,9 +38,7 @@ def load(model: str | Path | Loaded) -> Loaded:
 
     from qwenforge.checkpoint.offload import load_causal_lm
 
-    folder = Path(model)
-    if not (folder / "config.json").exists():
-        raise QwenforgeError(f"{folder}: not a checkpoint folder (no config.json)")
+    folder = check_folder(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return load_causal_lm(folder), tokenizer  # layer-offloaded when it does not fit beside another model
 
@@ -100,6 +109,9 @@ def fidelity(
     window: int = 256,
 ) -> dict:
     """Compare `candidate` with `reference` on `text` (first `max_tokens` tokens of the reference's tokenization)."""
+    for model in (reference, candidate):  # both checked before either is loaded
+        if not isinstance(model, tuple):
+            check_folder(model)
     ref_model, ref_tok = load(reference)
     cand_model, cand_tok = load(candidate)
     text = text_prefix(ref_tok, text, max_tokens)
@@ -182,17 +194,26 @@ def plot_layers(result: dict, path: Path, title: str = "hidden-state cosine per 
     axis.set_title(title)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as error:
+        raise QwenforgeError(f"{path}: cannot write the plot ({error.strerror or error}); choose another path") from None
+    finally:
+        plt.close(figure)
     return Path(path)
 
 
 def compare_files(a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plot: Path | None = None) -> dict:
     """The `compare` verb: read the text file, measure, optionally plot."""
+    from qwenforge.files import check_writable, read_text
+
     text_file = Path(text_file)
-    if not text_file.exists():
-        raise QwenforgeError(f"{text_file}: text file not found")
-    result = fidelity(a, b, text_file.read_text(), max_tokens=max_tokens)
+    if max_tokens < 2:
+        raise QwenforgeError(f"--max-tokens {max_tokens}: must be at least 2 (one token predicts the next)")
+    text = read_text(text_file, "text file")
+    if plot:
+        check_writable(plot, "plot")  # before the measurement, not after it
+    result = fidelity(a, b, text, max_tokens=max_tokens)
     result["text"] = str(text_file)
     if plot:
         plot_layers(result, plot)

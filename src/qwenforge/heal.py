@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.distill import engine, store
 from qwenforge.errors import QwenforgeError
+from qwenforge.files import read_text
 
 TRAIN_CHOICES = ("norms", "norms+qk-lora", "attention")
 METHODS = ("global", "layerwise", "layerwise+global", "linearize")
@@ -182,6 +183,29 @@ def layerwise_loss(student, targets: list[tuple[dict, torch.Tensor]]) -> torch.T
 # --- the verb ------------------------------------------------------------------------------------
 
 
+def check_same_tokenization(teacher_tokenizer, student_tokenizer, text: str, teacher_dir: Path, student_dir: Path) -> None:
+    """Heal feeds the student's token ids to the teacher, so both must split the text alike (a
+    conversion with another --tokenizer does not yet: refused here in one line)."""
+    sample = text[:20_000]
+    if teacher_tokenizer(sample, add_special_tokens=False)["input_ids"] != student_tokenizer(sample, add_special_tokens=False)["input_ids"]:
+        raise QwenforgeError(
+            f"{student_dir}: its tokenizer splits text unlike the teacher's ({teacher_dir}); healing across vocabularies is not supported yet: "
+            "heal a conversion that keeps the source's tokenizer (convert without --tokenizer)"
+        )
+
+
+def check_healable_tokenizer(source: Path, tokenizer_dir: Path) -> None:
+    """`convert --tokenizer T --heal`: refused before converting when T splits text unlike the source."""
+    from transformers import AutoTokenizer
+
+    for folder in (source, tokenizer_dir):
+        if not Path(folder).is_dir():
+            raise QwenforgeError(f"{folder}: not a folder; give a tokenizer or checkpoint folder")
+    text = read_text(default_text("calibration.txt"), "calibration text")
+    teacher, student = AutoTokenizer.from_pretrained(str(source)), AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    check_same_tokenization(teacher, student, text, Path(source), Path(tokenizer_dir))
+
+
 def _shared_vocabulary(teacher_dir: Path, student_dir: Path, student_tokenizer, teacher_rows: int, student_rows: int):
     """(shared ids, teacher tokenizer): ids naming the same token in both, below both row counts.
 
@@ -319,6 +343,7 @@ def heal(
         raise QwenforgeError(f"--method {options.method}: choose one of {', '.join(METHODS)}")
     if options.train not in TRAIN_CHOICES:
         raise QwenforgeError(f"--train {options.train}: choose one of {', '.join(TRAIN_CHOICES)}")
+    refuse_overlap(out, {"teacher": teacher_dir, "teacher logits": teacher_logits})  # OUT may be CONVERTED (healed in place)
     if out.exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     if teacher_logits is not None:
@@ -345,9 +370,10 @@ def heal(
         for path in (text_path, heldout_path):
             if not path.exists():
                 raise QwenforgeError(f"{path}: text file not found")
-        heal_text, heldout_text = text_path.read_text(), heldout_path.read_text()
+        heal_text, heldout_text = read_text(text_path, "healing text"), read_text(heldout_path, "held-out text")
         if heal_text.strip() == heldout_text.strip():
             raise QwenforgeError(f"{text_path} and {heldout_path} are the same text; evaluate on text the model was not healed on")
+        check_same_tokenization(teacher_tokenizer, tokenizer, heal_text, teacher_dir, converted)
         train_sequences = engine.token_sequences(tokenizer, heal_text, options.sequence_length, options.heal_tokens, str(text_path))
         eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout_path))
         estimate = _check_memory(teacher_dir, teacher_config, converted, student_config, options, None)

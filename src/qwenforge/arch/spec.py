@@ -102,8 +102,12 @@ def spec_from_config(config: dict, source: str = "config") -> ModelSpec:
         raise QwenforgeError(
             f"{source}: config is missing {', '.join(missing)}; copy the complete config.json of the checkpoint"
         )
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
+    for key in (*REQUIRED_KEYS, "num_key_value_heads", "head_dim"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise QwenforgeError(f"{source}: {key} must be a positive integer, got {value!r}; fix config.json")
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     attention_bias = bool(config.get("attention_bias", False))
     use_sliding = bool(config.get("use_sliding_window", False))

@@ -18,12 +18,14 @@ OWNER_FILE = ".qwenforge-owner"  # pid of the run writing a temporary folder
 
 
 def read_json(path: Path) -> dict:
+    from qwenforge.files import read_text
+
     path = Path(path)
     if not path.exists():
         raise QwenforgeError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
+        return json.loads(read_text(path, "JSON file"))
+    except ValueError as error:
         raise QwenforgeError(f"{path}: malformed JSON ({error}); fix or replace the file") from error
 
 
@@ -32,9 +34,14 @@ def read_config(folder: Path) -> dict:
     folder = Path(folder)
     if not folder.exists():
         raise QwenforgeError(f"{folder}: no such folder; give a checkpoint folder, config.json, GGUF file or preset")
+    if not folder.is_dir():
+        raise QwenforgeError(f"{folder}: not a folder; give a checkpoint folder (config.json, *.safetensors, tokenizer files)")
     if not (folder / "config.json").exists():
         raise QwenforgeError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-    return read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise QwenforgeError(f"{folder / 'config.json'}: expected a JSON object of settings; copy the checkpoint's config.json again")
+    return config
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -74,6 +81,19 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
             shutil.rmtree(temp, ignore_errors=True)
             removed.append(temp)
     return removed
+
+
+def refuse_overlap(out: Path, inputs: dict[str, Path | None]) -> None:
+    """Refuse an output that is, holds or lies inside one of the inputs: replacing OUT would delete it.
+
+    `inputs` maps a name for the message (e.g. "source") to a path (None: not given)."""
+    target = Path(out).resolve()
+    for role, path in inputs.items():
+        if path is None:
+            continue
+        given = Path(path).resolve()
+        if target == given or target in given.parents or given in target.parents:
+            raise QwenforgeError(f"{out}: the output overlaps the {role} {path}; writing it would delete the {role}; choose an output folder elsewhere")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from qwenforge.checkpoint.dtypes import SIZES, code_of
 from qwenforge.errors import QwenforgeError
@@ -38,22 +38,32 @@ class TensorInfo:
 
 
 def _read_header(file: Path) -> dict:
+    """The header of a safetensors file, validated by the safetensors library itself (offsets in order,
+    contiguous and covering the file, each tensor's byte size matching its dtype and shape), so a
+    file it would refuse is never read here with another tensor's bytes."""
     try:
+        with safe_open(str(file), framework="numpy"):
+            pass  # opening parses and validates the header (and maps, not reads, the data)
         with open(file, "rb") as handle:
-            raw = handle.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than a header")
-            (length,) = struct.unpack("<Q", raw)
-            if length > 100_000_000:
-                raise ValueError("implausible header length")
-            header = json.loads(handle.read(length))
-        data_size = file.stat().st_size - 8 - length
-        end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
-        if end > data_size:
-            raise ValueError(f"data ends at byte {end} but the file holds {data_size}")
-        return header
+            (length,) = struct.unpack("<Q", handle.read(8))
+            return json.loads(handle.read(length))
+    except (OSError, ValueError, SafetensorError) as error:
+        reason = str(error).removeprefix("Error while deserializing header: ")
+        raise QwenforgeError(f"{file}: not a readable safetensors file ({reason}); re-download or re-export it") from error
+
+
+def shard_names(index: Path) -> set[str]:
+    """The shard file names of an index.json, each a file inside the index's own folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise QwenforgeError(f"{file}: not a readable safetensors file ({error}); re-download or re-export it") from error
+        raise QwenforgeError(f"{index}: malformed index ({error}); rebuild it or remove it") from error
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise QwenforgeError(f"{index}: 'weight_map' must map tensor names to shard file names; rebuild it or remove it")
+    for name in weight_map.values():
+        if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] in ("..", "."):  # "." is the folder itself
+            raise QwenforgeError(f"{index}: shard {name!r} lies outside the checkpoint folder; shards must be files inside it")
+    return set(weight_map.values())
 
 
 def list_tensors(folder: Path) -> dict[str, TensorInfo]:
@@ -61,11 +71,7 @@ def list_tensors(folder: Path) -> dict[str, TensorInfo]:
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as error:
-            raise QwenforgeError(f"{index}: malformed index ({error}); rebuild it or remove it") from error
-        files = sorted({folder / name for name in weight_map.values()})
+        files = sorted({folder / name for name in shard_names(index)})
     elif (folder / SINGLE_NAME).exists():
         files = [folder / SINGLE_NAME]
     else:

@@ -6,13 +6,12 @@ Pickle files can run code when loaded; `weights_only=True` refuses anything but 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from qwenforge.checkpoint.dtypes import STORAGE, code_of
-from qwenforge.checkpoint.safetensors_io import TensorInfo
+from qwenforge.checkpoint.safetensors_io import TensorInfo, shard_names
 from qwenforge.errors import QwenforgeError
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -30,7 +29,7 @@ class PickleReader:
         self.folder = Path(folder)
         index = self.folder / PICKLE_INDEX
         if index.exists():
-            files = sorted({self.folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+            files = sorted({self.folder / name for name in shard_names(index)})
         else:
             files = sorted(self.folder.glob("*.bin"))
         import torch

@@ -121,7 +121,9 @@ def metadata(options: dict, inputs: dict, plan: dict, warnings: list, special_to
     }
 
 
-def _fidelity_lines(fidelity: dict | None) -> list[str]:
+def _fidelity_lines(fidelity: dict | None, error: str | None = None) -> list[str]:
+    if error:
+        return [f"The measurement failed ({error}); run `qwenforge compare SOURCE THIS --text FILE`."]
     if not fidelity:
         return ["Fidelity was not measured (`--no-measure`); run `qwenforge compare SOURCE THIS --text FILE`."]
     ref, cand = fidelity["reference"], fidelity["candidate"]
@@ -163,7 +165,7 @@ def model_card(record: dict, source_name: str) -> str:
         "",
         "## Fidelity",
         "",
-        *_fidelity_lines(record.get("fidelity")),
+        *_fidelity_lines(record.get("fidelity"), record.get("measure_error")),
         "",
         "## Smoke test",
         "",

@@ -21,7 +21,7 @@ import numpy as np
 
 from qwenforge.arch.spec import spec_from_config
 from qwenforge.checkpoint.dtypes import from_float32, to_float32, torch_dtype
-from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.checkpoint.mapped_reader import MappedReader
 from qwenforge.checkpoint.safetensors_io import ShardedWriter
 from qwenforge.convert import preflight, provenance, vocab
@@ -30,6 +30,7 @@ from qwenforge.convert.plan import build_plan
 from qwenforge.convert.qk_norm import QK_NORM_METHODS
 from qwenforge.convert.target_config import config_diff, qwen3_config
 from qwenforge.errors import QwenforgeError
+from qwenforge.files import read_text
 
 SMOKE_PROMPT = "What is the capital of France?"
 
@@ -107,7 +108,10 @@ def smoke_test(model, tokenizer) -> dict:
     import torch
 
     messages = [{"role": "user", "content": SMOKE_PROMPT}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    if tokenizer.chat_template:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    else:  # base-model tokenizers often have no chat template: the plain question then
+        prompt = SMOKE_PROMPT
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         output = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -164,6 +168,7 @@ def convert(
     """
     started = time.time()
     source, out = Path(source), Path(out)
+    refuse_overlap(out, {"source": source, "donor": donor, "tokenizer": tokenizer, "calibration text": calibration_text, "fidelity text": fidelity_text})
     if Path(out).exists() and not force and not dry_run:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     # 1. pre-flight
@@ -214,9 +219,10 @@ def convert(
         special_tokens = vocab.special_token_map(source_tok, target_tok, vocab_map, new_token_init)
         calibration_file = Path(calibration_text) if calibration_text else default_text("calibration.txt")
         fidelity_file = Path(fidelity_text) if fidelity_text else default_text("heldout.txt")
-        for file in (calibration_file, fidelity_file):
-            if not file.exists():
-                raise QwenforgeError(f"{file}: text file not found")
+        texts = {"calibration": read_text(calibration_file, "calibration text"), "fidelity": read_text(fidelity_file, "fidelity text")}
+        for flag, count in (("--fidelity-tokens", fidelity_tokens), ("--calibration-tokens", calibration_tokens)):
+            if count < 2:
+                raise QwenforgeError(f"{flag} {count}: must be at least 2")
         options = {
             "source": str(source), "out": str(out), "donor": str(donor) if donor else None, "tokenizer": str(tokenizer) if tokenizer else None,
             "keep_bias": keep_bias, "qk_norm": qk_norm, "new_token_init": new_token_init,
@@ -237,7 +243,7 @@ def convert(
 
             source_model = compare.load(source)
             biases = {name: reader.get(name) for name in reader.tensors if name.endswith(("q_proj.bias", "k_proj.bias"))}
-            norms = calibrate(source_model, calibration_file.read_text(), keep_bias, max_tokens=calibration_tokens, biases=biases)
+            norms = calibrate(source_model, texts["calibration"], keep_bias, max_tokens=calibration_tokens, biases=biases)
         matrices = [s.name for s in plan["steps"] if s.op == "transplant-rows"]
         projected, projection_fits = _donor_projections(
             new_token_init, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, matrices, bool(donor_spec and donor_spec.tied_embeddings)
@@ -285,15 +291,14 @@ def convert(
                 generation.pop("transformers_version", None)
                 write_json(temp / "generation_config.json", generation)
                 extra = {"vocabulary": vocabulary, "bias_dropped": bias_dropped, "projection": projection_fits, "calibration_text": str(calibration_file)}
+                measure_failure = None
                 if measure:
-                    from qwenforge import compare
-
-                    converted = compare.load(temp)
-                    extra["smoke_test"] = smoke_test(*converted)
-                    fidelity = compare.fidelity(source_model or source, converted, fidelity_file.read_text(), max_tokens=fidelity_tokens)
-                    fidelity["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
-                    extra["fidelity"] = fidelity
-                    del converted
+                    try:
+                        extra.update(_measure(temp, source_model or source, texts["fidelity"], fidelity_tokens))
+                        extra["fidelity"]["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
+                    except Exception as error:  # noqa: BLE001 - a failed check must not cost the finished conversion
+                        measure_failure = error
+                        extra["measure_error"] = f"{type(error).__name__}: {error}"
                 inputs = hashes.results()
                 extra["seconds"] = round(time.time() - started, 2)
                 record = provenance.metadata(options, inputs, plan, warnings, special_tokens, extra)
@@ -302,6 +307,19 @@ def convert(
             if error.errno == errno.ENOSPC:
                 raise QwenforgeError(f"{out}: disk full while writing; free space (the output needs about the source's size) and retry") from error
             raise
+        if measure_failure is not None:
+            raise QwenforgeError(
+                f"{out}: converted and kept, but its measurement failed ({extra['measure_error']}); "
+                f"measure it with `qwenforge compare {source} {out} --text FILE`"
+            ) from measure_failure
         result["metadata"] = record
         result["out"] = out
         return result
+
+
+def _measure(folder: Path, source, text: str, fidelity_tokens: int) -> dict:
+    """Smoke test and fidelity (on `text`) of the converted model in `folder` against the source."""
+    from qwenforge import compare
+
+    converted = compare.load(folder)
+    return {"smoke_test": smoke_test(*converted), "fidelity": compare.fidelity(source, converted, text, max_tokens=fidelity_tokens)}

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.checkpoint.safetensors_io import ShardedWriter, TensorReader
 from qwenforge.errors import QwenforgeError
 
@@ -43,6 +43,7 @@ def parse_keep_layers(text: str, layers: int) -> list[int]:
 def init_student(teacher_dir: Path, out: Path, keep_layers: str, *, force: bool = False) -> dict:
     """Write OUT: the teacher with only `keep_layers`; returns the recipe written beside it."""
     teacher_dir, out = Path(teacher_dir), Path(out)
+    refuse_overlap(out, {"teacher": teacher_dir})
     config = read_config(teacher_dir)
     layers = int(config["num_hidden_layers"])
     keep = parse_keep_layers(keep_layers, layers)

@@ -139,19 +139,23 @@ def decode_shard(tensors: dict, metadata: dict, index: dict) -> tuple[torch.Tens
 
 def read_text(path: Path) -> str:
     """A .txt file, or a .jsonl file whose records carry a "text" field (joined by blank lines)."""
+    from qwenforge.files import read_text as read_file
+
     path = Path(path)
-    if not path.exists():
-        raise QwenforgeError(f"{path}: data file not found")
+    content = read_file(path, "data file")
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(content.splitlines(), 1):
             if line.strip():
                 try:
-                    texts.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError) as error:
                     raise QwenforgeError(f"{path}:{number}: expected a JSON object with a \"text\" field") from error
+                if not isinstance(text, str):
+                    raise QwenforgeError(f"{path}:{number}: \"text\" must be a string, got {text!r}")
+                texts.append(text)
         return "\n\n".join(texts)
-    return path.read_text()
+    return content
 
 
 def bytes_per_token(k: int, vocab_size: int, encoding: str) -> int:
@@ -203,7 +207,7 @@ def capture(
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from qwenforge.checkpoint.folder import copy_tokenizer_files
+    from qwenforge.checkpoint.folder import copy_tokenizer_files, read_config, refuse_overlap
 
     teacher_dir, out = Path(teacher_dir), Path(out)
     if encoding not in VALUE_ENCODINGS:
@@ -212,6 +216,10 @@ def capture(
         raise QwenforgeError(f"--compression {compression}: choose one of {', '.join(COMPRESSIONS)}")
     if engine_name not in ENGINES:
         raise QwenforgeError(f"--engine {engine_name}: choose one of {', '.join(ENGINES)}")
+    if sequence_length < 1:
+        raise QwenforgeError(f"--sequence-length {sequence_length}: must be at least 1")
+    read_config(teacher_dir)  # a missing teacher is one line here, not the hub's "Repo id" error
+    refuse_overlap(out, {"teacher": teacher_dir})
     index_path = out / INDEX
     if out.exists() and not resume:
         if not force:

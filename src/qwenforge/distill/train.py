@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, write_json
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.distill import engine, store
 from qwenforge.errors import QwenforgeError
 
@@ -120,6 +120,10 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher_dir, student_dir = Path(teacher_dir), Path(student_dir)
+    if out is not None:
+        refuse_overlap(out, {"teacher": teacher_dir, "student": student_dir, "data": data, "held-out text": heldout})
+    read_config(teacher_dir), read_config(student_dir)  # a missing folder is one line, not the hub's "Repo id" error
+    train_text, heldout_text = store.read_text(data), store.read_text(heldout)  # before any model is loaded
     if out is not None and Path(out).exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     if options.threads:
@@ -142,8 +146,8 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
     max_positions = getattr(student.config, "max_position_embeddings", None)
     if max_positions and options.sequence_length > max_positions:
         raise QwenforgeError(f"--sequence-length {options.sequence_length} exceeds the student's context of {max_positions} tokens")
-    train_sequences = engine.token_sequences(tokenizer, store.read_text(data), options.sequence_length, options.max_tokens, str(data))
-    eval_sequences = engine.token_sequences(tokenizer, store.read_text(heldout), options.sequence_length, options.eval_tokens, str(heldout))
+    train_sequences = engine.token_sequences(tokenizer, train_text, options.sequence_length, options.max_tokens, str(data))
+    eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout))
     eval_bytes = engine.byte_counts(tokenizer, eval_sequences)
     eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
     batches = engine.batches_forever(train_sequences, options.batch_size, options.seed)
@@ -234,6 +238,9 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
         rank = dist.get_rank()
 
     student_dir, logits = Path(student_dir), Path(logits)
+    if out is not None:
+        refuse_overlap(out, {"student": student_dir, "logit store": logits})
+    read_config(student_dir)
     if out is not None and Path(out).exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     checkpoint = checkpoint_folder(out) if out is not None else None

@@ -5,7 +5,8 @@
 Each input line is {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]}; each goes
 through the model's chat template. Prompts are batched with left padding; every finished batch is
 appended to the output at once, so an interrupted run resumes by skipping ids already written.
-`--seed` seeds each batch from its position in the input, so a resumed run repeats a full one.
+`--seed` seeds each prompt (seed + its position in the input), so a run resumed anywhere, even
+mid-batch after a torn last line, repeats a full one.
 """
 
 from __future__ import annotations
@@ -16,29 +17,35 @@ import time
 from pathlib import Path
 
 from qwenforge.errors import QwenforgeError
+from qwenforge.files import check_writable, read_text, same_file
 from qwenforge.infer.generation import Sampling, build_prompt, complete, split_reasoning, supports_thinking
 
 
 def read_prompts(path: Path) -> list[dict]:
     """The input file as [{"id", "messages"}], with errors naming the file and line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise QwenforgeError(f"{path}: no such input file; give a JSONL file of {{\"id\", \"prompt\"}} lines")
     items, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "input file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError as error:
             raise QwenforgeError(f"{path}:{number}: not JSON ({error}); each line is one JSON object") from None
-        if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
-            raise QwenforgeError(f"{path}:{number}: need a \"prompt\" string or a \"messages\" list")
+        if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list) and row["messages"]):
+            raise QwenforgeError(f"{path}:{number}: need a \"prompt\" string or a non-empty \"messages\" list")
         item_id = row.get("id", number)
+        if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+            raise QwenforgeError(f"{path}:{number}: \"id\" must be a string or an integer, got {item_id!r}")
+        messages = row["messages"] if isinstance(row.get("messages"), list) and row["messages"] else [{"role": "user", "content": row["prompt"]}]
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool") or not isinstance(message.get("content"), str):
+                raise QwenforgeError(f"{path}:{number}: each message needs a role (system, user, assistant or tool) and a string content, got {message!r}")
         if item_id in seen:
             raise QwenforgeError(f"{path}:{number}: duplicate id {item_id!r}; ids must be unique to resume safely")
         seen.add(item_id)
-        messages = row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}]
         items.append({"id": item_id, "messages": messages, "position": len(items)})
     return items
 
@@ -65,9 +72,37 @@ def _drop_torn_line(output: Path) -> None:
         output.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def _batch_rows(loaded, prompts: list[str], sampling: Sampling) -> list[dict]:
-    """Generate for several prompts at once (left padding); one row of figures per prompt."""
+class _SeededRows:
+    """A logits processor that samples each row (temperature, then top-p) with its own generator and
+    leaves only that token: with greedy search after it, a prompt's answer depends on its own seed,
+    not on which prompts share its batch, so a run resumed mid-batch repeats a whole one."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
+        self.generators = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(seed) for seed in self.seeds]
+        probabilities = torch.softmax(scores.float() / self.temperature, dim=-1)
+        ordered, order = probabilities.sort(dim=-1, descending=True)
+        outside = ordered.cumsum(dim=-1) - ordered >= self.top_p  # the smallest head reaching top_p is kept
+        ordered[outside] = 0.0
+        chosen = torch.full_like(scores, float("-inf"))
+        for row, generator in enumerate(self.generators):
+            pick = torch.multinomial(ordered[row], 1, generator=generator)
+            chosen[row, order[row, pick]] = 0.0
+        return chosen
+
+
+def _batch_rows(loaded, prompts: list[str], sampling: Sampling, seeds: list[int] | None = None) -> list[dict]:
+    """Generate for several prompts at once (left padding); one row of figures per prompt.
+
+    With `seeds` (one per prompt) sampling is seeded per row (`_SeededRows`)."""
     import torch
+    from transformers import LogitsProcessorList
 
     tokenizer, model = loaded.tokenizer, loaded.model
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -75,8 +110,13 @@ def _batch_rows(loaded, prompts: list[str], sampling: Sampling) -> list[dict]:
     from qwenforge.infer.generation import _eos_ids, _generation_kwargs, check_length
 
     check_length(loaded, width, sampling.max_new_tokens)
+    if seeds is not None and sampling.temperature > 0:
+        kwargs = _generation_kwargs(sampling.updated(temperature=0), tokenizer)
+        kwargs["logits_processor"] = LogitsProcessorList([_SeededRows(seeds, sampling.temperature, sampling.top_p)])
+    else:
+        kwargs = _generation_kwargs(sampling, tokenizer)
     with torch.inference_mode():
-        output = model.generate(**inputs, **_generation_kwargs(sampling, tokenizer))
+        output = model.generate(**inputs, **kwargs)
     eos = _eos_ids(loaded)
     rows = []
     for index in range(len(prompts)):
@@ -94,6 +134,25 @@ def _batch_rows(loaded, prompts: list[str], sampling: Sampling) -> list[dict]:
     return rows
 
 
+def _batches(items: list[dict], finished: set, batch_size: int):
+    """The input's batches (by position, as a full run makes them) that still hold a pending prompt.
+
+    A batch resumed whole, answered prompts included, pads and computes as in the full run, so a
+    run cut anywhere (a torn last line mid-batch) resumes to the same answers."""
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        if any(item["id"] not in finished for item in batch):
+            yield batch
+
+
+def check_output(input_path: Path, output_path: Path) -> None:
+    """Refuse, before a model is loaded, an output that is the input, a folder or unwritable."""
+    if same_file(input_path, output_path):
+        raise QwenforgeError(f"{output_path}: is the input file too; answers would be appended to the prompts; give another --output")
+    check_writable(output_path, "output file")
+    check_writable(Path(f"{output_path}.recipe.json"), "recipe file beside the output")
+
+
 def generate_file(
     loaded,
     input_path: Path,
@@ -108,14 +167,13 @@ def generate_file(
 
     An existing output is resumed only when its recipe (model, engine, sampling) matches; `force` starts over.
     """
-    import torch
-
     from qwenforge import __version__
 
     if batch_size < 1:
         raise QwenforgeError("--batch-size must be at least 1")
     items = read_prompts(input_path)
     output_path = Path(output_path)
+    check_output(input_path, output_path)
     recipe_path = Path(f"{output_path}.recipe.json")
     recipe = {
         "qwenforge_version": __version__,
@@ -141,26 +199,29 @@ def generate_file(
     _drop_torn_line(output_path)
     finished = done_ids(output_path)
     pending = [item for item in items if item["id"] not in finished]
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     thinking = supports_thinking(loaded.tokenizer)
     task = progress.add_task("generating", total=len(pending), rate="") if progress else None
     started, tokens = time.perf_counter(), 0
-    with open(output_path, "a") as out:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
+    out = None  # opened with the first finished batch: a run that fails at once leaves no empty output
+    try:
+        for batch in _batches(items, finished, batch_size):
             prompts = [build_prompt(loaded.tokenizer, item["messages"], enable_thinking) for item in batch]
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + batch[0]["position"])
             if loaded.engine == "transformers":
-                rows = _batch_rows(loaded, prompts, sampling)
+                seeds = None if sampling.seed is None else [sampling.seed + item["position"] for item in batch]
+                rows = _batch_rows(loaded, prompts, sampling, seeds)
             else:
                 rows = []
                 for index, prompt in enumerate(prompts):
                     seeded = sampling if sampling.seed is None else sampling.updated(seed=sampling.seed + batch[index]["position"])
                     result = complete(loaded, prompt, seeded)
                     rows.append({"text": result.text, "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason})
+            if out is None:
+                output_path.parent.mkdir(parents=True, exist_ok=True)
+                recipe_path.write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+                out = open(output_path, "a")
             for item, row in zip(batch, rows):
+                if item["id"] in finished:  # answered before this run; regenerated only to keep its batch whole
+                    continue
                 record = {"id": item["id"], "output": row["text"]}
                 if thinking:
                     record["reasoning"], record["output"] = split_reasoning(row["text"])
@@ -171,7 +232,10 @@ def generate_file(
             os.fsync(out.fileno())
             if progress:
                 rate = tokens / max(time.perf_counter() - started, 1e-9)
-                progress.update(task, advance=len(batch), rate=f"{rate:.1f} tokens/s")
+                progress.update(task, advance=sum(item["id"] not in finished for item in batch), rate=f"{rate:.1f} tokens/s")
+    finally:
+        if out is not None:
+            out.close()
     seconds = time.perf_counter() - started
     return {
         "input": str(input_path),
@@ -194,7 +258,8 @@ def run_generate(
     from qwenforge.infer.load import load_model
 
     settings = Sampling().updated(**{k: v for k, v in sampling.items() if v is not None})
-    read_prompts(input_path)  # fail on a bad input before loading a model
+    read_prompts(input_path)  # fail on a bad input or output before loading a model
+    check_output(input_path, output_path)
     loaded = load_model(model, **load_options, batch=batch_size, say=None if quiet else (lambda line: console.print(f"[dim]{line}[/dim]", highlight=False)))
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:

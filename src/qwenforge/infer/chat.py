@@ -20,6 +20,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from qwenforge.errors import QwenforgeError
+from qwenforge.files import write_text
 from qwenforge.infer.generation import Sampling, build_prompt, split_reasoning, stream, supports_thinking
 
 HELP = """\
@@ -52,7 +53,7 @@ class Conversation:
         from qwenforge.checkpoint.folder import read_json
 
         data = read_json(Path(path))
-        if not isinstance(data.get("messages"), list):
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise QwenforgeError(f"{path}: not a saved conversation (no 'messages' list); save one with /save FILE")
         sampling = Sampling().updated(**{k: v for k, v in (data.get("sampling") or {}).items() if v is not None})
         return cls(data.get("system"), data["messages"], sampling, data.get("enable_thinking"))
@@ -170,7 +171,7 @@ def command(console: Console, loaded, conversation: Conversation, line: str) -> 
     elif name == "/save":
         if not rest:
             raise QwenforgeError("use /save FILE")
-        Path(rest).expanduser().write_text(json.dumps(conversation.to_dict(), indent=2) + "\n")
+        write_text(Path(rest).expanduser(), json.dumps(conversation.to_dict(), indent=2) + "\n", "saved conversation")
         say(console, f"saved {len(conversation.messages)} messages to {rest}")
     elif name == "/load":
         if not rest:

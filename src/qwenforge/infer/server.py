@@ -57,6 +57,24 @@ def _number(body: dict, key: str, default, low: float, high: float, integer: boo
     return value
 
 
+def _flag(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{key}' must be true or false, got {value!r}", param=key)
+    return value
+
+
+def _object(body: dict, key: str) -> dict:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"'{key}' must be an object, got {value!r}", param=key)
+    return value
+
+
 def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -67,7 +85,8 @@ def _messages(body: dict) -> list[dict]:
             raise ApiError(400, f"messages[{index}] needs a role of system, user, assistant or tool", param=f"messages[{index}]")
         content = message.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+            texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+            content = "".join(texts) if all(isinstance(text, str) for text in texts) else None
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts", param=f"messages[{index}].content")
         role = "system" if message["role"] == "developer" else message["role"]
@@ -75,8 +94,15 @@ def _messages(body: dict) -> list[dict]:
     return clean
 
 
-def build_app(loaded, api_key: str | None = None, served_name: str | None = None):
-    """The FastAPI application serving `loaded` under the model id `served_name`."""
+MAX_REQUEST_BYTES = 4 * 2**20  # a chat request is kilobytes; a bigger body is refused before it is read
+
+
+def build_app(loaded, api_key: str | None = None, served_name: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES):
+    """The FastAPI application serving `loaded` under the model id `served_name`.
+
+    Bodies over `max_request_bytes` get 413 unread; templating and tokenizing a request run in a
+    worker thread like generation, so the event loop (and /health) never waits on a big prompt.
+    """
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -99,8 +125,18 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
         return await call_next(request)
 
     async def read_body(request: Request) -> dict:
+        declared = request.headers.get("content-length", "")
+        too_big = ApiError(413, f"request body over {max_request_bytes} bytes; send a shorter prompt (the server's --max-request-bytes)", code="request_too_large")
+        if declared.isdigit() and int(declared) > max_request_bytes:
+            raise too_big
+        raw, size = [], 0
+        async for chunk in request.stream():  # also bounds a chunked body that declares no length
+            size += len(chunk)
+            if size > max_request_bytes:
+                raise too_big
+            raw.append(chunk)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(b"".join(raw))
         except ValueError as error:
             raise ApiError(400, f"request body is not valid JSON ({error})") from None
         if not isinstance(body, dict):
@@ -110,8 +146,11 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
             raise ApiError(400, "'model' is required (a string)", param="model")
         if model != name:
             raise ApiError(404, f"The model '{model}' does not exist; this server serves '{name}'", param="model", code="model_not_found")
-        if body.get("n", 1) != 1:
+        if _number(body, "n", 1, 1, 2**31, integer=True) != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
+        _flag(body, "stream")
+        _flag(_object(body, "stream_options"), "include_usage")
+        _flag(_object(body, "chat_template_kwargs"), "enable_thinking", None)
         return body
 
     def sampling_of(body: dict, prompt_tokens: int) -> Sampling:
@@ -194,21 +233,25 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "qwenforge"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
+    def chat_prompt(body: dict) -> tuple[str, int]:
+        """(prompt, its token count): the template and the tokenizer, run in a worker thread."""
         messages = _messages(body)
-        template_options = body.get("chat_template_kwargs") or {}
-        enable_thinking = template_options.get("enable_thinking") if isinstance(template_options, dict) else None
+        enable_thinking = _object(body, "chat_template_kwargs").get("enable_thinking")
         try:
             prompt = build_prompt(loaded.tokenizer, messages, enable_thinking)
         except Exception as error:  # a template may reject a conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template rejected these messages: {error}", param="messages") from None
-        sampling = sampling_of(body, count_tokens(loaded, prompt))
+        return prompt, count_tokens(loaded, prompt)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        prompt, prompt_tokens = await asyncio.to_thread(chat_prompt, body)
+        sampling = sampling_of(body, prompt_tokens)
         app.state.stats["requests"] += 1
         ident, stamp = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            include_usage = _flag(_object(body, "stream_options"), "include_usage")
 
             async def events():
                 head = {"id": ident, "object": "chat.completion.chunk", "created": stamp, "model": name}
@@ -253,7 +296,7 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string (raw text: no chat template is applied on this route)", param="prompt")
-        sampling = sampling_of(body, count_tokens(loaded, prompt))
+        sampling = sampling_of(body, await asyncio.to_thread(count_tokens, loaded, prompt))
         app.state.stats["requests"] += 1
         ident, stamp = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": stamp, "model": name}
@@ -277,11 +320,14 @@ def _finish(result) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
-def serve(loaded, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, served_name: str | None = None, say=print) -> None:
+def serve(
+    loaded, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, served_name: str | None = None, say=print,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> None:
     """Run the server until Ctrl-C."""
     import uvicorn
 
-    app = build_app(loaded, api_key=api_key, served_name=served_name)
+    app = build_app(loaded, api_key=api_key, served_name=served_name, max_request_bytes=max_request_bytes)
     say(f"serving {served_name or loaded.name} at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
 
@@ -331,9 +377,15 @@ def run_vllm(command: list[str]) -> None:
     os.execv(executable, command)
 
 
-def start_server(console, model: str, load_options: dict, host="127.0.0.1", port=8000, api_key=None, served_name=None, tensor_parallel=1, dry_run=False) -> None:
+def start_server(
+    console, model: str, load_options: dict, host="127.0.0.1", port=8000, api_key=None, served_name=None, tensor_parallel=1, dry_run=False,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> None:
     """`qwenforge serve`: load MODEL and serve it, or hand it to vLLM's server (`--engine vllm`)."""
     from qwenforge.infer.load import load_model, resolve_source
+
+    if max_request_bytes < 1:
+        raise QwenforgeError(f"--max-request-bytes {max_request_bytes}: must be at least 1")
 
     if load_options.get("engine") == "vllm":
         source = resolve_source(model, load_options.get("base"))
@@ -350,4 +402,4 @@ def start_server(console, model: str, load_options: dict, host="127.0.0.1", port
     if tensor_parallel != 1:
         raise QwenforgeError("--tensor-parallel needs --engine vllm (the transformers path runs on one device)")
     loaded = load_model(model, **load_options, say=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
-    serve(loaded, host=host, port=port, api_key=api_key, served_name=served_name, say=console.print)
+    serve(loaded, host=host, port=port, api_key=api_key, served_name=served_name, say=console.print, max_request_bytes=max_request_bytes)

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from qwenforge.errors import QwenforgeError
+from qwenforge.files import read_text
 
 LORA_PRESETS = {
     # preset: rank, alpha, modules added to every zone
@@ -119,7 +120,7 @@ def load_config(path: Path, overrides: dict | None = None) -> TrainConfig:
     if not path.exists():
         raise QwenforgeError(f"{path}: config file not found; `qwenforge train --print-config` shows a full example")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(read_text(path, "config file")) or {}
     except yaml.YAMLError as error:
         raise QwenforgeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
     if not isinstance(raw, dict):

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from qwenforge.errors import QwenforgeError
+from qwenforge.files import read_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -91,7 +92,12 @@ def read_jsonl(path: Path, problems: list[str]) -> tuple[dict, ...]:
     """Records of a JSONL file; each malformed line adds `file:line: what` to `problems`."""
     check = CHECKS[path.name]
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = read_text(path, "curriculum file", allow_empty=True).splitlines()
+    except QwenforgeError as error:
+        problems.append(str(error))
+        return ()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -114,7 +120,7 @@ def load_curriculum(folder: Path | str) -> Curriculum:
     if not index.exists():
         raise QwenforgeError(f"{index}: not found; a curriculum folder needs curriculum.yaml listing its topics")
     try:
-        meta = yaml.safe_load(index.read_text()) or {}
+        meta = yaml.safe_load(read_text(index, "curriculum index")) or {}
     except yaml.YAMLError as error:
         raise QwenforgeError(f"{index}: not valid YAML ({str(error).splitlines()[0]})") from error
     names = meta.get("topics") if isinstance(meta, dict) else None

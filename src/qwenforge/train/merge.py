@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, write_json
+from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, refuse_overlap, write_json
 from qwenforge.errors import QwenforgeError
 
 
@@ -41,6 +41,7 @@ def merge_run(run: Path, out: Path, force: bool = False, dtype: str = "float32")
 
     recipe, adapters = adapters_to_merge(run)
     base = Path(recipe["model_folder"])
+    refuse_overlap(out, {"run": run, "base model": base})
     if not (base / "config.json").exists():
         raise QwenforgeError(f"{base}: the run's base model is gone; restore it to merge")
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
