@@ -457,6 +457,14 @@ def distill_init_student(
 _ENGINE_HELP = "transformers (default), llama.cpp (GGUF models; pip install 'qwenforge\\[llama-cpp]'), or vllm (serve only)."
 
 
+_MODEL_DEFAULT = "Default: the model's (generation_config.json; Qwen3's preset for the thinking mode)."
+
+
+def _sampling_options(temperature, top_p, top_k, min_p, presence_penalty, repetition_penalty, max_new_tokens, seed) -> dict:
+    return {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "presence_penalty": presence_penalty,
+            "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens, "seed": seed}
+
+
 def _load_options(engine, dtype, quant, device, base, threads, max_context) -> dict:
     return {"engine": engine, "dtype": dtype, "quant": quant, "device": device, "base": base, "threads": threads, "max_context": max_context}
 
@@ -465,8 +473,12 @@ def _load_options(engine, dtype, quant, device, base, threads, max_context) -> d
 def chat(
     model: str = typer.Argument("embedded", help="Checkpoint folder, PEFT adapter folder, .gguf file, or 'embedded'."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
-    temperature: float = typer.Option(0.7, help="0 = greedy."),
-    top_p: float = typer.Option(0.8),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy. " + _MODEL_DEFAULT),
+    top_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    top_k: Optional[int] = typer.Option(None, help="0 = off. " + _MODEL_DEFAULT),
+    min_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    presence_penalty: Optional[float] = typer.Option(None, help="-2..2; Qwen suggests up to 1.5 against endless repetition."),
+    repetition_penalty: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
     max_new_tokens: int = typer.Option(512),
     seed: Optional[int] = typer.Option(None),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
@@ -481,7 +493,8 @@ def chat(
 ) -> None:
     """Talk to a model in the terminal: streaming Markdown answers through its own chat template.
 
-    Commands inside: /help /system /set temperature=0.7 top_p=0.8 max_new_tokens=512 /think on|off /reset /save FILE /load FILE /exit.
+    Commands inside: /help /system /set temperature=0.7 top_k=20 presence_penalty=1.5 /think on|off /reset /save FILE /load FILE /exit;
+    /think or /no_think inside a message is Qwen3's soft switch for that turn.
     Ctrl-C stops an answer, not the session.
 
     Example: [bold]qwenforge chat embedded --temperature 0[/bold]
@@ -490,7 +503,7 @@ def chat(
 
     start_chat(
         console, model, _load_options(engine, dtype, quant, device, base, threads, max_context),
-        system=system, sampling=dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+        system=system, sampling=_sampling_options(temperature, top_p, top_k, min_p, presence_penalty, repetition_penalty, max_new_tokens, seed),
         enable_thinking=think, conversation_file=load,
     )
 
@@ -501,8 +514,12 @@ def generate(
     input: Path = typer.Option(..., "--input", "-i", help='JSONL: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} per line.'),
     output: Path = typer.Option(..., "--output", "-o", help="JSONL answers; ids already there are skipped (resume)."),
     batch_size: int = typer.Option(8, help="Prompts per batch (left-padded)."),
-    temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
-    top_p: float = typer.Option(1.0),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy. " + _MODEL_DEFAULT),
+    top_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    top_k: Optional[int] = typer.Option(None, help="0 = off. " + _MODEL_DEFAULT),
+    min_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    presence_penalty: Optional[float] = typer.Option(None, help="-2..2; Qwen suggests up to 1.5 against endless repetition."),
+    repetition_penalty: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
     max_new_tokens: int = typer.Option(256),
     seed: int = typer.Option(0, help="Seeds each batch from its position, so runs (and resumed runs) repeat."),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
@@ -524,7 +541,7 @@ def generate(
 
     summary = run_generate(
         console, model, _load_options(engine, dtype, quant, device, base, threads, max_context), input, output,
-        sampling=dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+        sampling=_sampling_options(temperature, top_p, top_k, min_p, presence_penalty, repetition_penalty, max_new_tokens, seed),
         batch_size=batch_size, enable_thinking=think, quiet=as_json, force=force,
     )
     if as_json:

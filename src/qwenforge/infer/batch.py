@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from qwenforge.errors import QwenforgeError
-from qwenforge.infer.generation import Sampling, build_prompt, complete, split_reasoning, supports_thinking
+from qwenforge.infer.generation import Sampling, build_prompt, complete, reasons, resolve_sampling, split_reasoning, thinking_mode
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -76,7 +76,7 @@ def _batch_rows(loaded, prompts: list[str], sampling: Sampling) -> list[dict]:
 
     check_length(loaded, width, sampling.max_new_tokens)
     with torch.inference_mode():
-        output = model.generate(**inputs, **_generation_kwargs(sampling, tokenizer))
+        output = model.generate(**inputs, **_generation_kwargs(sampling, tokenizer, width))
     eos = _eos_ids(loaded)
     rows = []
     for index in range(len(prompts)):
@@ -116,6 +116,7 @@ def generate_file(
         raise QwenforgeError("--batch-size must be at least 1")
     items = read_prompts(input_path)
     output_path = Path(output_path)
+    sampling, sampling_origin = resolve_sampling(loaded, sampling, thinking_mode(loaded.tokenizer, [], enable_thinking))
     recipe_path = Path(f"{output_path}.recipe.json")
     recipe = {
         "qwenforge_version": __version__,
@@ -124,6 +125,7 @@ def generate_file(
         "engine": loaded.engine,
         "setup": loaded.setup.__dict__,
         "sampling": sampling.to_dict(),
+        "sampling_defaults": sampling_origin,
         "batch_size": batch_size,
         "enable_thinking": enable_thinking,
         "input": str(input_path),
@@ -143,7 +145,7 @@ def generate_file(
     pending = [item for item in items if item["id"] not in finished]
     output_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(json.dumps(recipe, indent=2, default=str) + "\n")
-    thinking = supports_thinking(loaded.tokenizer)
+    thinking = reasons(loaded.tokenizer)
     task = progress.add_task("generating", total=len(pending), rate="") if progress else None
     started, tokens = time.perf_counter(), 0
     with open(output_path, "a") as out:

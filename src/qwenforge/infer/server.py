@@ -24,14 +24,18 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' s
 
 from qwenforge.errors import QwenforgeError
 from qwenforge.infer.generation import (
+    MODEL_SETTINGS,
+    SETTINGS,
     Sampling,
     build_prompt,
     check_length,
     complete,
     count_tokens,
     reasoning_deltas,
+    reasons,
+    resolve_sampling,
     split_reasoning,
-    supports_thinking,
+    thinking_mode,
 )
 
 
@@ -75,6 +79,30 @@ def _messages(body: dict) -> list[dict]:
     return clean
 
 
+def request_sampling(loaded, body: dict, prompt_tokens: int, thinking: bool | None = None) -> Sampling:
+    """The request's sampling; what it leaves out follows the model (generation_config.json, Qwen3's per-mode preset).
+
+    top_k, min_p and repetition_penalty are not OpenAI fields: clients send them as extra body fields, as vLLM reads them.
+    """
+    limit = loaded.context_limit
+    room = limit - prompt_tokens
+    if room < 1:
+        raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context limit is {limit} tokens", param="messages", code="context_length_exceeded")
+    requested = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": requested}, "max_tokens", min(512, room), 1, 10**9, integer=True)
+    try:
+        check_length(loaded, prompt_tokens, max_tokens)
+    except QwenforgeError as error:
+        raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
+    given = {}
+    for key in (*MODEL_SETTINGS, "seed"):
+        kind, low, high, _ = SETTINGS[key]
+        value = _number(body, key, None, low, high, integer=kind is int)
+        if value is not None and not (key == "top_p" and value == 0):  # top_p 0 (no token at all) is read as unset
+            given[key] = kind(value)
+    return resolve_sampling(loaded, Sampling(max_new_tokens=max_tokens, **given), thinking)[0]
+
+
 def build_app(loaded, api_key: str | None = None, served_name: str | None = None):
     """The FastAPI application serving `loaded` under the model id `served_name`."""
     from fastapi import FastAPI
@@ -84,7 +112,7 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
     app = FastAPI(title="qwenforge", docs_url=None, redoc_url=None)
     slot = asyncio.Lock()  # one generation at a time; waiters queue in arrival order
     created = int(time.time())
-    thinking_possible = supports_thinking(loaded.tokenizer)
+    thinking_possible = reasons(loaded.tokenizer)
     app.state.stats = {"requests": 0, "cancelled": 0}
 
     @app.exception_handler(ApiError)
@@ -113,22 +141,6 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
         if body.get("n", 1) != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
         return body
-
-    def sampling_of(body: dict, prompt_tokens: int) -> Sampling:
-        limit = loaded.context_limit
-        room = limit - prompt_tokens
-        if room < 1:
-            raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context limit is {limit} tokens", param="messages", code="context_length_exceeded")
-        requested = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = _number({"max_tokens": requested}, "max_tokens", min(512, room), 1, 10**9, integer=True)
-        try:
-            check_length(loaded, prompt_tokens, max_tokens)
-        except QwenforgeError as error:
-            raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0) or 1.0
-        seed = _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
-        return Sampling(temperature=float(temperature), top_p=float(top_p), max_new_tokens=max_tokens, seed=seed)
 
     async def run(prompt: str, sampling: Sampling):
         """One whole generation in a worker thread; a cancelled request stops it before the slot is freed."""
@@ -204,7 +216,7 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
             prompt = build_prompt(loaded.tokenizer, messages, enable_thinking)
         except Exception as error:  # a template may reject a conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template rejected these messages: {error}", param="messages") from None
-        sampling = sampling_of(body, count_tokens(loaded, prompt))
+        sampling = request_sampling(loaded, body, count_tokens(loaded, prompt), thinking_mode(loaded.tokenizer, messages, enable_thinking))
         app.state.stats["requests"] += 1
         ident, stamp = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
@@ -253,7 +265,7 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string (raw text: no chat template is applied on this route)", param="prompt")
-        sampling = sampling_of(body, count_tokens(loaded, prompt))
+        sampling = request_sampling(loaded, body, count_tokens(loaded, prompt))
         app.state.stats["requests"] += 1
         ident, stamp = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": stamp, "model": name}
