@@ -17,9 +17,12 @@ from qwenforge.infer.generation import (
     complete,
     model_sampling,
     next_token,
+    opened_reasoning,
+    reasoning_deltas,
     reasons,
     resolve_sampling,
     sampling_processors,
+    split_reasoning,
     thinking_mode,
 )
 
@@ -98,6 +101,15 @@ def test_qwq_reasoning_splits_like_qwen3(tokenizers, qwen25_tokenizer_dir, tmp_p
     assert build_prompt(qwq, QUESTION).endswith("<|im_start|>assistant\n<think>\n")
     assert reasons(qwq) and reasons(tokenizers["qwen3"]) and not reasons(tokenizers["qwen2.5"])
     assert thinking_mode(qwq, QUESTION, None) is None
+    prompt = build_prompt(qwq, QUESTION)
+    assert split_reasoning(opened_reasoning(prompt) + "Weigh it.\n</think>\n\nParis.") == ("Weigh it.", "Paris.")
+    text, shown, reasoning, answer = opened_reasoning(prompt), (0, 0), "", ""
+    for piece in ["Weigh", " it.\n</th", "ink>\n\nPar", "is <"]:  # tags may arrive in pieces
+        text += piece
+        more_reasoning, more_answer, shown = reasoning_deltas(text, shown)
+        reasoning, answer = reasoning + more_reasoning, answer + more_answer
+    assert (reasoning, answer) == ("Weigh it.", "Paris ")
+    assert reasoning_deltas(text, shown, final=True)[1] == "<"
 
 
 def test_presence_and_frequency_penalties_touch_generated_tokens_only():

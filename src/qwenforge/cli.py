@@ -483,6 +483,7 @@ def chat(
     seed: Optional[int] = typer.Option(None),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
     load: Optional[Path] = typer.Option(None, "--load", help="Start from a conversation saved with /save."),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="JSON list of OpenAI-style tools the model may call (/tool RESULT answers)."),
     engine: str = typer.Option("transformers", help=_ENGINE_HELP),
     dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),
     quant: Optional[str] = typer.Option(None, help="none, nf4, int8 (bitsandbytes) or int8-dynamic (CPU)."),
@@ -504,7 +505,7 @@ def chat(
     start_chat(
         console, model, _load_options(engine, dtype, quant, device, base, threads, max_context),
         system=system, sampling=_sampling_options(temperature, top_p, top_k, min_p, presence_penalty, repetition_penalty, max_new_tokens, seed),
-        enable_thinking=think, conversation_file=load,
+        enable_thinking=think, conversation_file=load, tools_file=tools,
     )
 
 

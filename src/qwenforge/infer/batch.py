@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 from qwenforge.errors import QwenforgeError
-from qwenforge.infer.generation import Sampling, build_prompt, complete, reasons, resolve_sampling, split_reasoning, thinking_mode
+from qwenforge.infer.generation import (
+    Sampling,
+    build_prompt,
+    complete,
+    opened_reasoning,
+    reasons,
+    resolve_sampling,
+    split_reasoning,
+    thinking_mode,
+)
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -162,10 +171,10 @@ def generate_file(
                     seeded = sampling if sampling.seed is None else sampling.updated(seed=sampling.seed + batch[index]["position"])
                     result = complete(loaded, prompt, seeded)
                     rows.append({"text": result.text, "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason})
-            for item, row in zip(batch, rows):
+            for item, prompt, row in zip(batch, prompts, rows):
                 record = {"id": item["id"], "output": row["text"]}
                 if thinking:
-                    record["reasoning"], record["output"] = split_reasoning(row["text"])
+                    record["reasoning"], record["output"] = split_reasoning(opened_reasoning(prompt) + row["text"])
                 record.update(prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"])
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 tokens += row["completion_tokens"]

@@ -25,6 +25,7 @@ from qwenforge.errors import QwenforgeError
 from qwenforge.infer.generation import (
     Sampling,
     build_prompt,
+    opened_reasoning,
     reasons,
     resolve_sampling,
     soft_switch,
@@ -33,6 +34,7 @@ from qwenforge.infer.generation import (
     supports_thinking,
     thinking_mode,
 )
+from qwenforge.infer.tools import parse_tool_calls, read_tools, tool_names
 
 HELP = """\
 /help                      this list
@@ -42,6 +44,7 @@ HELP = """\
                            (no args: show the settings in use)
 /think on|off              Qwen3 reasoning on or off for the session
 ... /think, /no_think      inside a message: Qwen3's soft switch for that turn (sent to the model)
+/tool RESULT               answer the model's tool call with RESULT (chat --tools FILE.json)
 /reset                     forget the conversation (keeps the system prompt)
 /save FILE                 write the conversation and settings as JSON
 /load FILE                 read a conversation saved with /save
@@ -58,9 +61,10 @@ class Conversation:
     messages: list[dict] = field(default_factory=list)
     sampling: Sampling = field(default_factory=Sampling)
     enable_thinking: bool | None = None
+    tools: list[dict] | None = None
 
     def to_dict(self) -> dict:
-        return {"system": self.system, "messages": self.messages, "sampling": self.sampling.to_dict(), "enable_thinking": self.enable_thinking}
+        return {"system": self.system, "messages": self.messages, "sampling": self.sampling.to_dict(), "enable_thinking": self.enable_thinking, "tools": self.tools}
 
     @classmethod
     def from_file(cls, path: Path) -> "Conversation":
@@ -70,7 +74,7 @@ class Conversation:
         if not isinstance(data.get("messages"), list):
             raise QwenforgeError(f"{path}: not a saved conversation (no 'messages' list); save one with /save FILE")
         sampling = Sampling().updated(**{k: v for k, v in (data.get("sampling") or {}).items() if v is not None})
-        return cls(data.get("system"), data["messages"], sampling, data.get("enable_thinking"))
+        return cls(data.get("system"), data["messages"], sampling, data.get("enable_thinking"), data.get("tools"))
 
     def prompt_messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -149,11 +153,11 @@ def answer(console: Console, loaded, conversation: Conversation) -> None:
     """Stream one answer into a live Markdown view; Ctrl-C keeps what was written so far."""
     thinking_possible = reasons(loaded.tokenizer)
     messages = conversation.prompt_messages()
-    prompt = build_prompt(loaded.tokenizer, messages, conversation.enable_thinking)
+    prompt = build_prompt(loaded.tokenizer, messages, conversation.enable_thinking, conversation.tools)
     sampling, _ = resolve_sampling(loaded, conversation.sampling, thinking_mode(loaded.tokenizer, messages, conversation.enable_thinking))
     stop = threading.Event()
     pieces = stream(loaded, prompt, sampling, stop)
-    text = ""
+    text = opened_reasoning(prompt)  # QwQ's prompt opens <think> itself
     result = None
     with Live(render("", thinking_possible), console=console, refresh_per_second=8, vertical_overflow="visible") as live:
         try:
@@ -168,7 +172,13 @@ def answer(console: Console, loaded, conversation: Conversation) -> None:
             pieces.close()
             live.update(render(text, thinking_possible))
     _, reply = split_reasoning(text) if thinking_possible else ("", text)
-    conversation.messages.append({"role": "assistant", "content": reply.strip()})
+    content, calls = parse_tool_calls(reply, tool_names(conversation.tools)) if conversation.tools else (reply, None)
+    message = {"role": "assistant", "content": content.strip()}
+    if calls:
+        message["tool_calls"] = calls
+        for call in calls:
+            say(console, f"tool call: {call['function']['name']}({call['function']['arguments']})  -> answer with /tool RESULT")
+    conversation.messages.append(message)
     if result is None:
         console.print("[yellow]\\[stopped][/yellow]", highlight=False)
     else:
@@ -214,6 +224,18 @@ def command(console: Console, loaded, conversation: Conversation, line: str) -> 
             raise QwenforgeError("use /think on or /think off")
         conversation.enable_thinking = rest == "on"
         say(console, f"thinking {rest}")
+    elif name == "/tool":
+        if not rest:
+            raise QwenforgeError("use /tool RESULT, e.g. /tool {\"temperature\": 21}")
+        calls = conversation.messages[-1].get("tool_calls") if conversation.messages else None
+        if not calls:
+            raise QwenforgeError("the model's last answer made no tool call; /tool answers one (start chat with --tools FILE.json)")
+        conversation.messages.append({"role": "tool", "content": rest, "tool_call_id": calls[0]["id"], "name": calls[0]["function"]["name"]})
+        try:
+            answer(console, loaded, conversation)
+        except QwenforgeError:
+            conversation.messages.pop()
+            raise
     elif name == "/save":
         if not rest:
             raise QwenforgeError("use /save FILE")
@@ -225,6 +247,7 @@ def command(console: Console, loaded, conversation: Conversation, line: str) -> 
         loaded_conversation = Conversation.from_file(Path(rest).expanduser())
         conversation.system, conversation.messages = loaded_conversation.system, loaded_conversation.messages
         conversation.sampling, conversation.enable_thinking = loaded_conversation.sampling, loaded_conversation.enable_thinking
+        conversation.tools = loaded_conversation.tools or conversation.tools
         say(console, f"loaded {len(conversation.messages)} messages from {rest}")
     else:
         raise QwenforgeError(f"unknown command {name}; /help lists the commands")
@@ -261,11 +284,15 @@ def run_chat(console: Console, loaded, conversation: Conversation | None = None,
             console.print(f"[red]error:[/red] {error}", highlight=False)
 
 
-def start_chat(console: Console, model: str, load_options: dict, system=None, sampling=None, enable_thinking=None, conversation_file=None) -> Conversation:
+def start_chat(
+    console: Console, model: str, load_options: dict, system=None, sampling=None, enable_thinking=None, conversation_file=None, tools_file=None
+) -> Conversation:
     """`qwenforge chat`: load MODEL for this machine, then run the REPL."""
     from qwenforge.infer.load import load_model
 
     conversation = Conversation.from_file(conversation_file) if conversation_file else Conversation()
+    if tools_file:
+        conversation.tools = read_tools(tools_file)
     if not conversation_file:
         conversation.sampling = Sampling().updated(**{k: v for k, v in (sampling or {}).items() if v is not None})
     conversation.system = system or conversation.system

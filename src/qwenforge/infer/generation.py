@@ -171,17 +171,29 @@ def resolve_sampling(loaded, sampling: Sampling, thinking: bool | None) -> tuple
     return sampling.over(defaults), origin
 
 
-def build_prompt(tokenizer, messages: list[dict], enable_thinking: bool | None = None) -> str:
-    """The prompt text for `messages` through the model's own chat template, ready for the answer."""
+def build_prompt(tokenizer, messages: list[dict], enable_thinking: bool | None = None, tools: list[dict] | None = None) -> str:
+    """The prompt text for `messages` (and `tools`) through the model's own chat template, ready for the answer."""
+    from qwenforge.infer.tools import renders_tools, template_messages
+
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool") or not isinstance(
-            message.get("content"), str
+        calls = isinstance(message, dict) and message.get("role") == "assistant" and message.get("tool_calls")
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool") or not (
+            isinstance(message.get("content"), str) or (calls and message.get("content") is None)
         ):
             raise QwenforgeError(f"bad message {message!r}: need {{'role': system|user|assistant|tool, 'content': str}}")
     kwargs = {}
     if enable_thinking is not None and supports_thinking(tokenizer):
         kwargs["enable_thinking"] = enable_thinking
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    if tools:
+        if not renders_tools(tokenizer):
+            raise QwenforgeError("this model's chat template has no tools section; tool calling needs a template that renders tools (Qwen2.5, QwQ, Qwen3)")
+        kwargs["tools"] = tools
+    return tokenizer.apply_chat_template(template_messages(messages), tokenize=False, add_generation_prompt=True, **kwargs)
+
+
+def opened_reasoning(prompt: str) -> str:
+    """"<think>" when the prompt itself opens the reasoning block (QwQ's template does), to prepend to the reply."""
+    return THINK_OPEN if prompt.rstrip().endswith(THINK_OPEN) else ""
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
@@ -194,8 +206,17 @@ def split_reasoning(text: str) -> tuple[str, str]:
     return "", text
 
 
-def reasoning_deltas(text: str, shown: tuple[int, int]) -> tuple[str, str, tuple[int, int]]:
-    """What is new in the reasoning and the answer of a growing reply, given the lengths already shown."""
+def reasoning_deltas(text: str, shown: tuple[int, int], final: bool = False) -> tuple[str, str, tuple[int, int]]:
+    """What is new in the reasoning and the answer of a growing reply, given the lengths already shown.
+
+    A tag arriving in pieces ("</thi") is held back until it is whole, or until `final`.
+    """
+    if not final:
+        for tag in (THINK_CLOSE, THINK_OPEN):
+            partial = next((size for size in range(len(tag) - 1, 0, -1) if text.endswith(tag[:size])), 0)
+            if partial:
+                text = text[:-partial]
+                break
     reasoning, answer = split_reasoning(text)
     return reasoning[shown[0] :], answer[shown[1] :], (max(shown[0], len(reasoning)), max(shown[1], len(answer)))
 

@@ -31,12 +31,14 @@ from qwenforge.infer.generation import (
     check_length,
     complete,
     count_tokens,
+    opened_reasoning,
     reasoning_deltas,
     reasons,
     resolve_sampling,
     split_reasoning,
     thinking_mode,
 )
+from qwenforge.infer.tools import ToolCallStream, check_tools, forced_prefix, parse_tool_calls, tool_names
 
 
 class ApiError(Exception):
@@ -72,11 +74,27 @@ def _messages(body: dict) -> list[dict]:
         content = message.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
-        if not isinstance(content, str):
+        calls = message.get("tool_calls") if message["role"] == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            raise ApiError(400, f"messages[{index}].tool_calls must be a list", param=f"messages[{index}].tool_calls")
+        if not isinstance(content, str) and not (calls and content is None):
             raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts", param=f"messages[{index}].content")
         role = "system" if message["role"] == "developer" else message["role"]
-        clean.append({"role": role, "content": content})
+        kept = {key: message[key] for key in ("tool_calls", "tool_call_id", "name") if message.get(key) is not None and role in ("assistant", "tool")}
+        clean.append({"role": role, "content": content, **kept})
     return clean
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, str]:
+    """The request's tools (None when absent or tool_choice is "none") and the reply start tool_choice forces."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if not tools or choice == "none":
+        return None, ""
+    try:
+        tools = check_tools(tools)
+        return tools, forced_prefix(choice, tools)
+    except QwenforgeError as error:
+        raise ApiError(400, str(error), param="tool_choice" if "tool_choice" in str(error) else "tools") from None
 
 
 def request_sampling(loaded, body: dict, prompt_tokens: int, thinking: bool | None = None) -> Sampling:
@@ -212,8 +230,9 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
         messages = _messages(body)
         template_options = body.get("chat_template_kwargs") or {}
         enable_thinking = template_options.get("enable_thinking") if isinstance(template_options, dict) else None
+        tools, forced = _tools(body)
         try:
-            prompt = build_prompt(loaded.tokenizer, messages, enable_thinking)
+            prompt = build_prompt(loaded.tokenizer, messages, enable_thinking, tools) + forced
         except Exception as error:  # a template may reject a conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template rejected these messages: {error}", param="messages") from None
         sampling = request_sampling(loaded, body, count_tokens(loaded, prompt), thinking_mode(loaded.tokenizer, messages, enable_thinking))
@@ -226,26 +245,46 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
                 head = {"id": ident, "object": "chat.completion.chunk", "created": stamp, "model": name}
                 yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
                 box: dict = {}
-                text, shown = "", (0, 0)
+                text, shown = opened_reasoning(prompt), (0, 0)
+                calls_stream = ToolCallStream(forced, tool_names(tools)) if tools else None  # holds back <tool_call> blocks until they parse
                 async for piece in pieces(prompt, sampling, box):
-                    if not thinking_possible:
-                        yield sse({**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-                        continue
-                    text += piece  # Qwen3: reasoning goes out as reasoning_content, apart from the answer
-                    reasoning, answer, shown = reasoning_deltas(text, shown)
+                    reasoning, answer = "", piece
+                    if thinking_possible:
+                        text += piece  # Qwen3, QwQ: reasoning goes out as reasoning_content, apart from the answer
+                        reasoning, answer, shown = reasoning_deltas(text, shown)
+                    if calls_stream:
+                        answer = calls_stream.feed(answer)
                     delta = {key: value for key, value in (("reasoning_content", reasoning), ("content", answer)) if value}
                     if delta:
                         yield sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                 result = box["result"]
-                yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish(result)}]})
+                finish = _finish(result)
+                reasoning, answer, shown = reasoning_deltas(text, shown, final=True) if thinking_possible else ("", "", shown)
+                if calls_stream:
+                    answer = calls_stream.feed(answer)
+                delta = {key: value for key, value in (("reasoning_content", reasoning), ("content", answer)) if value}
+                if delta:
+                    yield sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                if calls_stream:
+                    rest, calls = calls_stream.finish()
+                    if rest:
+                        yield sse({**head, "choices": [{"index": 0, "delta": {"content": rest}, "finish_reason": None}]})
+                    if calls:
+                        deltas = [{"index": index, **call} for index, call in enumerate(calls)]
+                        yield sse({**head, "choices": [{"index": 0, "delta": {"tool_calls": deltas}, "finish_reason": None}]})
+                        finish = "tool_calls"
+                yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage(result)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
         result = await run(prompt, sampling)
-        reasoning, answer = split_reasoning(result.text) if thinking_possible else ("", result.text)
-        message = {"role": "assistant", "content": answer}
+        reasoning, answer = split_reasoning(opened_reasoning(prompt) + result.text) if thinking_possible else ("", result.text)
+        message, finish = {"role": "assistant", "content": forced + answer}, _finish(result)
+        content, calls = parse_tool_calls(forced + answer, tool_names(tools)) if tools else (answer, None)
+        if calls:
+            message, finish = {"role": "assistant", "content": content.strip() or None, "tool_calls": calls}, "tool_calls"
         if reasoning:
             message["reasoning_content"] = reasoning
         return {
@@ -253,7 +292,7 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
             "object": "chat.completion",
             "created": stamp,
             "model": name,
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish(result)}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": usage(result),
         }
 
