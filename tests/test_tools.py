@@ -45,6 +45,9 @@ def test_parse_tool_calls_well_formed_several_and_malformed():
     content, calls = parse_tool_calls(bare, {"get_weather"})
     assert content == "" and calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert parse_tool_calls(bare) == (bare, None) and parse_tool_calls(bare, {"other"}) == (bare, None)
+    fenced = "```json\n" + bare + "\n```"  # what it answers with repetition_penalty 1.05
+    assert parse_tool_calls(fenced, {"get_weather"})[1][0]["function"]["name"] == "get_weather"
+    assert parse_tool_calls("Here:\n" + fenced, {"get_weather"})[1] is None
     assert parse_tool_calls('{"name": "get_weather"} and more', {"get_weather"})[1] is None
 
 
@@ -61,6 +64,9 @@ def test_streaming_holds_back_a_call_until_it_parses():
     bare = ToolCallStream(names={"get_weather"})
     assert "".join(bare.feed(piece) for piece in [' {"name": "get_weather", ', '"arguments": {"city": "Paris"}}']) == ""
     assert bare.finish()[1][0]["function"]["name"] == "get_weather"
+    fenced = ToolCallStream(names={"get_weather"})
+    assert fenced.feed("```json\n{") == "" and fenced.feed('"name": "get_weather", "arguments": {}}\n```') == ""
+    assert fenced.finish()[1][0]["function"]["name"] == "get_weather"
     data = ToolCallStream(names={"get_weather"})
     assert data.feed('{"a": 1}') == "" and data.finish() == ('{"a": 1}', None)
     lone = ToolCallStream()

@@ -387,7 +387,7 @@ def start_server(console, model: str, load_options: dict, host="127.0.0.1", port
     from qwenforge.infer.load import load_model, resolve_source
 
     if load_options.get("engine") == "vllm":
-        source = resolve_source(model, load_options.get("base"))
+        source = resolve_source(model, load_options.get("base"), load_options.get("revision"))
         command = vllm_command(
             str(source["folder"]), host=host, port=port, api_key=api_key, served_name=served_name,
             dtype=load_options.get("dtype"), tensor_parallel=tensor_parallel, max_context=load_options.get("max_context"),

@@ -7,8 +7,9 @@ Qwen2.5, QwQ and Qwen3 templates list the tools in the system turn and ask for
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; results go back as `role: tool`
 messages, which the templates wrap in `<tool_response>`. A reply whose call is not valid JSON
 stays plain content: the client sees what the model wrote instead of an error. Small models may
-leave the tags out (the real Qwen2.5-Coder-0.5B answers a bare `{"name": ..., "arguments": ...}`):
-a reply that is exactly such an object, naming one of the tools offered, is a call too.
+leave the tags out (the real Qwen2.5-Coder-0.5B answers a bare `{"name": ..., "arguments": ...}`,
+fenced as ```json with repetition_penalty 1.05): a reply that is exactly such an object, fenced or
+not, naming one of the tools offered, is a call too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from qwenforge.errors import QwenforgeError
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(TOOL_OPEN) + r"(.*?)" + re.escape(TOOL_CLOSE), re.S)
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(\{.*\})\s*```\s*$", re.S)
 
 
 def renders_tools(tokenizer) -> bool:
@@ -87,8 +89,10 @@ def parse_tool_calls(text: str, names: set[str] | None = None) -> tuple[str, lis
     With `names` (the tools offered), a reply that is only a bare call object counts as one call.
     """
     if TOOL_OPEN not in text:
+        fenced = _FENCE.match(text)
+        body = fenced.group(1) if fenced else text
         try:
-            bare = json.loads(text) if names and text.strip().startswith("{") else None
+            bare = json.loads(body) if names and body.strip().startswith("{") else None
         except ValueError:
             bare = None
         if isinstance(bare, dict) and bare.get("name") in names and isinstance(bare.get("arguments", {}), dict):
@@ -135,7 +139,7 @@ class ToolCallStream:
         """The content that is now safe to show."""
         self.text += piece
         start = self.text.find(TOOL_OPEN)
-        if self.names and not self.shown and (not self.text.strip() or self.text.lstrip().startswith("{")):
+        if self.names and not self.shown and (not self.text.strip() or self.text.lstrip()[:1] in ("{", "`")):
             return ""  # may be a bare call object: wait for the whole reply
         if start < 0:
             start = len(self.text)
