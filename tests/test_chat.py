@@ -50,12 +50,30 @@ def test_commands_save_load_and_a_streamed_answer(tiny_qwen3, tmp_path):
         assert data["system"] == "Answer in one word." and data["enable_thinking"] is False
         assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
         assert data["messages"][2]["content"] == "first line \nsecond line"
-        assert data["sampling"] == {"temperature": 0.5, "top_p": 0.9, "max_new_tokens": 5, "seed": None}
+        assert {k: v for k, v in data["sampling"].items() if v is not None} == {"temperature": 0.5, "top_p": 0.9, "max_new_tokens": 5}
         _say(child, "/reset", "conversation cleared")
         _say(child, "/system", "'Answer in one word.'")
         _say(child, f"/load {saved}", "loaded 4 messages")
         _say(child, f"/load {tmp_path / 'nope.json'}", "file not found")
         _say(child, "/frobnicate", "unknown command")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_soft_switches_are_messages_and_sampling_follows_the_mode(tiny_qwen3):
+    child = _spawn(str(tiny_qwen3), "--max-new-tokens", "4", "--seed", "1")
+    try:
+        _say(child, "/set", "from the model (Qwen3 thinking preset): temperature=0.6 top_p=0.95 top_k=20")
+        _say(child, "/no_think Say hi.", "soft switch /no_think: the model is asked to answer without reasoning")
+        _say(child, "/set top_k=7", "top_k=7 max_new_tokens=4 seed=1 | from the model (Qwen3 non-thinking preset): temperature=0.7 top_p=0.8")
+        _say(child, "/set top_k=default", "from the model (Qwen3 non-thinking preset): temperature=0.7 top_p=0.8 top_k=20")
+        _say(child, "/think", "use /think on or /think off")  # the REPL's own command stays a command
+        _say(child, "/think Why is the sky blue?", "soft switch /think: the model is asked to reason")
+        _say(child, "/think off", "thinking off")
+        _say(child, "Hello /think", "the template ignores it while /think off is set")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:

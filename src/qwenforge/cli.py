@@ -47,13 +47,17 @@ def root(
     """Know, convert, heal, teach and run dense Qwen-family checkpoints (Qwen2, Qwen2.5, QwQ, Qwen3; Llama-shaped accepted)."""
 
 
+_REVISION_HELP = "Branch, tag or commit of a Hugging Face MODEL id (default: main)."
+
+
 @app.command()
 def spec(
     model: Optional[str] = typer.Argument(
-        None, help="Preset name, checkpoint folder, config.json, GGUF file, or 'embedded' (the bundled Qwen2.5-Coder-0.5B-Instruct)."
+        None, help="Preset name, checkpoint folder, config.json, GGUF file, Hugging Face id (config.json only), or 'embedded' (the bundled Qwen2.5-Coder-0.5B-Instruct)."
     ),
     list_presets: bool = typer.Option(False, "--list", help="List the built-in presets."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    revision: Optional[str] = typer.Option(None, help=_REVISION_HELP),
 ) -> None:
     """Exact architecture facts and parameter counts of a model, computed from its config.
 
@@ -67,7 +71,7 @@ def spec(
         return
     if model is None:
         raise QwenforgeError("spec needs a MODEL (preset, folder, config.json or .gguf); `qwenforge spec --list` shows presets")
-    facts = report.spec_report(model)
+    facts = report.spec_report(model, revision=revision)
     print_json(facts) if as_json else report.print_spec(console, facts)
 
 
@@ -237,7 +241,8 @@ def compare(
 
 @app.command()
 def plan(
-    model: str = typer.Argument(..., help="Preset name, checkpoint folder, config.json, GGUF file, or 'embedded'."),
+    model: str = typer.Argument(..., help="Preset name, checkpoint folder, config.json, GGUF file, Hugging Face id (config.json only), or 'embedded'."),
+    revision: Optional[str] = typer.Option(None, help=_REVISION_HELP),
     mode: str = typer.Option("infer", help="infer, lora, qlora or full."),
     weights: Optional[str] = typer.Option(
         None, help="fp32, bf16, fp16, int8, nf4, gptq-int4, awq-int4, q8_0, q6_k, q5_k_m, q4_k_m, q4_1, q4_0 (default: bf16; nf4 for qlora)."
@@ -269,7 +274,7 @@ def plan(
     from qwenforge.plan_report import plan_report, plot_report, print_plan
 
     report = plan_report(
-        model, device=device, memory_gb=memory_gb, kind=kind, fit=fit, mode=mode, weights=weights, context=context, batch=batch,
+        model, revision=revision, device=device, memory_gb=memory_gb, kind=kind, fit=fit, mode=mode, weights=weights, context=context, batch=batch,
         kv_dtype=kv_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, lora_layers=lora_layers,
         lora_dropout=lora_dropout, zones=zones, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, rope_factor=rope_factor,
     )
@@ -461,20 +466,34 @@ def distill_init_student(
 _ENGINE_HELP = "transformers (default), llama.cpp (GGUF models; pip install 'qwenforge\\[llama-cpp]'), or vllm (serve only)."
 
 
-def _load_options(engine, dtype, quant, device, base, threads, max_context) -> dict:
-    return {"engine": engine, "dtype": dtype, "quant": quant, "device": device, "base": base, "threads": threads, "max_context": max_context}
+_MODEL_DEFAULT = "Default: the model's (generation_config.json; Qwen3's preset for the thinking mode)."
+
+
+def _sampling_options(temperature, top_p, top_k, min_p, presence_penalty, repetition_penalty, max_new_tokens, seed) -> dict:
+    return {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "presence_penalty": presence_penalty,
+            "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens, "seed": seed}
+
+
+def _load_options(engine, dtype, quant, device, base, threads, max_context, revision=None) -> dict:
+    return {"engine": engine, "dtype": dtype, "quant": quant, "device": device, "base": base, "threads": threads, "max_context": max_context,
+            "revision": revision}
 
 
 @app.command()
 def chat(
-    model: str = typer.Argument("embedded", help="Checkpoint folder, PEFT adapter folder, .gguf file, or 'embedded'."),
+    model: str = typer.Argument("embedded", help="Checkpoint folder, Hugging Face id (Qwen/Qwen3-8B), PEFT adapter folder, .gguf file, or 'embedded'."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
-    temperature: float = typer.Option(0.7, help="0 = greedy."),
-    top_p: float = typer.Option(0.8),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy. " + _MODEL_DEFAULT),
+    top_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    top_k: Optional[int] = typer.Option(None, help="0 = off. " + _MODEL_DEFAULT),
+    min_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    presence_penalty: Optional[float] = typer.Option(None, help="-2..2; Qwen suggests up to 1.5 against endless repetition."),
+    repetition_penalty: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
     max_new_tokens: int = typer.Option(512),
     seed: Optional[int] = typer.Option(None),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
     load: Optional[Path] = typer.Option(None, "--load", help="Start from a conversation saved with /save."),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="JSON list of OpenAI-style tools the model may call (/tool RESULT answers)."),
     engine: str = typer.Option("transformers", help=_ENGINE_HELP),
     dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),
     quant: Optional[str] = typer.Option(None, help="none, nf4, int8 (bitsandbytes) or int8-dynamic (CPU)."),
@@ -482,10 +501,12 @@ def chat(
     base: Optional[str] = typer.Option(None, help="Base model of an adapter folder (default: from adapter_config.json)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
     max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
+    revision: Optional[str] = typer.Option(None, help=_REVISION_HELP),
 ) -> None:
     """Talk to a model in the terminal: streaming Markdown answers through its own chat template.
 
-    Commands inside: /help /system /set temperature=0.7 top_p=0.8 max_new_tokens=512 /think on|off /reset /save FILE /load FILE /exit.
+    Commands inside: /help /system /set temperature=0.7 top_k=20 presence_penalty=1.5 /think on|off /reset /save FILE /load FILE /exit;
+    /think or /no_think inside a message is Qwen3's soft switch for that turn.
     Ctrl-C stops an answer, not the session.
 
     Example: [bold]qwenforge chat embedded --temperature 0[/bold]
@@ -493,20 +514,24 @@ def chat(
     from qwenforge.infer.chat import start_chat
 
     start_chat(
-        console, model, _load_options(engine, dtype, quant, device, base, threads, max_context),
-        system=system, sampling=dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
-        enable_thinking=think, conversation_file=load,
+        console, model, _load_options(engine, dtype, quant, device, base, threads, max_context, revision),
+        system=system, sampling=_sampling_options(temperature, top_p, top_k, min_p, presence_penalty, repetition_penalty, max_new_tokens, seed),
+        enable_thinking=think, conversation_file=load, tools_file=tools,
     )
 
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="Checkpoint folder, PEFT adapter folder, .gguf file, or 'embedded'."),
+    model: str = typer.Argument(..., help="Checkpoint folder, Hugging Face id (Qwen/Qwen3-8B), PEFT adapter folder, .gguf file, or 'embedded'."),
     input: Path = typer.Option(..., "--input", "-i", help='JSONL: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} per line.'),
     output: Path = typer.Option(..., "--output", "-o", help="JSONL answers; ids already there are skipped (resume)."),
     batch_size: int = typer.Option(8, help="Prompts per batch (left-padded)."),
-    temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
-    top_p: float = typer.Option(1.0),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy. " + _MODEL_DEFAULT),
+    top_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    top_k: Optional[int] = typer.Option(None, help="0 = off. " + _MODEL_DEFAULT),
+    min_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    presence_penalty: Optional[float] = typer.Option(None, help="-2..2; Qwen suggests up to 1.5 against endless repetition."),
+    repetition_penalty: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
     max_new_tokens: int = typer.Option(256),
     seed: int = typer.Option(0, help="Seeds each prompt from its position, so runs (and resumed runs) repeat."),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
@@ -517,6 +542,7 @@ def generate(
     base: Optional[str] = typer.Option(None, help="Base model of an adapter folder."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
     max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
+    revision: Optional[str] = typer.Option(None, help=_REVISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     force: bool = typer.Option(False, "--force", help="Start OUTPUT over instead of resuming it."),
 ) -> None:
@@ -527,8 +553,8 @@ def generate(
     from qwenforge.infer.batch import run_generate
 
     summary = run_generate(
-        console, model, _load_options(engine, dtype, quant, device, base, threads, max_context), input, output,
-        sampling=dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+        console, model, _load_options(engine, dtype, quant, device, base, threads, max_context, revision), input, output,
+        sampling=_sampling_options(temperature, top_p, top_k, min_p, presence_penalty, repetition_penalty, max_new_tokens, seed),
         batch_size=batch_size, enable_thinking=think, quiet=as_json, force=force,
     )
     if as_json:
@@ -542,7 +568,7 @@ def generate(
 
 @app.command()
 def serve(
-    model: str = typer.Argument("embedded", help="Checkpoint folder, PEFT adapter folder, .gguf file, or 'embedded'."),
+    model: str = typer.Argument("embedded", help="Checkpoint folder, Hugging Face id (Qwen/Qwen3-8B), PEFT adapter folder, .gguf file, or 'embedded'."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1 routes."),
@@ -555,6 +581,7 @@ def serve(
     base: Optional[str] = typer.Option(None, help="Base model of an adapter folder."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
     max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
+    revision: Optional[str] = typer.Option(None, help=_REVISION_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="vllm engine: print the vllm serve command instead of running it."),
     max_request_bytes: int = typer.Option(4 * 2**20, help="Largest request body; bigger ones get HTTP 413 unread."),
 ) -> None:
@@ -566,7 +593,7 @@ def serve(
     from qwenforge.infer.server import start_server
 
     start_server(
-        console, model, _load_options(engine, dtype, quant, device, base, threads, max_context),
+        console, model, _load_options(engine, dtype, quant, device, base, threads, max_context, revision),
         host=host, port=port, api_key=api_key, served_name=served_name, tensor_parallel=tensor_parallel, dry_run=dry_run,
         max_request_bytes=max_request_bytes,
     )

@@ -112,9 +112,9 @@ def plan_dict(result: memory.MemoryPlan) -> dict:
 
 
 def plan_report(model: str, device: str | None = None, memory_gb: float | None = None, kind: str = "cuda",
-                fit: str | None = None, **options) -> dict:
+                fit: str | None = None, revision: str | None = None, **options) -> dict:
     """Everything `qwenforge plan` prints: the plan of one setup on a device, or (--fit) the ranked setups that fit."""
-    config, source = load_model_config(model)
+    config, source = load_model_config(model, revision)
     spec = spec_from_config(config, source)
     setup = build_setup(spec, **options)
     report = {"model": model, "source": source}

@@ -10,9 +10,9 @@ from qwenforge.arch.resolve import load_model_config
 from qwenforge.arch.spec import parameter_counts, spec_from_config, weight_bytes
 
 
-def spec_report(model: str) -> dict:
+def spec_report(model: str, revision: str | None = None) -> dict:
     """Normalized architecture, parameter counts and weight bytes of MODEL."""
-    config, source = load_model_config(model)
+    config, source = load_model_config(model, revision)
     spec = spec_from_config(config, source)
     return {
         "model": model,

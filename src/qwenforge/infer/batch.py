@@ -18,7 +18,16 @@ from pathlib import Path
 
 from qwenforge.errors import QwenforgeError
 from qwenforge.files import check_writable, read_text, same_file
-from qwenforge.infer.generation import Sampling, build_prompt, complete, split_reasoning, supports_thinking
+from qwenforge.infer.generation import (
+    Sampling,
+    build_prompt,
+    complete,
+    opened_reasoning,
+    reasons,
+    resolve_sampling,
+    split_reasoning,
+    thinking_mode,
+)
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -73,12 +82,13 @@ def _drop_torn_line(output: Path) -> None:
 
 
 class _SeededRows:
-    """A logits processor that samples each row (temperature, then top-p) with its own generator and
-    leaves only that token: with greedy search after it, a prompt's answer depends on its own seed,
-    not on which prompts share its batch, so a run resumed mid-batch repeats a whole one."""
+    """A logits processor that samples each row (after the sampling's own processors: penalties,
+    temperature, top-k, top-p, min-p) with its own generator and leaves only that token: with greedy
+    search after it, a prompt's answer depends on its own seed, not on which prompts share its batch,
+    so a run resumed mid-batch repeats a whole one."""
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
+    def __init__(self, seeds: list[int], processors):
+        self.seeds, self.processors = seeds, processors
         self.generators = None
 
     def __call__(self, input_ids, scores):
@@ -86,14 +96,11 @@ class _SeededRows:
 
         if self.generators is None:
             self.generators = [torch.Generator(device=scores.device).manual_seed(seed) for seed in self.seeds]
-        probabilities = torch.softmax(scores.float() / self.temperature, dim=-1)
-        ordered, order = probabilities.sort(dim=-1, descending=True)
-        outside = ordered.cumsum(dim=-1) - ordered >= self.top_p  # the smallest head reaching top_p is kept
-        ordered[outside] = 0.0
+        probabilities = torch.softmax(self.processors(input_ids, scores.float()), dim=-1)
         chosen = torch.full_like(scores, float("-inf"))
         for row, generator in enumerate(self.generators):
-            pick = torch.multinomial(ordered[row], 1, generator=generator)
-            chosen[row, order[row, pick]] = 0.0
+            pick = torch.multinomial(probabilities[row], 1, generator=generator)
+            chosen[row, pick] = 0.0
         return chosen
 
 
@@ -107,14 +114,15 @@ def _batch_rows(loaded, prompts: list[str], sampling: Sampling, seeds: list[int]
     tokenizer, model = loaded.tokenizer, loaded.model
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     width = inputs["input_ids"].shape[1]
-    from qwenforge.infer.generation import _eos_ids, _generation_kwargs, check_length
+    from qwenforge.infer.generation import _eos_ids, _generation_kwargs, check_length, sampling_processors
 
     check_length(loaded, width, sampling.max_new_tokens)
     if seeds is not None and sampling.temperature > 0:
-        kwargs = _generation_kwargs(sampling.updated(temperature=0), tokenizer)
-        kwargs["logits_processor"] = LogitsProcessorList([_SeededRows(seeds, sampling.temperature, sampling.top_p)])
+        kwargs = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id, "do_sample": False, "repetition_penalty": 1.0,
+                  "temperature": None, "top_p": None, "top_k": None, "min_p": None}
+        kwargs["logits_processor"] = LogitsProcessorList([_SeededRows(seeds, sampling_processors(sampling, width))])
     else:
-        kwargs = _generation_kwargs(sampling, tokenizer)
+        kwargs = _generation_kwargs(sampling, tokenizer, width)
     with torch.inference_mode():
         output = model.generate(**inputs, **kwargs)
     eos = _eos_ids(loaded)
@@ -174,6 +182,7 @@ def generate_file(
     items = read_prompts(input_path)
     output_path = Path(output_path)
     check_output(input_path, output_path)
+    sampling, sampling_origin = resolve_sampling(loaded, sampling, thinking_mode(loaded.tokenizer, [], enable_thinking))
     recipe_path = Path(f"{output_path}.recipe.json")
     recipe = {
         "qwenforge_version": __version__,
@@ -182,6 +191,7 @@ def generate_file(
         "engine": loaded.engine,
         "setup": loaded.setup.__dict__,
         "sampling": sampling.to_dict(),
+        "sampling_defaults": sampling_origin,
         "batch_size": batch_size,
         "enable_thinking": enable_thinking,
         "input": str(input_path),
@@ -199,7 +209,7 @@ def generate_file(
     _drop_torn_line(output_path)
     finished = done_ids(output_path)
     pending = [item for item in items if item["id"] not in finished]
-    thinking = supports_thinking(loaded.tokenizer)
+    thinking = reasons(loaded.tokenizer)
     task = progress.add_task("generating", total=len(pending), rate="") if progress else None
     started, tokens = time.perf_counter(), 0
     out = None  # opened with the first finished batch: a run that fails at once leaves no empty output
@@ -219,12 +229,12 @@ def generate_file(
                 output_path.parent.mkdir(parents=True, exist_ok=True)
                 recipe_path.write_text(json.dumps(recipe, indent=2, default=str) + "\n")
                 out = open(output_path, "a")
-            for item, row in zip(batch, rows):
+            for item, prompt, row in zip(batch, prompts, rows):
                 if item["id"] in finished:  # answered before this run; regenerated only to keep its batch whole
                     continue
                 record = {"id": item["id"], "output": row["text"]}
                 if thinking:
-                    record["reasoning"], record["output"] = split_reasoning(row["text"])
+                    record["reasoning"], record["output"] = split_reasoning(opened_reasoning(prompt) + row["text"])
                 record.update(prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"])
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 tokens += row["completion_tokens"]

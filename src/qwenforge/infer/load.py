@@ -1,7 +1,8 @@
 """The one loader behind `chat`, `generate` and `serve`: any model source, adapted to the machine.
 
-A MODEL is a checkpoint folder, a PEFT adapter folder (its base is read from adapter_config.json
-or given with --base), a .gguf file (imported once into the qwenforge cache), or "embedded".
+A MODEL is a checkpoint folder, a Hugging Face id (`Qwen/Qwen3-8B`, through the hub's cache), a PEFT
+adapter folder (its base is read from adapter_config.json or given with --base), a .gguf file
+(imported once into the qwenforge cache), or "embedded".
 The loader looks at the hardware (CUDA / Apple MPS / CPU and their free memory), decides the
 device, dtype and quantization, and says what it chose and why in one line.
 """
@@ -146,19 +147,21 @@ def choose_setup(
     return Setup(device=where, dtype=dtype, quant=quant, reason="; ".join(why + overrides + [f"{size / 2**30:.2f} GiB of weights"]))
 
 
-def resolve_source(model: str, base: str | None = None) -> dict:
-    """What MODEL names: {"folder", "gguf", "adapter"}; GGUF files are imported into the cache once."""
+def resolve_source(model: str, base: str | None = None, revision: str | None = None) -> dict:
+    """What MODEL names: {"folder", "gguf", "adapter"}; GGUF files are imported into the cache once.
+
+    Folders, hub ids and 'embedded' go through the one resolver (`arch.resolve.model_folder`).
+    """
+    from qwenforge.arch.resolve import model_folder
     from qwenforge.cache import EMBEDDED, cache_root, embedded_model
     from qwenforge.checkpoint.gguf_import import embedded_gguf, import_gguf
 
     if model == EMBEDDED:
         return {"folder": embedded_model(), "gguf": embedded_gguf(), "adapter": None}
     path = Path(model).expanduser()
-    if not path.exists():
-        raise QwenforgeError(f"{model}: no such file or folder; give a checkpoint folder, adapter folder, .gguf file or 'embedded'")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise QwenforgeError(f"{path}: not a .gguf file; give a checkpoint folder, adapter folder, .gguf file or 'embedded'")
+            raise QwenforgeError(f"{path}: not a .gguf file; give a checkpoint folder, adapter folder, .gguf file, a Hugging Face id or 'embedded'")
         if path.resolve() == embedded_gguf().resolve():
             return {"folder": embedded_model(), "gguf": path, "adapter": None}
         stat = path.stat()
@@ -173,15 +176,11 @@ def resolve_source(model: str, base: str | None = None) -> dict:
         base = base or adapter_config.get("base_model_name_or_path")
         if not base:
             raise QwenforgeError(f"{path}/adapter_config.json names no base model; pass --base BASE_FOLDER")
-        if base != EMBEDDED and not Path(base).expanduser().exists():
-            raise QwenforgeError(f"{path}: its base model {base!r} is not a local folder; pass --base BASE_FOLDER (or 'embedded')")
         base_source = resolve_source(str(base))
         if base_source["adapter"]:
             raise QwenforgeError(f"{base}: the base of an adapter must be a model, not another adapter")
         return {"folder": base_source["folder"], "gguf": None, "adapter": path}
-    if not (path / "config.json").exists():
-        raise QwenforgeError(f"{path}: no config.json or adapter_config.json; is this a checkpoint or PEFT adapter folder?")
-    return {"folder": path, "gguf": None, "adapter": None}
+    return {"folder": model_folder(model, revision), "gguf": None, "adapter": None}
 
 
 def load_tokenizer(folder: Path):
@@ -216,6 +215,7 @@ def load_model(
     threads: int | None = None,
     max_context: int | None = None,
     batch: int = 1,
+    revision: str | None = None,
     say=None,
 ) -> LoadedModel:
     """Load MODEL for generation on `engine`; `say(line)` receives the one-line choice and why."""
@@ -227,7 +227,7 @@ def load_model(
         raise QwenforgeError("the vllm engine runs vLLM's own server: use `qwenforge serve MODEL --engine vllm`")
     if threads:
         torch.set_num_threads(threads)
-    source = resolve_source(model, base)
+    source = resolve_source(model, base, revision)
     folder = Path(source["folder"])
     spec = _spec(folder)
     context = int(max_context or spec.max_positions)

@@ -24,15 +24,21 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' s
 
 from qwenforge.errors import QwenforgeError
 from qwenforge.infer.generation import (
+    MODEL_SETTINGS,
+    SETTINGS,
     Sampling,
     build_prompt,
     check_length,
     complete,
     count_tokens,
+    opened_reasoning,
     reasoning_deltas,
+    reasons,
+    resolve_sampling,
     split_reasoning,
-    supports_thinking,
+    thinking_mode,
 )
+from qwenforge.infer.tools import ToolCallStream, check_tools, forced_prefix, parse_tool_calls, tool_names
 
 
 class ApiError(Exception):
@@ -87,11 +93,51 @@ def _messages(body: dict) -> list[dict]:
         if isinstance(content, list):  # content parts: keep the text ones
             texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
             content = "".join(texts) if all(isinstance(text, str) for text in texts) else None
-        if not isinstance(content, str):
+        calls = message.get("tool_calls") if message["role"] == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            raise ApiError(400, f"messages[{index}].tool_calls must be a list", param=f"messages[{index}].tool_calls")
+        if not isinstance(content, str) and not (calls and content is None):
             raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts", param=f"messages[{index}].content")
         role = "system" if message["role"] == "developer" else message["role"]
-        clean.append({"role": role, "content": content})
+        kept = {key: message[key] for key in ("tool_calls", "tool_call_id", "name") if message.get(key) is not None and role in ("assistant", "tool")}
+        clean.append({"role": role, "content": content, **kept})
     return clean
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, str]:
+    """The request's tools (None when absent or tool_choice is "none") and the reply start tool_choice forces."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if not tools or choice == "none":
+        return None, ""
+    try:
+        tools = check_tools(tools)
+        return tools, forced_prefix(choice, tools)
+    except QwenforgeError as error:
+        raise ApiError(400, str(error), param="tool_choice" if "tool_choice" in str(error) else "tools") from None
+
+
+def request_sampling(loaded, body: dict, prompt_tokens: int, thinking: bool | None = None) -> Sampling:
+    """The request's sampling; what it leaves out follows the model (generation_config.json, Qwen3's per-mode preset).
+
+    top_k, min_p and repetition_penalty are not OpenAI fields: clients send them as extra body fields, as vLLM reads them.
+    """
+    limit = loaded.context_limit
+    room = limit - prompt_tokens
+    if room < 1:
+        raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context limit is {limit} tokens", param="messages", code="context_length_exceeded")
+    requested = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": requested}, "max_tokens", min(512, room), 1, 10**9, integer=True)
+    try:
+        check_length(loaded, prompt_tokens, max_tokens)
+    except QwenforgeError as error:
+        raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
+    given = {}
+    for key in (*MODEL_SETTINGS, "seed"):
+        kind, low, high, _ = SETTINGS[key]
+        value = _number(body, key, None, low, high, integer=kind is int)
+        if value is not None and not (key == "top_p" and value == 0):  # top_p 0 (no token at all) is read as unset
+            given[key] = kind(value)
+    return resolve_sampling(loaded, Sampling(max_new_tokens=max_tokens, **given), thinking)[0]
 
 
 MAX_REQUEST_BYTES = 4 * 2**20  # a chat request is kilobytes; a bigger body is refused before it is read
@@ -110,7 +156,7 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
     app = FastAPI(title="qwenforge", docs_url=None, redoc_url=None)
     slot = asyncio.Lock()  # one generation at a time; waiters queue in arrival order
     created = int(time.time())
-    thinking_possible = supports_thinking(loaded.tokenizer)
+    thinking_possible = reasons(loaded.tokenizer)
     app.state.stats = {"requests": 0, "cancelled": 0}
 
     @app.exception_handler(ApiError)
@@ -152,22 +198,6 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
         _flag(_object(body, "stream_options"), "include_usage")
         _flag(_object(body, "chat_template_kwargs"), "enable_thinking", None)
         return body
-
-    def sampling_of(body: dict, prompt_tokens: int) -> Sampling:
-        limit = loaded.context_limit
-        room = limit - prompt_tokens
-        if room < 1:
-            raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context limit is {limit} tokens", param="messages", code="context_length_exceeded")
-        requested = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = _number({"max_tokens": requested}, "max_tokens", min(512, room), 1, 10**9, integer=True)
-        try:
-            check_length(loaded, prompt_tokens, max_tokens)
-        except QwenforgeError as error:
-            raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0) or 1.0
-        seed = _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
-        return Sampling(temperature=float(temperature), top_p=float(top_p), max_new_tokens=max_tokens, seed=seed)
 
     async def run(prompt: str, sampling: Sampling):
         """One whole generation in a worker thread; a cancelled request stops it before the slot is freed."""
@@ -233,21 +263,22 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "qwenforge"}]}
 
-    def chat_prompt(body: dict) -> tuple[str, int]:
-        """(prompt, its token count): the template and the tokenizer, run in a worker thread."""
+    def chat_prompt(body: dict) -> tuple:
+        """(prompt, its token count, thinking mode, tools, forced reply start): template and tokenizer, run in a worker thread."""
         messages = _messages(body)
         enable_thinking = _object(body, "chat_template_kwargs").get("enable_thinking")
+        tools, forced = _tools(body)
         try:
-            prompt = build_prompt(loaded.tokenizer, messages, enable_thinking)
+            prompt = build_prompt(loaded.tokenizer, messages, enable_thinking, tools) + forced
         except Exception as error:  # a template may reject a conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template rejected these messages: {error}", param="messages") from None
-        return prompt, count_tokens(loaded, prompt)
+        return prompt, count_tokens(loaded, prompt), thinking_mode(loaded.tokenizer, messages, enable_thinking), tools, forced
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        prompt, prompt_tokens = await asyncio.to_thread(chat_prompt, body)
-        sampling = sampling_of(body, prompt_tokens)
+        prompt, prompt_tokens, thinking, tools, forced = await asyncio.to_thread(chat_prompt, body)
+        sampling = request_sampling(loaded, body, prompt_tokens, thinking)
         app.state.stats["requests"] += 1
         ident, stamp = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
@@ -257,26 +288,46 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
                 head = {"id": ident, "object": "chat.completion.chunk", "created": stamp, "model": name}
                 yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
                 box: dict = {}
-                text, shown = "", (0, 0)
+                text, shown = opened_reasoning(prompt), (0, 0)
+                calls_stream = ToolCallStream(forced, tool_names(tools)) if tools else None  # holds back <tool_call> blocks until they parse
                 async for piece in pieces(prompt, sampling, box):
-                    if not thinking_possible:
-                        yield sse({**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-                        continue
-                    text += piece  # Qwen3: reasoning goes out as reasoning_content, apart from the answer
-                    reasoning, answer, shown = reasoning_deltas(text, shown)
+                    reasoning, answer = "", piece
+                    if thinking_possible:
+                        text += piece  # Qwen3, QwQ: reasoning goes out as reasoning_content, apart from the answer
+                        reasoning, answer, shown = reasoning_deltas(text, shown)
+                    if calls_stream:
+                        answer = calls_stream.feed(answer)
                     delta = {key: value for key, value in (("reasoning_content", reasoning), ("content", answer)) if value}
                     if delta:
                         yield sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                 result = box["result"]
-                yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish(result)}]})
+                finish = _finish(result)
+                reasoning, answer, shown = reasoning_deltas(text, shown, final=True) if thinking_possible else ("", "", shown)
+                if calls_stream:
+                    answer = calls_stream.feed(answer)
+                delta = {key: value for key, value in (("reasoning_content", reasoning), ("content", answer)) if value}
+                if delta:
+                    yield sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                if calls_stream:
+                    rest, calls = calls_stream.finish()
+                    if rest:
+                        yield sse({**head, "choices": [{"index": 0, "delta": {"content": rest}, "finish_reason": None}]})
+                    if calls:
+                        deltas = [{"index": index, **call} for index, call in enumerate(calls)]
+                        yield sse({**head, "choices": [{"index": 0, "delta": {"tool_calls": deltas}, "finish_reason": None}]})
+                        finish = "tool_calls"
+                yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage(result)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
         result = await run(prompt, sampling)
-        reasoning, answer = split_reasoning(result.text) if thinking_possible else ("", result.text)
-        message = {"role": "assistant", "content": answer}
+        reasoning, answer = split_reasoning(opened_reasoning(prompt) + result.text) if thinking_possible else ("", result.text)
+        message, finish = {"role": "assistant", "content": forced + answer}, _finish(result)
+        content, calls = parse_tool_calls(forced + answer, tool_names(tools)) if tools else (answer, None)
+        if calls:
+            message, finish = {"role": "assistant", "content": content.strip() or None, "tool_calls": calls}, "tool_calls"
         if reasoning:
             message["reasoning_content"] = reasoning
         return {
@@ -284,7 +335,7 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
             "object": "chat.completion",
             "created": stamp,
             "model": name,
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish(result)}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": usage(result),
         }
 
@@ -296,7 +347,7 @@ def build_app(loaded, api_key: str | None = None, served_name: str | None = None
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string (raw text: no chat template is applied on this route)", param="prompt")
-        sampling = sampling_of(body, await asyncio.to_thread(count_tokens, loaded, prompt))
+        sampling = request_sampling(loaded, body, await asyncio.to_thread(count_tokens, loaded, prompt))
         app.state.stats["requests"] += 1
         ident, stamp = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": stamp, "model": name}
@@ -388,7 +439,7 @@ def start_server(
         raise QwenforgeError(f"--max-request-bytes {max_request_bytes}: must be at least 1")
 
     if load_options.get("engine") == "vllm":
-        source = resolve_source(model, load_options.get("base"))
+        source = resolve_source(model, load_options.get("base"), load_options.get("revision"))
         command = vllm_command(
             str(source["folder"]), host=host, port=port, api_key=api_key, served_name=served_name,
             dtype=load_options.get("dtype"), tensor_parallel=tensor_parallel, max_context=load_options.get("max_context"),

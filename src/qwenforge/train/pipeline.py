@@ -37,15 +37,16 @@ from qwenforge.train.zones import ZonePlan, plan_zones
 
 
 def resolve_model_folder(model: str) -> Path:
-    """A trainable checkpoint folder: `embedded` or a folder with config.json and weights."""
-    from qwenforge.cache import EMBEDDED, embedded_model
+    """A trainable checkpoint folder: `embedded`, a hub id or a folder with config.json and weights (the one resolver)."""
+    from qwenforge.arch.resolve import model_folder
+    from qwenforge.arch.presets import preset_names
 
-    if model == EMBEDDED:
-        return embedded_model()
-    folder = Path(model)
-    if not (folder / "config.json").exists():
-        raise QwenforgeError(f"model: {model}: not a checkpoint folder (no config.json); training needs weights, not a preset")
-    return folder
+    if model in preset_names():
+        raise QwenforgeError(f"model: {model} is a preset (a config without weights); training needs a checkpoint folder, a hub id or 'embedded'")
+    try:
+        return model_folder(model)
+    except QwenforgeError as error:
+        raise QwenforgeError(f"model: {error}") from None
 
 
 def build_plan(config: TrainConfig, folder: Path) -> ZonePlan:
