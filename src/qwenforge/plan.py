@@ -207,7 +207,10 @@ def lora_parameters(spec: ModelSpec, targets) -> int:
 
 
 def max_context(spec: ModelSpec, setup: Setup) -> int:
-    return int(spec.max_positions * setup.rope_factor) if spec.max_positions else 1 << 30
+    """The longest context of `spec`, with YaRN at setup.rope_factor scaling the native window (arch.long_context)."""
+    from qwenforge.arch.long_context import context_limit
+
+    return context_limit(spec, setup.rope_factor)
 
 
 def validate(spec: ModelSpec, setup: Setup, model: str = "the model") -> None:
@@ -222,16 +225,18 @@ def validate(spec: ModelSpec, setup: Setup, model: str = "the model") -> None:
         raise QwenforgeError(f"--optimizer {setup.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if setup.context < 1 or setup.batch < 1:
         raise QwenforgeError(f"--context {setup.context} --batch {setup.batch}: both must be at least 1")
-    if setup.rope_factor < 1:
-        raise QwenforgeError(f"--rope-factor {setup.rope_factor}: YaRN factors are 1 or more (Qwen documents 4)")
+    if not 1 <= setup.rope_factor <= 4:
+        raise QwenforgeError(f"--rope-factor {setup.rope_factor}: YaRN factors run from 1 to 4 (Qwen documents 4: 32,768 -> 131,072 tokens)")
     limit = max_context(spec, setup)
     if setup.context > limit:
         if spec.rope_scaling or setup.rope_factor > 1:
             raise QwenforgeError(f"--context {setup.context} exceeds {limit:,} tokens for {model}; use --context {limit} or a larger --rope-factor")
-        factor = -(-setup.context // spec.max_positions)
+        from qwenforge.arch.long_context import yarn_factor
+
+        factor = yarn_factor(spec, setup.context)
         raise QwenforgeError(
             f"--context {setup.context} exceeds {model}'s max_position_embeddings {spec.max_positions:,} and its config has no "
-            f"rope_scaling; use --context {spec.max_positions} or enable YaRN with --rope-factor {max(factor, 2)}"
+            f"rope_scaling; use --context {spec.max_positions} or enable YaRN with --rope-factor {factor:g}"
         )
     engine = setup.format.engine
     if setup.training and engine == "llama.cpp":

@@ -41,6 +41,8 @@ class Setup:
     dtype: str
     quant: str
     reason: str
+    attention: str = "sdpa"  # transformers attn_implementation: sdpa, or flash_attention_2 where installed
+    rope_scaling: dict | None = None  # YaRN applied at load time for a context beyond the native window
 
 
 @dataclass
@@ -61,7 +63,10 @@ class LoadedModel:
     def describe(self) -> str:
         """The one line the loader prints."""
         quant = "" if self.setup.quant == "none" else f" {self.setup.quant}"
-        return f"{self.name}: {self.engine} on {self.setup.device}, {self.setup.dtype}{quant} — {self.setup.reason}"
+        attention = f", {self.setup.attention} attention" if self.engine == "transformers" else ""
+        yarn = self.setup.rope_scaling
+        context = f", YaRN x{yarn['factor']:g} to {self.context_limit:,} tokens" if yarn else ""
+        return f"{self.name}: {self.engine} on {self.setup.device}, {self.setup.dtype}{quant}{attention}{context} — {self.setup.reason}"
 
 
 def detect_hardware() -> Hardware:
@@ -144,7 +149,17 @@ def choose_setup(
         dtype = dtype or planned_dtype
         quant = quant or planned_quant
     size = parameters * BYTES[quant if quant != "none" else dtype]
-    return Setup(device=where, dtype=dtype, quant=quant, reason="; ".join(why + overrides + [f"{size / 2**30:.2f} GiB of weights"]))
+    attention = attention_implementation(kind, dtype)
+    return Setup(device=where, dtype=dtype, quant=quant, reason="; ".join(why + overrides + [f"{size / 2**30:.2f} GiB of weights"]), attention=attention)
+
+
+def attention_implementation(kind: str, dtype: str) -> str:
+    """flash_attention_2 on a CUDA GPU in fp16/bf16 when flash-attn is installed; torch's sdpa otherwise."""
+    import importlib.util
+
+    if kind == "cuda" and dtype in ("float16", "bfloat16") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def resolve_source(model: str, base: str | None = None, revision: str | None = None) -> dict:
@@ -227,17 +242,23 @@ def load_model(
         raise QwenforgeError("the vllm engine runs vLLM's own server: use `qwenforge serve MODEL --engine vllm`")
     if threads:
         torch.set_num_threads(threads)
+    from dataclasses import replace
+
+    from qwenforge.arch.long_context import context_limit, yarn_scaling
+
     source = resolve_source(model, base, revision)
     folder = Path(source["folder"])
     spec = _spec(folder)
-    context = int(max_context or spec.max_positions)
+    context = int(max_context or context_limit(spec))
+    yarn = yarn_scaling(spec, context, Path(model).name)
     tokenizer = load_tokenizer(folder)
     hardware = hardware or detect_hardware()
     name = Path(source["adapter"] or folder).name
     if engine == "llama.cpp":
-        loaded = _load_llama_cpp(source, folder, tokenizer, name, context, threads)
+        loaded = _load_llama_cpp(source, folder, tokenizer, name, context, threads, yarn)
     else:
         setup = choose_setup(spec, hardware, dtype=dtype, quant=quant, device=device, context=min(context, 4096), batch=batch)
+        setup = replace(setup, rope_scaling=yarn)
         loaded = LoadedModel(
             engine="transformers",
             name=name,
@@ -261,7 +282,13 @@ def _load_transformers(folder: Path, setup: Setup, adapter: Path | None):
 
     transformers_logging.disable_progress_bar()
 
-    kwargs = {"dtype": getattr(torch, setup.dtype)}
+    kwargs = {"dtype": getattr(torch, setup.dtype), "attn_implementation": setup.attention}
+    if setup.rope_scaling:  # YaRN: the config's own rope parameters (rope_theta ...) plus Qwen's scaling
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder))
+        config.rope_parameters = {**(config.rope_parameters or {}), **setup.rope_scaling}
+        kwargs["config"] = config
     if setup.quant in ("nf4", "int8"):
         try:
             from transformers import BitsAndBytesConfig
@@ -317,7 +344,7 @@ def prompts_in_fp32(model) -> None:
             module.forward = forward.__get__(module)
 
 
-def _load_llama_cpp(source: dict, folder: Path, tokenizer, name: str, context: int, threads: int | None) -> LoadedModel:
+def _load_llama_cpp(source: dict, folder: Path, tokenizer, name: str, context: int, threads: int | None, yarn: dict | None = None) -> LoadedModel:
     """llama.cpp runs the GGUF itself; the prompt text still comes from the model's own template."""
     try:
         from llama_cpp import Llama
@@ -329,13 +356,17 @@ def _load_llama_cpp(source: dict, folder: Path, tokenizer, name: str, context: i
     from qwenforge.infer.gguf_precision import full_precision_gguf
 
     runnable = full_precision_gguf(Path(gguf))
-    n_ctx = min(context, 4096)
-    llama = Llama(model_path=str(runnable), n_ctx=n_ctx, n_threads=threads or None, verbose=False, type_k=0, type_v=0)
+    n_ctx = context if yarn else min(context, 4096)
+    scaling = {}
+    if yarn:  # llama.cpp's own YaRN: LLAMA_ROPE_SCALING_TYPE_YARN = 2
+        scaling = {"rope_scaling_type": 2, "yarn_orig_ctx": yarn["original_max_position_embeddings"], "rope_freq_scale": 1 / yarn["factor"]}
+    llama = Llama(model_path=str(runnable), n_ctx=n_ctx, n_threads=threads or None, verbose=False, type_k=0, type_v=0, **scaling)
     setup = Setup(
         device="cpu",
         dtype="float32",
         quant="none",
         reason=f"llama.cpp on {runnable.name}: the GGUF's weights dequantized to f32 once, so answers match transformers",
+        rope_scaling=yarn,
     )
     return LoadedModel(
         engine="llama.cpp", name=name, source=folder, tokenizer=tokenizer, setup=setup, context_limit=n_ctx, llama=llama, gguf=Path(gguf)

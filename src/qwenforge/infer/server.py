@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
@@ -347,14 +348,17 @@ def vllm_command(
     tensor_parallel: int = 1,
     max_context: int | None = None,
     adapter: str | None = None,
+    rope_scaling: dict | None = None,
 ) -> list[str]:
-    """The `vllm serve` command line equivalent to `qwenforge serve` with these options."""
+    """The `vllm serve` command line equivalent to `qwenforge serve` with these options (YaRN as Qwen's vLLM guide sets it)."""
     command = ["vllm", "serve", str(folder), "--host", host, "--port", str(port)]
     if served_name:
         command += ["--served-model-name", served_name]
     command += ["--dtype", dtype or "auto", "--tensor-parallel-size", str(tensor_parallel)]
     if max_context:
         command += ["--max-model-len", str(max_context)]
+    if rope_scaling:
+        command += ["--hf-overrides", json.dumps({"rope_scaling": rope_scaling})]
     if api_key:
         command += ["--api-key", api_key]
     if adapter:
@@ -387,11 +391,16 @@ def start_server(console, model: str, load_options: dict, host="127.0.0.1", port
     from qwenforge.infer.load import load_model, resolve_source
 
     if load_options.get("engine") == "vllm":
+        from qwenforge.arch.long_context import yarn_scaling
+        from qwenforge.infer.load import _spec
+
         source = resolve_source(model, load_options.get("base"), load_options.get("revision"))
+        max_context = load_options.get("max_context")
         command = vllm_command(
             str(source["folder"]), host=host, port=port, api_key=api_key, served_name=served_name,
-            dtype=load_options.get("dtype"), tensor_parallel=tensor_parallel, max_context=load_options.get("max_context"),
+            dtype=load_options.get("dtype"), tensor_parallel=tensor_parallel, max_context=max_context,
             adapter=str(source["adapter"]) if source["adapter"] else None,
+            rope_scaling=yarn_scaling(_spec(Path(source["folder"])), max_context, model) if max_context else None,
         )
         if dry_run:
             console.print(" ".join(command), markup=False, highlight=False, soft_wrap=True)
