@@ -544,6 +544,10 @@ def plan_memory(spec: ModelSpec, setup: Setup, device: Device | None = None, mod
     """The memory plan: one Line per component, validated first; fits/headroom when a device is given."""
     validate(spec, setup, model)
     lines = [component(spec, setup) for component in COMPONENTS]
+    if device is not None and device.count > 1:  # what each of several GPUs holds
+        from qwenforge.multi_gpu import split_lines
+
+        lines = split_lines(spec, setup, lines, device.count)
     kind = device.kind if device else "cuda"
     fixed = overhead_line(spec, setup, kind)
     dynamic = sum(line.bytes for line in lines if line.component in ("activations", "logits", "KV cache"))
@@ -637,11 +641,11 @@ def fit_device(spec: ModelSpec, base: Setup, device: Device, model: str = "the m
     return [entry for _, entry in ranked[:limit]]
 
 
-def choose_inference_setup(spec: ModelSpec, available_bytes: int, device_kind: str, context: int = 4096, batch: int = 1) -> Setup:
+def choose_inference_setup(spec: ModelSpec, available_bytes: int, device_kind: str, context: int = 4096, batch: int = 1, count: int = 1) -> Setup:
     """The best inference Setup for a machine: the most precise weight dtype/quantization that fits CONTEXT x BATCH.
 
     For `qwenforge chat/serve`. DEVICE_KIND is "cuda", "mps" or "cpu"; AVAILABLE_BYTES is what the model may use
-    (see `qwenforge.devices.available_memory`). Preference: cuda bf16 > int8 > nf4 (bitsandbytes); mps fp16 (no
+    (see `qwenforge.devices.available_memory`; per GPU when COUNT GPUs share the model). Preference: cuda bf16 > int8 > nf4 (bitsandbytes); mps fp16 (no
     bitsandbytes on Metal); cpu fp32 (fastest torch kernels) > bf16 > nf4. Read `.weights` and `.compute_dtype`
     to load the model, `.kv_dtype` for the cache. Raises QwenforgeError naming the memory needed when nothing fits.
     """
@@ -649,7 +653,7 @@ def choose_inference_setup(spec: ModelSpec, available_bytes: int, device_kind: s
     if device_kind not in preferences:
         raise QwenforgeError(f"device kind {device_kind!r}: choose cuda, mps or cpu")
     context = min(context, max_context(spec, Setup()))
-    here = Device("this machine", device_kind, available_bytes, available_bytes, "available memory")
+    here = Device("this machine", device_kind, available_bytes, available_bytes, "available memory", count=count)
     smallest = None
     for weights in preferences[device_kind]:
         setup = Setup(mode="infer", weights=weights, context=context, batch=batch, kv_dtype=default_kv_dtype(weights))

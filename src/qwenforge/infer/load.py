@@ -31,6 +31,7 @@ class Hardware:
     bf16_fast: bool = False  # CUDA compute capability >= 8
     fp16_fast: bool = False  # CPU: AVX-512 (fp16 matrix-vector kernels beat fp32 ~2x here); GPUs: always
     bitsandbytes: bool = False
+    gpus: int = 1  # visible CUDA GPUs; free_bytes is then the least free on any of them
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,9 @@ def detect_hardware() -> Hardware:
     if torch.cuda.is_available():
         major, _minor = torch.cuda.get_device_capability(0)
         name = torch.cuda.get_device_name(0)
-        return Hardware("cuda", name, available_memory("cuda"), ram, bf16_fast=major >= 8, fp16_fast=True, bitsandbytes=has_bnb)
+        count = torch.cuda.device_count()
+        free = min(int(torch.cuda.mem_get_info(index)[0]) for index in range(count))
+        return Hardware("cuda", name, free, ram, bf16_fast=major >= 8, fp16_fast=True, bitsandbytes=has_bnb, gpus=count)
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return Hardware("mps", "Apple MPS", available_memory("mps"), ram, fp16_fast=True, bitsandbytes=False)
     capability = torch.backends.cpu.get_cpu_capability()
@@ -127,9 +130,14 @@ def choose_setup(
     why = []
     if dtype is None or quant is None:
         try:
-            planned = plan.choose_inference_setup(spec, budget, kind, context=context, batch=batch)
+            planned, spread = _planned_across_gpus(spec, budget, kind, context, batch, hardware.gpus if where in ("cuda", "auto") else 1)
             planned_dtype, planned_quant = PLANNED[planned.weights]
-            why.append(f"planner: {planned.weights} fits {budget / 2**30:.1f} GiB free on {hardware.name} at context {planned.context}")
+            if spread > 1:
+                where = "auto" if device is None else where
+                why.append(f"planner: {planned.weights} fits across {spread} GPUs ({budget / 2**30:.1f} GiB free on each, {hardware.name}) "
+                           f"at context {planned.context}: layers spread with device_map")
+            else:
+                why.append(f"planner: {planned.weights} fits {budget / 2**30:.1f} GiB free on {hardware.name} at context {planned.context}")
         except QwenforgeError as error:
             planned_dtype, planned_quant = ("bfloat16" if kind != "cpu" else "float32"), "none"
             if device is None:
@@ -151,6 +159,29 @@ def choose_setup(
     size = parameters * BYTES[quant if quant != "none" else dtype]
     attention = attention_implementation(kind, dtype)
     return Setup(device=where, dtype=dtype, quant=quant, reason="; ".join(why + overrides + [f"{size / 2**30:.2f} GiB of weights"]), attention=attention)
+
+
+def _planned_across_gpus(spec, budget: int, kind: str, context: int, batch: int, gpus: int):
+    """(planned Setup, GPUs used): one GPU when its best choice is as precise as all GPUs' together, else every visible GPU."""
+    from qwenforge import plan
+
+    try:
+        single = plan.choose_inference_setup(spec, budget, kind, context=context, batch=batch)
+    except QwenforgeError:
+        if gpus < 2:
+            raise
+        single = None
+    if gpus < 2 or (single and single.weights == "bf16"):
+        return single, 1
+    try:
+        together = plan.choose_inference_setup(spec, budget, kind, context=context, batch=batch, count=gpus)
+    except QwenforgeError:
+        if single is None:
+            raise
+        return single, 1
+    if single is None or plan.QUALITY_ORDER.index(together.weights) < plan.QUALITY_ORDER.index(single.weights):
+        return together, gpus
+    return single, 1
 
 
 def attention_implementation(kind: str, dtype: str) -> str:

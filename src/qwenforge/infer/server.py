@@ -366,6 +366,18 @@ def vllm_command(
     return command
 
 
+def _visible_gpus_tensor_parallel(spec, context: int) -> int:
+    import torch
+
+    from qwenforge.infer.load import detect_hardware
+    from qwenforge.multi_gpu import vllm_tensor_parallel
+
+    if not torch.cuda.is_available():
+        return 1
+    hardware = detect_hardware()
+    return vllm_tensor_parallel(spec, hardware.free_bytes, hardware.gpus, context)
+
+
 def vllm_importable() -> bool:
     import importlib.util
 
@@ -386,7 +398,7 @@ def run_vllm(command: list[str]) -> None:
     os.execv(executable, command)
 
 
-def start_server(console, model: str, load_options: dict, host="127.0.0.1", port=8000, api_key=None, served_name=None, tensor_parallel=1, dry_run=False) -> None:
+def start_server(console, model: str, load_options: dict, host="127.0.0.1", port=8000, api_key=None, served_name=None, tensor_parallel=None, dry_run=False) -> None:
     """`qwenforge serve`: load MODEL and serve it, or hand it to vLLM's server (`--engine vllm`)."""
     from qwenforge.infer.load import load_model, resolve_source
 
@@ -396,18 +408,21 @@ def start_server(console, model: str, load_options: dict, host="127.0.0.1", port
 
         source = resolve_source(model, load_options.get("base"), load_options.get("revision"))
         max_context = load_options.get("max_context")
+        spec = _spec(Path(source["folder"]))
+        if tensor_parallel is None:  # the fewest visible GPUs the model fits on
+            tensor_parallel = _visible_gpus_tensor_parallel(spec, max_context or 4096)
         command = vllm_command(
             str(source["folder"]), host=host, port=port, api_key=api_key, served_name=served_name,
             dtype=load_options.get("dtype"), tensor_parallel=tensor_parallel, max_context=max_context,
             adapter=str(source["adapter"]) if source["adapter"] else None,
-            rope_scaling=yarn_scaling(_spec(Path(source["folder"])), max_context, model) if max_context else None,
+            rope_scaling=yarn_scaling(spec, max_context, model) if max_context else None,
         )
         if dry_run:
             console.print(" ".join(command), markup=False, highlight=False, soft_wrap=True)
             return
         run_vllm(command)
         return
-    if tensor_parallel != 1:
-        raise QwenforgeError("--tensor-parallel needs --engine vllm (the transformers path runs on one device)")
+    if tensor_parallel not in (None, 1):
+        raise QwenforgeError("--tensor-parallel needs --engine vllm (the transformers path spreads layers over every visible GPU with device_map)")
     loaded = load_model(model, **load_options, say=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
     serve(loaded, host=host, port=port, api_key=api_key, served_name=served_name, say=console.print)
