@@ -93,3 +93,16 @@ def test_every_verb_takes_a_hub_id_offline(hf_home, tmp_path):
     missing = _run("chat", "Qwen/Qwen3-8B", home=hf_home, cwd=tmp_path)
     assert missing.returncode == 2 and "Qwen/Qwen3-8B: no local folder of that name" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
+
+
+def test_train_takes_hub_ids_but_not_presets(hf_home, monkeypatch):
+    from qwenforge.checkpoint import hub
+    from qwenforge.train.pipeline import resolve_model_folder
+
+    real = hub.hub_download
+    monkeypatch.setattr(hub, "hub_download", lambda repo_id, filename=None, revision=None, cache_dir=None: real(repo_id, filename, revision, hf_home / "hub"))
+    assert resolve_model_folder("Qwen/Tiny3") == hf_home / "hub" / "models--Qwen--Tiny3" / "snapshots" / MAIN
+    with pytest.raises(QwenforgeError, match="model: Qwen3-32B is a preset"):
+        resolve_model_folder("Qwen3-32B")
+    with pytest.raises(QwenforgeError, match="model: Qwen/Missing: no local folder"):
+        resolve_model_folder("Qwen/Missing")

@@ -285,3 +285,15 @@ def test_chat_cli_refuses_a_bad_tools_file_before_loading(tmp_path):
     bad.write_text("{not json")
     result = CliRunner().invoke(app, ["chat", str(tmp_path / "no-model"), "--tools", str(bad)])
     assert isinstance(result.exception, QwenforgeError) and "tools.json: not JSON" in str(result.exception)
+
+
+def test_sampling_extra_body_fields_reach_generation(served):
+    """top_k/min_p/repetition_penalty as extra body fields, as vLLM reads them: top_k=1 at temperature 1.5 is the greedy answer."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    greedy = served.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, extra_body={"repetition_penalty": 1.0})
+    top1 = served.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1.5, seed=3, presence_penalty=0.0,
+                                          extra_body={"top_k": 1, "min_p": 0.05, "repetition_penalty": 1.0})
+    assert top1.choices[0].message.content == greedy.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as bad:
+        served.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body={"top_k": "many"})
+    assert bad.value.body["param"] == "top_k"

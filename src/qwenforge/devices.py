@@ -1,6 +1,7 @@
 """Accelerators as data: how much memory each has and how much of it a model may use.
 
-`qwenforge plan --device NAME` and `--fit NAME` read this table; `--memory GB` makes a custom entry.
+`qwenforge plan --device NAME` and `--fit NAME` read this table (`8xH100-80GB` for several GPUs);
+`--memory GB` makes a custom entry.
 NVIDIA figures are the totals `nvidia-smi` reports (MiB); the CUDA context is not subtracted here
 because the plan counts it as its own "framework overhead" line. Apple figures are the share of
 unified memory macOS lets the GPU wire by default (`recommendedMaxWorkingSetSize`): about 75% of
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from qwenforge.errors import QwenforgeError
 
@@ -25,8 +27,9 @@ class Device:
     name: str
     kind: str  # "cuda", "mps" (Apple unified memory) or "cpu"
     memory_bytes: int  # what the machine has
-    usable_bytes: int  # what one model process may use
+    usable_bytes: int  # what one model process may use (per GPU)
     note: str
+    count: int = 1  # identical GPUs the model is spread over ("8xH100-80GB")
 
 
 def _nvidia(name: str, mib: int, note: str) -> Device:
@@ -67,7 +70,14 @@ def device_names() -> list[str]:
 
 
 def get_device(name: str) -> Device:
-    """The preset NAME (case-insensitive); an unknown name lists the close ones and `--memory`."""
+    """The preset NAME (case-insensitive), or COUNTxNAME for several ("8xH100-80GB"); an unknown name lists the close ones."""
+    several = re.match(r"^\s*(\d+)\s*[x×*]\s*(.+)$", name)
+    if several:
+        count = int(several.group(1))
+        if count < 1:
+            raise QwenforgeError(f"{name}: give at least one device, e.g. 8xH100-80GB")
+        one = get_device(several.group(2))
+        return replace(one, name=f"{count}x{one.name}", note=f"{count} x {one.note}", count=count) if count > 1 else one
     for key, device in DEVICES.items():
         if key.lower() == name.lower():
             return device

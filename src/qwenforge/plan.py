@@ -207,7 +207,10 @@ def lora_parameters(spec: ModelSpec, targets) -> int:
 
 
 def max_context(spec: ModelSpec, setup: Setup) -> int:
-    return int(spec.max_positions * setup.rope_factor) if spec.max_positions else 1 << 30
+    """The longest context of `spec`, with YaRN at setup.rope_factor scaling the native window (arch.long_context)."""
+    from qwenforge.arch.long_context import context_limit
+
+    return context_limit(spec, setup.rope_factor)
 
 
 def validate(spec: ModelSpec, setup: Setup, model: str = "the model") -> None:
@@ -222,16 +225,18 @@ def validate(spec: ModelSpec, setup: Setup, model: str = "the model") -> None:
         raise QwenforgeError(f"--optimizer {setup.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if setup.context < 1 or setup.batch < 1:
         raise QwenforgeError(f"--context {setup.context} --batch {setup.batch}: both must be at least 1")
-    if setup.rope_factor < 1:
-        raise QwenforgeError(f"--rope-factor {setup.rope_factor}: YaRN factors are 1 or more (Qwen documents 4)")
+    if not 1 <= setup.rope_factor <= 4:
+        raise QwenforgeError(f"--rope-factor {setup.rope_factor}: YaRN factors run from 1 to 4 (Qwen documents 4: 32,768 -> 131,072 tokens)")
     limit = max_context(spec, setup)
     if setup.context > limit:
         if spec.rope_scaling or setup.rope_factor > 1:
             raise QwenforgeError(f"--context {setup.context} exceeds {limit:,} tokens for {model}; use --context {limit} or a larger --rope-factor")
-        factor = -(-setup.context // spec.max_positions)
+        from qwenforge.arch.long_context import yarn_factor
+
+        factor = yarn_factor(spec, setup.context)
         raise QwenforgeError(
             f"--context {setup.context} exceeds {model}'s max_position_embeddings {spec.max_positions:,} and its config has no "
-            f"rope_scaling; use --context {spec.max_positions} or enable YaRN with --rope-factor {max(factor, 2)}"
+            f"rope_scaling; use --context {spec.max_positions} or enable YaRN with --rope-factor {factor:g}"
         )
     engine = setup.format.engine
     if setup.training and engine == "llama.cpp":
@@ -539,6 +544,10 @@ def plan_memory(spec: ModelSpec, setup: Setup, device: Device | None = None, mod
     """The memory plan: one Line per component, validated first; fits/headroom when a device is given."""
     validate(spec, setup, model)
     lines = [component(spec, setup) for component in COMPONENTS]
+    if device is not None and device.count > 1:  # what each of several GPUs holds
+        from qwenforge.multi_gpu import split_lines
+
+        lines = split_lines(spec, setup, lines, device.count)
     kind = device.kind if device else "cuda"
     fixed = overhead_line(spec, setup, kind)
     dynamic = sum(line.bytes for line in lines if line.component in ("activations", "logits", "KV cache"))
@@ -632,11 +641,11 @@ def fit_device(spec: ModelSpec, base: Setup, device: Device, model: str = "the m
     return [entry for _, entry in ranked[:limit]]
 
 
-def choose_inference_setup(spec: ModelSpec, available_bytes: int, device_kind: str, context: int = 4096, batch: int = 1) -> Setup:
+def choose_inference_setup(spec: ModelSpec, available_bytes: int, device_kind: str, context: int = 4096, batch: int = 1, count: int = 1) -> Setup:
     """The best inference Setup for a machine: the most precise weight dtype/quantization that fits CONTEXT x BATCH.
 
     For `qwenforge chat/serve`. DEVICE_KIND is "cuda", "mps" or "cpu"; AVAILABLE_BYTES is what the model may use
-    (see `qwenforge.devices.available_memory`). Preference: cuda bf16 > int8 > nf4 (bitsandbytes); mps fp16 (no
+    (see `qwenforge.devices.available_memory`; per GPU when COUNT GPUs share the model). Preference: cuda bf16 > int8 > nf4 (bitsandbytes); mps fp16 (no
     bitsandbytes on Metal); cpu fp32 (fastest torch kernels) > bf16 > nf4. Read `.weights` and `.compute_dtype`
     to load the model, `.kv_dtype` for the cache. Raises QwenforgeError naming the memory needed when nothing fits.
     """
@@ -644,7 +653,7 @@ def choose_inference_setup(spec: ModelSpec, available_bytes: int, device_kind: s
     if device_kind not in preferences:
         raise QwenforgeError(f"device kind {device_kind!r}: choose cuda, mps or cpu")
     context = min(context, max_context(spec, Setup()))
-    here = Device("this machine", device_kind, available_bytes, available_bytes, "available memory")
+    here = Device("this machine", device_kind, available_bytes, available_bytes, "available memory", count=count)
     smallest = None
     for weights in preferences[device_kind]:
         setup = Setup(mode="infer", weights=weights, context=context, batch=batch, kv_dtype=default_kv_dtype(weights))

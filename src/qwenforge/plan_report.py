@@ -153,7 +153,8 @@ def alternatives(spec: ModelSpec, setup: memory.Setup, model: str) -> list[memor
 
 
 def device_dict(device: Device) -> dict:
-    return {"name": device.name, "kind": device.kind, "memory_bytes": device.memory_bytes, "usable_bytes": device.usable_bytes, "note": device.note}
+    return {"name": device.name, "kind": device.kind, "count": device.count, "memory_bytes": device.memory_bytes, "usable_bytes": device.usable_bytes,
+            "note": device.note}
 
 
 def gib(n: int) -> str:
@@ -165,7 +166,9 @@ def print_plan(console: Console, report: dict) -> None:
         print_fit(console, report)
         return
     setup = report["setup"]
-    table = Table(title=f"{report['model']}: {setup['mode']} with {setup['weights']} weights, context {setup['context']}, batch {setup['batch']}")
+    device = report.get("device")
+    per_gpu = f", per GPU of {device['count']}" if device and device.get("count", 1) > 1 else ""
+    table = Table(title=f"{report['model']}: {setup['mode']} with {setup['weights']} weights, context {setup['context']}, batch {setup['batch']}{per_gpu}")
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("assumption", overflow="fold")
@@ -173,11 +176,10 @@ def print_plan(console: Console, report: dict) -> None:
         table.add_row(line["component"], gib(line["bytes"]), line["assumption"])
     table.add_row("[bold]total[/bold]", f"[bold]{gib(report['total_bytes'])}[/bold]", "")
     console.print(table)
-    device = report.get("device")
     if device:
         verdict = "[green]fits[/green]" if report["fits"] else "[red]does not fit[/red]"
         console.print(
-            f"{device['name']}: {gib(device['usable_bytes'])} GiB usable -> {verdict} "
+            f"{device['name']}: {gib(device['usable_bytes'])} GiB usable{' per GPU' if per_gpu else ''} -> {verdict} "
             f"(headroom {gib(report['headroom_bytes'])} GiB); largest context at batch {setup['batch']}: "
             f"{report['largest_context']:,}; largest batch at context {setup['context']}: {report['largest_batch']:,}"
         )

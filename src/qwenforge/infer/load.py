@@ -31,6 +31,7 @@ class Hardware:
     bf16_fast: bool = False  # CUDA compute capability >= 8
     fp16_fast: bool = False  # CPU: AVX-512 (fp16 matrix-vector kernels beat fp32 ~2x here); GPUs: always
     bitsandbytes: bool = False
+    gpus: int = 1  # visible CUDA GPUs; free_bytes is then the least free on any of them
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Setup:
     dtype: str
     quant: str
     reason: str
+    attention: str = "sdpa"  # transformers attn_implementation: sdpa, or flash_attention_2 where installed
+    rope_scaling: dict | None = None  # YaRN applied at load time for a context beyond the native window
 
 
 @dataclass
@@ -61,7 +64,10 @@ class LoadedModel:
     def describe(self) -> str:
         """The one line the loader prints."""
         quant = "" if self.setup.quant == "none" else f" {self.setup.quant}"
-        return f"{self.name}: {self.engine} on {self.setup.device}, {self.setup.dtype}{quant} — {self.setup.reason}"
+        attention = f", {self.setup.attention} attention" if self.engine == "transformers" else ""
+        yarn = self.setup.rope_scaling
+        context = f", YaRN x{yarn['factor']:g} to {self.context_limit:,} tokens" if yarn else ""
+        return f"{self.name}: {self.engine} on {self.setup.device}, {self.setup.dtype}{quant}{attention}{context} — {self.setup.reason}"
 
 
 def detect_hardware() -> Hardware:
@@ -77,7 +83,9 @@ def detect_hardware() -> Hardware:
     if torch.cuda.is_available():
         major, _minor = torch.cuda.get_device_capability(0)
         name = torch.cuda.get_device_name(0)
-        return Hardware("cuda", name, available_memory("cuda"), ram, bf16_fast=major >= 8, fp16_fast=True, bitsandbytes=has_bnb)
+        count = torch.cuda.device_count()
+        free = min(int(torch.cuda.mem_get_info(index)[0]) for index in range(count))
+        return Hardware("cuda", name, free, ram, bf16_fast=major >= 8, fp16_fast=True, bitsandbytes=has_bnb, gpus=count)
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return Hardware("mps", "Apple MPS", available_memory("mps"), ram, fp16_fast=True, bitsandbytes=False)
     capability = torch.backends.cpu.get_cpu_capability()
@@ -122,9 +130,14 @@ def choose_setup(
     why = []
     if dtype is None or quant is None:
         try:
-            planned = plan.choose_inference_setup(spec, budget, kind, context=context, batch=batch)
+            planned, spread = _planned_across_gpus(spec, budget, kind, context, batch, hardware.gpus if where in ("cuda", "auto") else 1)
             planned_dtype, planned_quant = PLANNED[planned.weights]
-            why.append(f"planner: {planned.weights} fits {budget / 2**30:.1f} GiB free on {hardware.name} at context {planned.context}")
+            if spread > 1:
+                where = "auto" if device is None else where
+                why.append(f"planner: {planned.weights} fits across {spread} GPUs ({budget / 2**30:.1f} GiB free on each, {hardware.name}) "
+                           f"at context {planned.context}: layers spread with device_map")
+            else:
+                why.append(f"planner: {planned.weights} fits {budget / 2**30:.1f} GiB free on {hardware.name} at context {planned.context}")
         except QwenforgeError as error:
             planned_dtype, planned_quant = ("bfloat16" if kind != "cpu" else "float32"), "none"
             if device is None:
@@ -144,7 +157,40 @@ def choose_setup(
         dtype = dtype or planned_dtype
         quant = quant or planned_quant
     size = parameters * BYTES[quant if quant != "none" else dtype]
-    return Setup(device=where, dtype=dtype, quant=quant, reason="; ".join(why + overrides + [f"{size / 2**30:.2f} GiB of weights"]))
+    attention = attention_implementation(kind, dtype)
+    return Setup(device=where, dtype=dtype, quant=quant, reason="; ".join(why + overrides + [f"{size / 2**30:.2f} GiB of weights"]), attention=attention)
+
+
+def _planned_across_gpus(spec, budget: int, kind: str, context: int, batch: int, gpus: int):
+    """(planned Setup, GPUs used): one GPU when its best choice is as precise as all GPUs' together, else every visible GPU."""
+    from qwenforge import plan
+
+    try:
+        single = plan.choose_inference_setup(spec, budget, kind, context=context, batch=batch)
+    except QwenforgeError:
+        if gpus < 2:
+            raise
+        single = None
+    if gpus < 2 or (single and single.weights == "bf16"):
+        return single, 1
+    try:
+        together = plan.choose_inference_setup(spec, budget, kind, context=context, batch=batch, count=gpus)
+    except QwenforgeError:
+        if single is None:
+            raise
+        return single, 1
+    if single is None or plan.QUALITY_ORDER.index(together.weights) < plan.QUALITY_ORDER.index(single.weights):
+        return together, gpus
+    return single, 1
+
+
+def attention_implementation(kind: str, dtype: str) -> str:
+    """flash_attention_2 on a CUDA GPU in fp16/bf16 when flash-attn is installed; torch's sdpa otherwise."""
+    import importlib.util
+
+    if kind == "cuda" and dtype in ("float16", "bfloat16") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def resolve_source(model: str, base: str | None = None, revision: str | None = None) -> dict:
@@ -227,17 +273,23 @@ def load_model(
         raise QwenforgeError("the vllm engine runs vLLM's own server: use `qwenforge serve MODEL --engine vllm`")
     if threads:
         torch.set_num_threads(threads)
+    from dataclasses import replace
+
+    from qwenforge.arch.long_context import context_limit, yarn_scaling
+
     source = resolve_source(model, base, revision)
     folder = Path(source["folder"])
     spec = _spec(folder)
-    context = int(max_context or spec.max_positions)
+    context = int(max_context or context_limit(spec))
+    yarn = yarn_scaling(spec, context, Path(model).name)
     tokenizer = load_tokenizer(folder)
     hardware = hardware or detect_hardware()
     name = Path(source["adapter"] or folder).name
     if engine == "llama.cpp":
-        loaded = _load_llama_cpp(source, folder, tokenizer, name, context, threads)
+        loaded = _load_llama_cpp(source, folder, tokenizer, name, context, threads, yarn)
     else:
         setup = choose_setup(spec, hardware, dtype=dtype, quant=quant, device=device, context=min(context, 4096), batch=batch)
+        setup = replace(setup, rope_scaling=yarn)
         loaded = LoadedModel(
             engine="transformers",
             name=name,
@@ -261,7 +313,13 @@ def _load_transformers(folder: Path, setup: Setup, adapter: Path | None):
 
     transformers_logging.disable_progress_bar()
 
-    kwargs = {"dtype": getattr(torch, setup.dtype)}
+    kwargs = {"dtype": getattr(torch, setup.dtype), "attn_implementation": setup.attention}
+    if setup.rope_scaling:  # YaRN: the config's own rope parameters (rope_theta ...) plus Qwen's scaling
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder))
+        config.rope_parameters = {**(config.rope_parameters or {}), **setup.rope_scaling}
+        kwargs["config"] = config
     if setup.quant in ("nf4", "int8"):
         try:
             from transformers import BitsAndBytesConfig
@@ -317,7 +375,7 @@ def prompts_in_fp32(model) -> None:
             module.forward = forward.__get__(module)
 
 
-def _load_llama_cpp(source: dict, folder: Path, tokenizer, name: str, context: int, threads: int | None) -> LoadedModel:
+def _load_llama_cpp(source: dict, folder: Path, tokenizer, name: str, context: int, threads: int | None, yarn: dict | None = None) -> LoadedModel:
     """llama.cpp runs the GGUF itself; the prompt text still comes from the model's own template."""
     try:
         from llama_cpp import Llama
@@ -329,13 +387,17 @@ def _load_llama_cpp(source: dict, folder: Path, tokenizer, name: str, context: i
     from qwenforge.infer.gguf_precision import full_precision_gguf
 
     runnable = full_precision_gguf(Path(gguf))
-    n_ctx = min(context, 4096)
-    llama = Llama(model_path=str(runnable), n_ctx=n_ctx, n_threads=threads or None, verbose=False, type_k=0, type_v=0)
+    n_ctx = context if yarn else min(context, 4096)
+    scaling = {}
+    if yarn:  # llama.cpp's own YaRN: LLAMA_ROPE_SCALING_TYPE_YARN = 2
+        scaling = {"rope_scaling_type": 2, "yarn_orig_ctx": yarn["original_max_position_embeddings"], "rope_freq_scale": 1 / yarn["factor"]}
+    llama = Llama(model_path=str(runnable), n_ctx=n_ctx, n_threads=threads or None, verbose=False, type_k=0, type_v=0, **scaling)
     setup = Setup(
         device="cpu",
         dtype="float32",
         quant="none",
         reason=f"llama.cpp on {runnable.name}: the GGUF's weights dequantized to f32 once, so answers match transformers",
+        rope_scaling=yarn,
     )
     return LoadedModel(
         engine="llama.cpp", name=name, source=folder, tokenizer=tokenizer, setup=setup, context_limit=n_ctx, llama=llama, gguf=Path(gguf)

@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
@@ -393,19 +394,34 @@ def vllm_command(
     tensor_parallel: int = 1,
     max_context: int | None = None,
     adapter: str | None = None,
+    rope_scaling: dict | None = None,
 ) -> list[str]:
-    """The `vllm serve` command line equivalent to `qwenforge serve` with these options."""
+    """The `vllm serve` command line equivalent to `qwenforge serve` with these options (YaRN as Qwen's vLLM guide sets it)."""
     command = ["vllm", "serve", str(folder), "--host", host, "--port", str(port)]
     if served_name:
         command += ["--served-model-name", served_name]
     command += ["--dtype", dtype or "auto", "--tensor-parallel-size", str(tensor_parallel)]
     if max_context:
         command += ["--max-model-len", str(max_context)]
+    if rope_scaling:
+        command += ["--hf-overrides", json.dumps({"rope_scaling": rope_scaling})]
     if api_key:
         command += ["--api-key", api_key]
     if adapter:
         command += ["--enable-lora", "--lora-modules", f"{served_name or 'adapter'}={adapter}"]
     return command
+
+
+def _visible_gpus_tensor_parallel(spec, context: int) -> int:
+    import torch
+
+    from qwenforge.infer.load import detect_hardware
+    from qwenforge.multi_gpu import vllm_tensor_parallel
+
+    if not torch.cuda.is_available():
+        return 1
+    hardware = detect_hardware()
+    return vllm_tensor_parallel(spec, hardware.free_bytes, hardware.gpus, context)
 
 
 def vllm_importable() -> bool:
@@ -429,7 +445,7 @@ def run_vllm(command: list[str]) -> None:
 
 
 def start_server(
-    console, model: str, load_options: dict, host="127.0.0.1", port=8000, api_key=None, served_name=None, tensor_parallel=1, dry_run=False,
+    console, model: str, load_options: dict, host="127.0.0.1", port=8000, api_key=None, served_name=None, tensor_parallel=None, dry_run=False,
     max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> None:
     """`qwenforge serve`: load MODEL and serve it, or hand it to vLLM's server (`--engine vllm`)."""
@@ -439,18 +455,26 @@ def start_server(
         raise QwenforgeError(f"--max-request-bytes {max_request_bytes}: must be at least 1")
 
     if load_options.get("engine") == "vllm":
+        from qwenforge.arch.long_context import yarn_scaling
+        from qwenforge.infer.load import _spec
+
         source = resolve_source(model, load_options.get("base"), load_options.get("revision"))
+        max_context = load_options.get("max_context")
+        spec = _spec(Path(source["folder"]))
+        if tensor_parallel is None:  # the fewest visible GPUs the model fits on
+            tensor_parallel = _visible_gpus_tensor_parallel(spec, max_context or 4096)
         command = vllm_command(
             str(source["folder"]), host=host, port=port, api_key=api_key, served_name=served_name,
-            dtype=load_options.get("dtype"), tensor_parallel=tensor_parallel, max_context=load_options.get("max_context"),
+            dtype=load_options.get("dtype"), tensor_parallel=tensor_parallel, max_context=max_context,
             adapter=str(source["adapter"]) if source["adapter"] else None,
+            rope_scaling=yarn_scaling(spec, max_context, model) if max_context else None,
         )
         if dry_run:
             console.print(" ".join(command), markup=False, highlight=False, soft_wrap=True)
             return
         run_vllm(command)
         return
-    if tensor_parallel != 1:
-        raise QwenforgeError("--tensor-parallel needs --engine vllm (the transformers path runs on one device)")
+    if tensor_parallel not in (None, 1):
+        raise QwenforgeError("--tensor-parallel needs --engine vllm (the transformers path spreads layers over every visible GPU with device_map)")
     loaded = load_model(model, **load_options, say=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
     serve(loaded, host=host, port=port, api_key=api_key, served_name=served_name, say=console.print, max_request_bytes=max_request_bytes)
