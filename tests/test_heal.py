@@ -140,7 +140,7 @@ def test_heal_refusals(tiny_llama, tiny_converted, tmp_path):
         heal(tiny_converted, tmp_path / "o", tiny_llama, _quick(text=str(short)))
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(QwenforgeError, match="empty.txt: only 0 tokens"):
+    with pytest.raises(QwenforgeError, match="empty.txt: the healing text is empty"):
         heal(tiny_converted, tmp_path / "o", tiny_llama, _quick(text=str(empty)))
     from qwenforge.distill.init_student import init_student
 
