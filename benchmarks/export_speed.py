@@ -9,6 +9,10 @@ wait4(). The converter ships in llama-cpp-python's source distribution (vendor/l
 unpacked (never built), and runs in this interpreter with its own gguf-py first on PYTHONPATH (it
 needs nothing else here). Then the two files are compared tensor by tensor (names, types, bytes).
 Prints each figure and the ratios qwenforge / llama.cpp (below 1: qwenforge is faster or smaller).
+
+Measured here (2 shared CPU cores, load ~10; llama.cpp from llama-cpp-python 0.3.36's sdist), the
+embedded model (float32, 2.52 GB) to f16: qwenforge 100.5 s, peak RSS 1000 MiB; convert_hf_to_gguf.py
+134.5 s, 1149 MiB; ratio time 0.75x, peak RSS 0.87x; 291/291 tensors byte-identical to llama.cpp's.
 """
 
 from __future__ import annotations
