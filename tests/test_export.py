@@ -60,7 +60,7 @@ def gguf_fields(path: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_qwen3", "tiny_llama"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])  # Qwen3: the f16 round trip below
 def test_round_trip_f32_is_tensor_identical(fixture, request, tmp_path):
     """import -> export -> import: every tensor bit-identical (llama's q/k rope permutation undone on import)."""
     source = request.getfixturevalue(fixture)

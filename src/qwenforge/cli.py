@@ -101,8 +101,7 @@ def export_command(
 
     Example: [bold]qwenforge export q3-healed/ q3-healed-q8_0.gguf --type q8_0[/bold]
 
-    Streams tensor by tensor (memory: the largest tensor). A zero o_proj bias (which llama.cpp does not
-    load) is left out; a checkpoint whose weights fp16 or its block scales would flush to zero is refused.
+    Streams tensor by tensor (memory: the largest tensor). A zero o_proj bias (llama.cpp loads none) is left out; q/k projections that fp16 or its block scales would flush to zero are refused.
     """
     from rich.progress import Progress
 
