@@ -92,6 +92,39 @@ def import_gguf_command(
     console.print(f"[green]wrote[/green] {out}")
 
 
+@app.command("export")
+def export_command(
+    model: Path = typer.Argument(..., help="A checkpoint folder (converted, healed, merged) or a PEFT adapter folder."),
+    out: Path = typer.Argument(..., help="The .gguf file to create; OUT.Modelfile (Ollama) is written beside it."),
+    type_: str = typer.Option("f16", "--type", help="f32 | f16 | bf16 | q8_0 | q4_0 (gguf-py's quantizers) | q4_k_m (llama.cpp's quantizer: pip install 'qwenforge\\[xllamacpp]')."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a PEFT adapter (default: the adapter's base_model_name_or_path). The merge holds the base in float32 in memory (4 bytes/parameter) and one merged copy on disk."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT and its Modelfile if they exist."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),
+) -> None:
+    """Export a checkpoint to one GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile.
+
+    Example: [bold]qwenforge export q3-healed/ q3-healed-q8_0.gguf --type q8_0[/bold]
+
+    Streams tensor by tensor (memory: the largest tensor). A zero o_proj bias (llama.cpp loads none) is left out; q/k projections that fp16 or its block scales would flush to zero are refused.
+    """
+    from rich.progress import Progress
+
+    from qwenforge.export.gguf import export
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("exporting", total=None)
+        result = export(model, out, type_, base=base, force=force, progress=lambda done, total, name: bar.update(task, completed=done, total=total))
+    if as_json:
+        print_json(result)
+        return
+    types = ", ".join(f"{count} {name}" for name, count in result["types"].items())
+    console.print(f"[green]wrote[/green] {out} ({result['architecture']}, {result['tensors']} tensors: {types})", highlight=False)
+    for name, why in result["skipped"].items():
+        console.print(f"left out {name}: {why}", highlight=False)
+    console.print(f"[green]wrote[/green] {result['modelfile']}; load it in Ollama with:", highlight=False)
+    console.print(f"  {result['ollama']}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def demo(
     workdir: Optional[Path] = typer.Option(None, help="Folder for the demo's outputs (default: a fresh one in the cache)."),

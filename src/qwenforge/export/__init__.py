@@ -1,0 +1,1 @@
+"""`qwenforge export`: checkpoint folders out to the formats local runtimes load (GGUF + Ollama Modelfile)."""
