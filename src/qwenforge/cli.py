@@ -594,6 +594,7 @@ def train_run(
     max_steps: Optional[int] = typer.Option(None, help="Override sft.max_steps (a short trial run)."),
     dpo_steps: Optional[int] = typer.Option(None, help="Override dpo.steps."),
     output: Optional[str] = typer.Option(None, help="Override the config's output folder."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: OMP_NUM_THREADS, else every core)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Train a model's knowledge and voice over a curriculum of topics, zone by zone.
@@ -606,26 +607,36 @@ def train_run(
 
     from qwenforge.train.config import config_to_dict, example_config, load_config
 
-    overrides = {"sft.max_steps": max_steps, "dpo.steps": dpo_steps, "output": output}
+    overrides = {"sft.max_steps": max_steps, "dpo.steps": dpo_steps, "output": output, "threads": threads}
     if config_file is None:
         if not print_config:
             raise QwenforgeError("train needs a CONFIG file; `qwenforge train --print-config > train.yaml` writes a full example")
         data = example_config()
-    else:
-        data = config_to_dict(load_config(config_file, overrides))
-    if print_config:
         print_json(data) if as_json else sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+        return
+    config = load_config(config_file, overrides)
+    for notice in config.notices:
+        err_console.print(f"note: {notice}", highlight=False, soft_wrap=True)
+    if print_config:
+        from qwenforge.train.backends import backend_plans
+
+        data, plans = config_to_dict(config), backend_plans(config)
+        if as_json:
+            print_json({**data, "backends": plans})
+            return
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False) + "# What each backend does with this config on this machine:\n")
+        sys.stdout.write("".join(f"#   {name} ({plan['device']}) {block}: {plan[block]}\n" for name, plan in plans.items() for block in ("sft", "dpo")))
         return
     if show_zones:
         from qwenforge.train.zones import print_zones, zones_report
 
-        report = zones_report(load_config(config_file, overrides))
+        report = zones_report(config)
         print_json(report) if as_json else print_zones(console, report)
         return
     from qwenforge.train import ranks
     from qwenforge.train.pipeline import train
 
-    result = train(load_config(config_file, overrides), resume=resume, force=force, console=err_console if as_json else console)
+    result = train(config, resume=resume, force=force, console=err_console if as_json else console)
     if not ranks.is_main():  # under `accelerate launch` the main process reports
         return
     if as_json:
