@@ -240,6 +240,7 @@ def plan(
     ),
     context: int = typer.Option(4096, help="Tokens per sequence: prompt + output for inference, sequence length for training."),
     batch: int = typer.Option(1, help="Sequences at once (the micro-batch when training)."),
+    generate: int = typer.Option(0, "--generate", help="Inference: how many of --context's tokens are generated (0: all prompt)."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV-cache dtype: auto (the engine's default), fp32, bf16, fp16, fp8 (vLLM) or q8_0 (llama.cpp)."),
     device: Optional[str] = typer.Option(None, help="Device preset, e.g. H100-80GB, RTX-4090, M2-Ultra-64GB."),
     memory_gb: Optional[float] = typer.Option(None, "--memory", help="Usable memory in GB (GiB) of any other machine."),
@@ -265,7 +266,7 @@ def plan(
     from qwenforge.plan_report import plan_report, plot_report, print_plan
 
     report = plan_report(
-        model, device=device, memory_gb=memory_gb, kind=kind, fit=fit, mode=mode, weights=weights, context=context, batch=batch,
+        model, device=device, memory_gb=memory_gb, kind=kind, fit=fit, mode=mode, weights=weights, context=context, generated=generate, batch=batch,
         kv_dtype=kv_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, lora_layers=lora_layers,
         lora_dropout=lora_dropout, zones=zones, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, rope_factor=rope_factor,
     )

@@ -64,6 +64,7 @@ def build_setup(
     context: int = 4096,
     batch: int = 1,
     kv_dtype: str = "auto",
+    generated: int = 0,
     lora_rank: int = 16,
     lora_alpha: int = 32,
     lora_targets: str = "all-linear",
@@ -86,7 +87,7 @@ def build_setup(
             modules = "all-linear" if modules == ["all-linear"] else modules
             targets = memory.lora_targets(spec, modules, lora_rank, parse_layers(lora_layers, spec.layers))
     return memory.Setup(
-        mode=mode, weights=weights or DEFAULT_WEIGHTS[mode], context=context, batch=batch, kv_dtype=kv_dtype,
+        mode=mode, weights=weights or DEFAULT_WEIGHTS[mode], context=context, generated=generated, batch=batch, kv_dtype=kv_dtype,
         lora=targets, lora_alpha=lora_alpha, lora_dropout=lora_dropout, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, rope_factor=rope_factor,
     )
