@@ -137,3 +137,25 @@ def test_gates_default_to_the_guide_targets_and_can_be_changed():
     assert topic_passes({"accuracy": 0.1, "voice": 0.6}, lowered)
     with pytest.raises(QwenforgeError, match="evaluation.pass_voice: scores are in \\[0, 1\\], got 85"):
         config_from_dict({"model": "embedded", "output": "o", "evaluation": {"pass_voice": 85}})
+
+
+def test_pytorch_backend_settings_mps_and_bitsandbytes(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from qwenforge.train.backends import backend_plans
+    from qwenforge.train.backends.pytorch import refusal, stage_args, train_device
+
+    config = config_from_dict({"model": "embedded", "output": "o", "sft": {"optimizer": "paged-adamw-8bit", "warmup_steps": 5,
+                                                                            "max_grad_norm": 0.3, "mixed_precision": "bf16"}})
+    args = stage_args(config.sft)
+    assert (args["optim"], args["warmup_steps"], args["max_grad_norm"], args["bf16"]) == ("paged_adamw_8bit", 5, 0.3, True)
+    assert stage_args(config_from_dict({"model": "m", "output": "o", "sft": {"warmup_ratio": 0.1}}).sft)["warmup_steps"] == 0.1
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else object())
+    assert refusal(config.sft, "cpu").startswith("optimizer: paged-adamw-8bit needs bitsandbytes")
+    assert backend_plans(config)["pytorch"]["sft"].startswith("refused: sft.optimizer")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert train_device() == "mps"  # Apple's GPU is used when present
+    assert refusal(config_from_dict({"model": "m", "output": "o", "sft": {"mixed_precision": "fp16"}}).sft, "mps") is None
