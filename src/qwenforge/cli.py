@@ -255,6 +255,8 @@ def plan(
     optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit or paged."),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
     rope_factor: float = typer.Option(1.0, help="YaRN rope-scaling factor allowing context up to factor x max positions."),
+    tokens: Optional[int] = typer.Option(None, help="Training: estimate the wall time to train on this many tokens (--device, or cpu)."),
+    price: Optional[float] = typer.Option(None, help="With --tokens: the device's price in USD per hour, for a cost."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: one stacked bar per candidate setup."),
 ) -> None:
@@ -269,6 +271,7 @@ def plan(
         model, device=device, memory_gb=memory_gb, kind=kind, fit=fit, mode=mode, weights=weights, context=context, generated=generate, batch=batch,
         kv_dtype=kv_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, lora_layers=lora_layers,
         lora_dropout=lora_dropout, zones=zones, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, rope_factor=rope_factor,
+        tokens=tokens, price=price,
     )
     if plot:
         plot_report(report, plot)
@@ -276,6 +279,11 @@ def plan(
         print_json(report)
         return
     print_plan(console, report)
+    if "training_time" in report:
+        estimate = report["training_time"]
+        cost = f", ${estimate['cost']:,.2f} at ${estimate['price_per_hour']:g}/h" if "cost" in estimate else ""
+        console.print(f"training {estimate['tokens']:,} tokens on {estimate['device']}: {estimate['hours']:,.2f} h "
+                      f"({estimate['tokens_per_second']:,.0f} tokens/s){cost}; throughput from {estimate['source']}")
     if plot:
         console.print(f"[green]wrote[/green] {plot}")
 

@@ -113,12 +113,20 @@ def plan_dict(result: memory.MemoryPlan) -> dict:
 
 
 def plan_report(model: str, device: str | None = None, memory_gb: float | None = None, kind: str = "cuda",
-                fit: str | None = None, **options) -> dict:
-    """Everything `qwenforge plan` prints: the plan of one setup on a device, or (--fit) the ranked setups that fit."""
+                fit: str | None = None, tokens: int | None = None, price: float | None = None, **options) -> dict:
+    """Everything `qwenforge plan` prints: the plan of one setup on a device, or (--fit) the ranked setups that fit;
+    with `tokens`, the training time (and cost at `price` per hour) on the device (`cpu`: this kind of CPU)."""
+    from qwenforge.plan_time import training_time
+
     config, source = load_model_config(model)
     spec = spec_from_config(config, source)
     setup = build_setup(spec, **options)
     report = {"model": model, "source": source}
+    if tokens is not None:
+        report["training_time"] = training_time(spec, setup.mode, tokens, device or "cpu", setup.context,
+                                                setup.gradient_checkpointing, price)
+    if device and device.lower() == "cpu":
+        device, kind = None, "cpu"  # a throughput on record, not a memory preset
     if fit:
         target = get_device(fit)
         report["device"] = device_dict(target)

@@ -8,6 +8,9 @@ are written and read in PEFT's format (lora_A = lora_a^T, lora_B = lora_b^T), so
 trained here loads in PEFT and the other way round. `quantization: nf4` maps to an MLX 4-bit
 quantized base (mlx's own affine 4-bit, group size 64, on the decoder blocks' linears): QLoRA the
 MLX way.
+Every optimizer setting of the config is honoured as the PyTorch backend does (`_run`: the shared
+learning-rate schedule, warmup, weight decay, accumulation, clipping, checkpointing, precision);
+bitsandbytes optimizers and the robust DPO loss are refused in one line (`refusal`).
 Resume restores the adapter and step from the last checkpoint; the optimizer restarts.
 """
 
