@@ -22,9 +22,12 @@ def _describe(settings, backend: str) -> str:
     """One line: what a stage's optimizer settings become in this backend."""
     warm = f"warmup {settings.warmup_steps} steps" if settings.warmup_steps else f"warmup ratio {settings.warmup_ratio}"
     optimizer = {"pytorch": "torch AdamW", "mlx": "mlx AdamW (bias-corrected, as torch's)"}[backend] if settings.optimizer == "adamw" else f"bitsandbytes {settings.optimizer}"
-    precision = {"none": "float32", "bf16": "bf16", "fp16": "fp16"}[settings.mixed_precision]
-    precision = (f"{precision} autocast, float32 weights" if backend == "pytorch" and precision != "float32"
-                 else f"{precision} base weights, float32 adapters" if precision != "float32" else "float32")
+    if settings.mixed_precision == "none":
+        precision = "float32"
+    elif backend == "pytorch":
+        precision = f"{settings.mixed_precision} autocast, float32 weights"
+    else:
+        precision = f"{settings.mixed_precision} base weights, float32 adapters"
     clip = f"clip grad norm {settings.max_grad_norm:g}" if settings.max_grad_norm else "no clipping"
     return (f"{optimizer} lr {settings.learning_rate:g} {settings.scheduler} ({warm}), weight decay {settings.weight_decay:g}; "
             f"{settings.grad_accumulation} micro-batch(es) of {settings.batch_size} per step; {clip}; {precision}; "
@@ -60,6 +63,6 @@ def backend_plans(config) -> dict:
 def check_settings(config) -> None:
     """Refuse, in one line naming the field, any SFT/DPO setting the configured backend cannot honour here."""
     plan = backend_plans(config)[config.backend]
-    for block in ("sft", "dpo"):
+    for block in ("sft", "dpo") if config.dpo.enabled else ("sft",):
         if plan[block].startswith("refused: "):
             raise QwenforgeError(f"{config.source}: {plan[block].removeprefix('refused: ')} (backend {config.backend}, device {plan['device']})")
