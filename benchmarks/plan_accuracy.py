@@ -2,6 +2,7 @@
 
     python benchmarks/plan_accuracy.py            # all cases (~8 minutes on 2 shared cores)
     python benchmarks/plan_accuracy.py --quick    # three cases
+    python benchmarks/plan_accuracy.py --published  # Qwen's published GPU figures only (no model runs)
     (the two nf4 cases need `pip install bitsandbytes`; without it they are skipped)
 
 Each case loads a model (tiny models built from real presets, and the embedded SmolLM2-135M), then
@@ -48,6 +49,57 @@ CASES = [
     ("SmolLM2 QLoRA step", "embedded", "qlora", "nf4", 256, 1, "all-linear", True),
 ]
 QUICK = {0, 4, 10}
+
+# Qwen's published speed/memory benchmarks (Hugging Face transformers, flash attention 2, batch 1, 2,048
+# generated tokens; "GPU Memory" in GB that are GiB, in MB that are MiB):
+QWEN25_SOURCE = ("Qwen2.5 Speed Benchmark, A100 80GB, transformers 4.46.0: "
+                 "https://qwen.readthedocs.io/en/v2.5/benchmark/speed_benchmark.html (QwenLM/Qwen2.5 docs/source/benchmark/speed_benchmark.rst)")
+QWEN3_SOURCE = ("Qwen3 Speed Benchmark, H20 96GB, transformers 4.51.3: "
+                "https://qwen.readthedocs.io/en/latest/getting_started/speed_benchmark.html (QwenLM/Qwen2.5 docs/source/getting_started/speed_benchmark.md)")
+PUBLISHED = [
+    # (label, preset, weights, prompt tokens, published GiB, tolerance, source)
+    ("Qwen2.5-72B bf16, prompt 1", "Qwen2.5-72B-Instruct", "bf16", 1, 136.20, 0.05, QWEN25_SOURCE),
+    ("Qwen2.5-72B GPTQ-Int4, prompt 1", "Qwen2.5-72B-Instruct", "gptq-int4", 1, 39.91, 0.05, QWEN25_SOURCE),
+    ("Qwen2.5-7B bf16, prompt 1", "Qwen2.5-7B-Instruct", "bf16", 1, 14.38, 0.05, QWEN25_SOURCE),
+    ("Qwen2.5-7B GPTQ-Int4, prompt 1", "Qwen2.5-7B-Instruct", "gptq-int4", 1, 5.52, 0.10, QWEN25_SOURCE),
+    ("Qwen2.5-7B bf16, prompt 30720", "Qwen2.5-7B-Instruct", "bf16", 30720, 19.97, 0.05, QWEN25_SOURCE),
+]
+# Growth from a 1-token to a 30,720-token prompt, MiB: Qwen3-32B 62,751 -> 70,728 and Qwen3-0.6B 1,394 -> 4,755.
+PUBLISHED_GROWTH = [
+    ("Qwen3-32B bf16, 1 -> 30720", "Qwen3-32B", "bf16", 70728 - 62751, QWEN3_SOURCE),
+    ("Qwen3-0.6B bf16, 1 -> 30720", "Qwen3-0.6B", "bf16", 4755 - 1394, QWEN3_SOURCE),
+]
+
+
+def published_cases() -> list[dict]:
+    """The plan's model-dependent part (no CUDA context: Qwen's figures leave it out, e.g. Qwen2.5-7B bf16 is
+    14.38 GiB against 14.19 GiB of weights) against Qwen's published figures, and the growth cases."""
+    from qwenforge import plan
+    from qwenforge.arch.resolve import load_model_config
+    from qwenforge.arch.spec import spec_from_config
+
+    def planned(preset, weights, prompt):
+        spec = spec_from_config(load_model_config(preset)[0])
+        return spec, plan.plan_memory(spec, plan.Setup(weights=weights, context=prompt + 2048, generated=2048), model=preset)
+
+    rows = []
+    print(f"{'published case':34s} | {'predicted':>10s} {'published':>10s} {'error':>7s}  (GiB)")
+    for label, preset, weights, prompt, published, tolerance, source in PUBLISHED:
+        predicted = planned(preset, weights, prompt)[1].model_dependent / 2**30
+        rows.append({"label": label, "predicted_gib": predicted, "published_gib": published, "error": predicted / published - 1,
+                     "tolerance": tolerance, "source": source})
+        print(f"{label:34s} | {predicted:10.2f} {published:10.2f} {predicted / published - 1:+7.1%}")
+    print(f"\n{'published growth':34s} | {'predicted':>10s} {'published':>10s} {'error':>7s}  (MiB; KV cache of the prompt alone)")
+    for label, preset, weights, published, source in PUBLISHED_GROWTH:
+        spec, small = planned(preset, weights, 1)
+        large = planned(preset, weights, 30720)[1]
+        predicted = (large.model_dependent - small.model_dependent) / 2**20
+        kv_only = (plan.kv_bytes(spec, large.setup, 30720) - plan.kv_bytes(spec, large.setup, 1)) / 2**20
+        rows.append({"label": label, "predicted_mib": predicted, "published_mib": published, "kv_cache_mib": kv_only,
+                     "error": predicted / published - 1, "source": source})
+        print(f"{label:34s} | {predicted:10.0f} {published:10.0f} {predicted / published - 1:+7.1%}  (KV {kv_only:.0f})")
+    print(f"\nsources: {QWEN25_SOURCE}\n         {QWEN3_SOURCE}")
+    return rows
 
 
 # ---------------------------------------------------------------- the measuring process
@@ -181,10 +233,17 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cases", help="comma-separated case numbers (0-based) to run")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--published", action="store_true", help="only the published GPU figures (no model runs)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return
+    published = published_cases()
+    if args.published:
+        if args.json:
+            args.json.write_text(json.dumps(published, indent=2))
+        return
+    print()
     import importlib.util
 
     wanted = {int(n) for n in args.cases.split(",")} if args.cases else (QUICK if args.quick else set(range(len(CASES))))

@@ -285,3 +285,29 @@ def test_mlx_4bit_constants_are_a_bf16_scale_and_bias_per_64_weights():
     qlora = plan.Setup(mode="qlora", context=1024, lora=plan.lora_targets(big, "all-linear", 16))
     ranked = plan.fit_device(big, qlora, get_device("M2-Ultra-64GB"))
     assert ranked and {entry["setup"].weights for entry in ranked} == {"mlx-4bit"}
+
+
+@pytest.mark.parametrize("name, weights, prompt, published, tolerance", [
+    # Qwen2.5 Speed Benchmark (A100, transformers 4.46, flash attention 2, batch 1, 2,048 generated tokens), GiB;
+    # benchmarks/plan_accuracy.py --published prints these with their source.
+    ("Qwen2.5-72B-Instruct", "bf16", 1, 136.20, 0.05),
+    ("Qwen2.5-72B-Instruct", "gptq-int4", 1, 39.91, 0.05),
+    ("Qwen2.5-7B-Instruct", "bf16", 1, 14.38, 0.05),
+    ("Qwen2.5-7B-Instruct", "gptq-int4", 1, 5.52, 0.10),
+    ("Qwen2.5-7B-Instruct", "bf16", 30720, 19.97, 0.05),
+])
+def test_published_generate_figures(name, weights, prompt, published, tolerance):
+    result = infer(preset(name), weights=weights, context=prompt + 2048, generated=2048)
+    assert abs(result.model_dependent / GIB / published - 1) <= tolerance
+
+
+def test_prefill_transients_share_memory_with_the_generated_tokens_cache():
+    spec = preset("Qwen2.5-7B-Instruct")
+    whole_prompt = line(infer(spec, context=32768), "activations")
+    generating = infer(spec, context=32768, generated=2048)
+    kv_of_generated = plan.kv_bytes(spec, generating.setup, 32768) - plan.kv_bytes(spec, generating.setup, 30720)
+    prompt_only = line(infer(spec, context=30720), "activations")
+    assert line(generating, "activations") == pytest.approx(prompt_only - kv_of_generated, abs=2)
+    assert line(generating, "activations") < whole_prompt
+    assert line(infer(spec, context=2049, generated=2048), "activations") == 0  # a 1-token prefill fits in the cache it leaves room for
+    assert line(generating, "KV cache") == line(infer(spec, context=32768), "KV cache")  # the cache holds every token either way

@@ -117,3 +117,73 @@ def test_4bit_base_quantizes_the_block_linears_and_keeps_the_zone_layout(tmp_pat
     before = backend.loss(RECORDS)
     backend.sft(RECORDS, config.sft, tmp_path / "q")
     assert backend.loss(RECORDS) < before - 0.05
+
+
+def test_one_config_one_learning_rate_curve_on_both_backends(tmp_path, tiny_model):
+    """Warmup, cosine decay, accumulation, weight decay, clipping and checkpointing: both backends run them,
+    and the rates both log are `schedule.learning_rate_at`'s."""
+    from qwenforge.train.schedule import learning_rates
+
+    shared = {"grad_accumulation": 2, "warmup_steps": 2, "scheduler": "cosine", "weight_decay": 0.01,
+              "max_grad_norm": 0.5, "gradient_checkpointing": True, "learning_rate": 1e-2}
+    config = config_from_dict({
+        "model": str(tiny_model), "output": str(tmp_path),
+        "sft": {"max_steps": 5, "batch_size": 1, "max_seq_length": 64, **shared},
+        "dpo": {"steps": 3, "batch_size": 1, "max_seq_length": 64, **shared, "warmup_steps": 0, "warmup_ratio": 0.34, "scheduler": "linear"},
+    })
+    expected = {"sft": learning_rates(config.sft, 5), "dpo": learning_rates(config.dpo, 3)}
+    assert expected["sft"][:3] == [0.0, 5e-3, 1e-2] and expected["dpo"] == [0.0, 5e-3, 1e-2]  # ratio 0.34 of 3: 2 warmup steps
+    plan = build_plan(config, tiny_model)
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": "No."}]} for r in RECORDS]
+    for name in ("pytorch", "mlx"):
+        backend = create_backend(name)
+        backend.load(tiny_model, plan, seed=0)
+        backend.start_adapter()
+        logs = {"sft": [], "dpo": []}
+        backend.sft(RECORDS, config.sft, tmp_path / name / "sft", on_log=logs["sft"].append)
+        backend.dpo(pairs, config.dpo, tmp_path / name / "dpo", on_log=logs["dpo"].append)
+        for stage in ("sft", "dpo"):
+            rates = [r["learning_rate"] for r in logs[stage] if "learning_rate" in r]
+            assert rates == pytest.approx(expected[stage], abs=1e-12), (name, stage, rates)
+
+
+def test_mlx_accumulation_checkpointing_and_precision_are_real(tmp_path, tiny_model):
+    from mlx.utils import tree_flatten
+
+    def adapter_after(settings, precision_check=False):
+        config = config_from_dict({"model": str(tiny_model), "output": str(tmp_path), "lora": {"dropout": 0.0},
+                                   "sft": {"max_steps": 1, "max_seq_length": 64, "learning_rate": 1e-2, **settings}})
+        backend = create_backend("mlx")
+        backend.load(tiny_model, build_plan(config, tiny_model), seed=0)
+        backend.start_adapter()
+        block_call = type(backend.model.layers[0]).__call__
+        backend.sft(RECORDS[:2], config.sft, tmp_path / str(len(list(tmp_path.iterdir()))))
+        assert type(backend.model.layers[0]).__call__ is block_call  # checkpointing is undone after training
+        if precision_check:
+            dtypes = {k.removeprefix("model."): v.dtype for k, v in tree_flatten(backend.model.parameters())}
+            assert dtypes["layers.0.self_attn.q_proj.linear.weight"] == mx.bfloat16, dtypes
+            assert dtypes["layers.0.self_attn.q_proj.lora_a"] == mx.float32
+        return {k: np.array(v) for k, v in tree_flatten(backend.model.trainable_parameters())}
+
+    whole = adapter_after({"batch_size": 2})
+    accumulated = adapter_after({"batch_size": 1, "grad_accumulation": 2})  # same two examples, two micro-batches
+    checkpointed = adapter_after({"batch_size": 2, "gradient_checkpointing": True})
+    for key in whole:
+        np.testing.assert_allclose(accumulated[key], whole[key], atol=1e-6)
+        np.testing.assert_allclose(checkpointed[key], whole[key], atol=1e-6)
+    bf16 = adapter_after({"batch_size": 2, "mixed_precision": "bf16"}, precision_check=True)
+    assert any(np.abs(bf16[k]).max() > 0 for k in bf16 if k.endswith("lora_b"))  # it trained
+
+
+def test_settings_a_backend_cannot_honour_are_refused_in_one_line(tmp_path, tiny_model):
+    from qwenforge.errors import QwenforgeError
+    from qwenforge.train.backends import check_settings
+
+    base = {"model": str(tiny_model), "output": str(tmp_path)}
+    with pytest.raises(QwenforgeError, match=r"sft.optimizer: adamw-8bit is a bitsandbytes optimizer .*backend mlx"):
+        check_settings(config_from_dict({**base, "backend": "mlx", "sft": {"optimizer": "adamw-8bit"}}))
+    with pytest.raises(QwenforgeError, match="dpo.mixed_precision: the mlx backend holds the base weights in one dtype"):
+        check_settings(config_from_dict({**base, "backend": "mlx", "sft": {"mixed_precision": "bf16"}}))
+    with pytest.raises(QwenforgeError, match="sft.mixed_precision: fp16 needs a GPU"):
+        check_settings(config_from_dict({**base, "sft": {"mixed_precision": "fp16"}}))  # this machine: CPU
+    check_settings(config_from_dict({**base, "backend": "mlx", "sft": {"mixed_precision": "bf16"}, "dpo": {"mixed_precision": "bf16"}}))

@@ -282,6 +282,7 @@ def plan(
     ),
     context: int = typer.Option(4096, help="Tokens per sequence: prompt + output for inference, sequence length for training."),
     batch: int = typer.Option(1, help="Sequences at once (the micro-batch when training)."),
+    generate: int = typer.Option(0, "--generate", help="Inference: how many of --context's tokens are generated (0: all prompt)."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV-cache dtype: auto (the engine's default), fp32, bf16, fp16, fp8 (vLLM) or q8_0 (llama.cpp)."),
     device: Optional[str] = typer.Option(None, "--device", "--devices", help="Device preset, e.g. H100-80GB, RTX-4090, M2-Ultra-64GB; 8xH100-80GB for several GPUs."),
     memory_gb: Optional[float] = typer.Option(None, "--memory", help="Usable memory in GB (GiB) of any other machine."),
@@ -296,6 +297,8 @@ def plan(
     optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit or paged."),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
     rope_factor: float = typer.Option(1.0, help="YaRN rope-scaling factor allowing context up to factor x max positions."),
+    tokens: Optional[int] = typer.Option(None, help="Training: estimate the wall time to train on this many tokens (--device, or cpu)."),
+    price: Optional[float] = typer.Option(None, help="With --tokens: the device's price in USD per hour, for a cost."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: one stacked bar per candidate setup."),
 ) -> None:
@@ -307,9 +310,10 @@ def plan(
     from qwenforge.plan_report import plan_report, plot_report, print_plan
 
     report = plan_report(
-        model, revision=revision, device=device, memory_gb=memory_gb, kind=kind, fit=fit, mode=mode, weights=weights, context=context, batch=batch,
+        model, revision=revision, device=device, memory_gb=memory_gb, kind=kind, fit=fit, mode=mode, weights=weights, context=context, generated=generate, batch=batch,
         kv_dtype=kv_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, lora_layers=lora_layers,
         lora_dropout=lora_dropout, zones=zones, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, rope_factor=rope_factor,
+        tokens=tokens, price=price,
     )
     if plot:
         plot_report(report, plot)
@@ -317,6 +321,11 @@ def plan(
         print_json(report)
         return
     print_plan(console, report)
+    if "training_time" in report:
+        estimate = report["training_time"]
+        cost = f", ${estimate['cost']:,.2f} at ${estimate['price_per_hour']:g}/h" if "cost" in estimate else ""
+        console.print(f"training {estimate['tokens']:,} tokens on {estimate['device']}: {estimate['hours']:,.2f} h "
+                      f"({estimate['tokens_per_second']:,.0f} tokens/s){cost}; throughput from {estimate['source']}")
     if plot:
         console.print(f"[green]wrote[/green] {plot}")
 
@@ -660,6 +669,7 @@ def train_run(
     max_steps: Optional[int] = typer.Option(None, help="Override sft.max_steps (a short trial run)."),
     dpo_steps: Optional[int] = typer.Option(None, help="Override dpo.steps."),
     output: Optional[str] = typer.Option(None, help="Override the config's output folder."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: OMP_NUM_THREADS, else every core)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Train a model's knowledge and voice over a curriculum of topics, zone by zone.
@@ -672,26 +682,36 @@ def train_run(
 
     from qwenforge.train.config import config_to_dict, example_config, load_config
 
-    overrides = {"sft.max_steps": max_steps, "dpo.steps": dpo_steps, "output": output}
+    overrides = {"sft.max_steps": max_steps, "dpo.steps": dpo_steps, "output": output, "threads": threads}
     if config_file is None:
         if not print_config:
             raise QwenforgeError("train needs a CONFIG file; `qwenforge train --print-config > train.yaml` writes a full example")
         data = example_config()
-    else:
-        data = config_to_dict(load_config(config_file, overrides))
-    if print_config:
         print_json(data) if as_json else sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+        return
+    config = load_config(config_file, overrides)
+    for notice in config.notices:
+        err_console.print(f"note: {notice}", highlight=False, soft_wrap=True)
+    if print_config:
+        from qwenforge.train.backends import backend_plans
+
+        data, plans = config_to_dict(config), backend_plans(config)
+        if as_json:
+            print_json({**data, "backends": plans})
+            return
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False) + "# What each backend does with this config on this machine:\n")
+        sys.stdout.write("".join(f"#   {name} ({plan['device']}) {block}: {plan[block]}\n" for name, plan in plans.items() for block in ("sft", "dpo")))
         return
     if show_zones:
         from qwenforge.train.zones import print_zones, zones_report
 
-        report = zones_report(load_config(config_file, overrides))
+        report = zones_report(config)
         print_json(report) if as_json else print_zones(console, report)
         return
     from qwenforge.train import ranks
     from qwenforge.train.pipeline import train
 
-    result = train(load_config(config_file, overrides), resume=resume, force=force, console=err_console if as_json else console)
+    result = train(config, resume=resume, force=force, console=err_console if as_json else console)
     if not ranks.is_main():  # under `accelerate launch` the main process reports
         return
     if as_json:

@@ -80,13 +80,15 @@ QUALITY_ORDER = ("bf16", "fp16", "fp32", "q8_0", "int8", "q6_k", "q5_k_m", "awq-
 class Setup:
     """What to run: mode, weight format, sequence, batch and (for training) adapters and optimizer.
 
-    `context` is the prompt + generated tokens for inference and the sequence length for training.
+    `context` is the prompt + generated tokens for inference and the sequence length for training;
+    `generated` says how many of those tokens generate produces (0: count the whole context as prompt).
     `lora` lists (layer, module, rank) triples; build it with `lora_targets` or `lora_targets_per_layer`.
     """
 
     mode: str = "infer"
     weights: str = "bf16"
     context: int = 4096
+    generated: int = 0
     batch: int = 1
     kv_dtype: str = "auto"  # "auto": what the engine uses by default (see `default_kv_dtype`)
     lora: tuple[tuple[int, str, int], ...] = ()
@@ -225,6 +227,8 @@ def validate(spec: ModelSpec, setup: Setup, model: str = "the model") -> None:
         raise QwenforgeError(f"--optimizer {setup.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if setup.context < 1 or setup.batch < 1:
         raise QwenforgeError(f"--context {setup.context} --batch {setup.batch}: both must be at least 1")
+    if not 0 <= setup.generated < setup.context:
+        raise QwenforgeError(f"--generate {setup.generated}: must be below --context {setup.context} (the prompt needs a token)")
     if not 1 <= setup.rope_factor <= 4:
         raise QwenforgeError(f"--rope-factor {setup.rope_factor}: YaRN factors run from 1 to 4 (Qwen documents 4: 32,768 -> 131,072 tokens)")
     limit = max_context(spec, setup)
@@ -418,23 +422,36 @@ def _dequantized_linear_bytes(spec: ModelSpec, setup: Setup) -> int:
     return 2 * max(i * o for module in LINEAR_MODULES for i, o in [module_shape(spec, module)])
 
 
+def kv_bytes(spec: ModelSpec, setup: Setup, positions: int) -> float:
+    return 2 * spec.kv_heads * spec.head_dim * KV_DTYPES[setup.cache_dtype] * kv_layers(spec, positions) * setup.batch
+
+
 def inference_activation_bytes(spec: ModelSpec, setup: Setup) -> tuple[int, str]:
-    """Transient memory of the prefill: one block's tensors for every prompt token (no_grad frees each block's)."""
+    """Transient memory of the prefill: one block's tensors for every prompt token (no_grad frees each block's).
+
+    The prefill's transients are freed before the first generated token's K and V are written, so
+    they share memory with the cache of the generated tokens: the peak is the larger of the prefill
+    (prompt cache + transients) and the decode (full cache + one token's transients).
+    """
+    prompt = max(1, setup.context - setup.generated)
     q_width, kv_width = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     per_token = max(4 * spec.hidden + 3 * spec.intermediate, 3 * spec.hidden + 3 * q_width + 3 * kv_width)
     if setup.format.engine == "llama.cpp":
-        tokens = setup.batch * min(setup.context, LLAMA_CPP_UBATCH)
-        scores = setup.batch * spec.heads * min(setup.context, LLAMA_CPP_UBATCH) * setup.context * 4
+        tokens = setup.batch * min(prompt, LLAMA_CPP_UBATCH)
+        scores = setup.batch * spec.heads * min(prompt, LLAMA_CPP_UBATCH) * prompt * 4
         size = tokens * per_token * 4 + scores
-        return int(size), (f"llama.cpp compute buffer: {LLAMA_CPP_UBATCH}-token micro-batches in fp32 (4 hidden + 3 intermediate "
-                           "widths per token) + attention scores against the whole context (no flash attention)")
-    size = setup.batch * setup.context * per_token * DTYPE_BYTES[setup.compute_dtype]
-    why = (f"prefill of {setup.context} tokens x batch {setup.batch} in {setup.compute_dtype}: residual, norm and MLP tensors of one "
-           "block alive at once (4 hidden + 3 intermediate widths per token); sdpa/flash attention, no N^2 scores")
-    extra = _dequantized_linear_bytes(spec, setup)
-    if extra:
-        why += "; + one dequantized linear"
-    return int(size + extra), why
+        why = (f"llama.cpp compute buffer: {LLAMA_CPP_UBATCH}-token micro-batches in fp32 (4 hidden + 3 intermediate "
+               "widths per token) + attention scores against the whole prompt (no flash attention)")
+    else:
+        size = setup.batch * prompt * per_token * DTYPE_BYTES[setup.compute_dtype] + _dequantized_linear_bytes(spec, setup)
+        why = (f"prefill of {prompt} prompt tokens x batch {setup.batch} in {setup.compute_dtype}: residual, norm and MLP tensors of one "
+               "block alive at once (4 hidden + 3 intermediate widths per token); sdpa/flash attention, no N^2 scores")
+        if _dequantized_linear_bytes(spec, setup):
+            why += "; + one dequantized linear"
+    if setup.generated:
+        size = max(0, size - kv_bytes(spec, setup, setup.context) + kv_bytes(spec, setup, prompt))
+        why += f"; freed before the {setup.generated} generated tokens' K/V are written, so only what exceeds their cache counts"
+    return int(size), why
 
 
 def adapters_by_layer(spec: ModelSpec, setup: Setup) -> list[tuple[frozenset, int]]:

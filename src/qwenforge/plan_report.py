@@ -64,6 +64,7 @@ def build_setup(
     context: int = 4096,
     batch: int = 1,
     kv_dtype: str = "auto",
+    generated: int = 0,
     lora_rank: int = 16,
     lora_alpha: int = 32,
     lora_targets: str = "all-linear",
@@ -86,7 +87,7 @@ def build_setup(
             modules = "all-linear" if modules == ["all-linear"] else modules
             targets = memory.lora_targets(spec, modules, lora_rank, parse_layers(lora_layers, spec.layers))
     return memory.Setup(
-        mode=mode, weights=weights or DEFAULT_WEIGHTS[mode], context=context, batch=batch, kv_dtype=kv_dtype,
+        mode=mode, weights=weights or DEFAULT_WEIGHTS[mode], context=context, generated=generated, batch=batch, kv_dtype=kv_dtype,
         lora=targets, lora_alpha=lora_alpha, lora_dropout=lora_dropout, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, rope_factor=rope_factor,
     )
@@ -112,12 +113,20 @@ def plan_dict(result: memory.MemoryPlan) -> dict:
 
 
 def plan_report(model: str, device: str | None = None, memory_gb: float | None = None, kind: str = "cuda",
-                fit: str | None = None, revision: str | None = None, **options) -> dict:
-    """Everything `qwenforge plan` prints: the plan of one setup on a device, or (--fit) the ranked setups that fit."""
+                fit: str | None = None, revision: str | None = None, tokens: int | None = None, price: float | None = None, **options) -> dict:
+    """Everything `qwenforge plan` prints: the plan of one setup on a device, or (--fit) the ranked setups that fit;
+    with `tokens`, the training time (and cost at `price` per hour) on the device (`cpu`: this kind of CPU)."""
+    from qwenforge.plan_time import training_time
+
     config, source = load_model_config(model, revision)
     spec = spec_from_config(config, source)
     setup = build_setup(spec, **options)
     report = {"model": model, "source": source}
+    if tokens is not None:
+        report["training_time"] = training_time(spec, setup.mode, tokens, device or "cpu", setup.context,
+                                                setup.gradient_checkpointing, price)
+    if device and device.lower() == "cpu":
+        device, kind = None, "cpu"  # a throughput on record, not a memory preset
     if fit:
         target = get_device(fit)
         report["device"] = device_dict(target)

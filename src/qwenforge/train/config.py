@@ -26,6 +26,9 @@ LORA_PRESETS = {
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BACKENDS = ("pytorch", "mlx")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+PRECISIONS = ("none", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit")
+INTERNAL = ("source", "notices")  # TrainConfig fields that no file sets
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 
 
@@ -47,30 +50,47 @@ class LoraSettings:
     r: int | None = None  # None: the preset's
     alpha: int | None = None
     dropout: float = 0.05
+    # The training guide's list: the modules LoRA may adapt. Zones keep those of their modules that
+    # are listed; a listed module no zone names joins every zone (k_proj, gate_proj: the aggressive set).
+    target_modules: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
-class SftSettings:
+class OptimizerSettings:
+    """What SFT and DPO share: schedule, regularisation, precision and memory settings.
+
+    Both backends honour each of these or refuse it in one line (`--print-config` shows which);
+    the learning-rate curve comes from `train.schedule.learning_rate_at` on both.
+    """
+
+    grad_accumulation: int = 1
+    warmup_steps: int = 0  # > 0 wins over warmup_ratio
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0  # 0: no clipping
+    mixed_precision: str = "none"  # none | bf16 | fp16: compute in this dtype, adapters and optimizer in float32
+    optimizer: str = "adamw"  # adamw | adamw-8bit | paged-adamw | paged-adamw-8bit (the last three: bitsandbytes)
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+
+
+@dataclass(frozen=True)
+class SftSettings(OptimizerSettings):
     learning_rate: float = 2e-4
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 4
-    grad_accumulation: int = 1
     max_seq_length: int = 512
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    scheduler: str = "linear"
-    gradient_checkpointing: bool = False
     # Padding-free BFD packing (TRL), one packed row per micro-step on CPU. It saves what padding
     # costs: 1.03x on the sample curriculum (answers of one length, 5% padding), 1.3-1.75x when
     # lengths spread (benchmarks/train_speed.py --spread). Off by default: it also means fewer,
     # larger optimizer steps, which changes what a short run learns.
     packing: bool = False
-    save_steps: int = 50
 
 
 @dataclass(frozen=True)
-class DpoSettings:
+class DpoSettings(OptimizerSettings):
     enabled: bool = True
     learning_rate: float = 5e-5
     beta: float = 0.1
@@ -78,16 +98,16 @@ class DpoSettings:
     steps: int = 20
     batch_size: int = 2
     max_seq_length: int = 512
-    gradient_checkpointing: bool = False
-    save_steps: int = 50
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     max_new_tokens: int = 96
     run_dpo_below_voice: float = 1.01  # DPO runs when voice fidelity after SFT is below this
-    pass_accuracy: float = 0.0
-    pass_voice: float = 0.0
+    # A topic passes at the training guide's targets ("Expected Results": voice fidelity >= 0.85,
+    # accuracy >= 0.85); set either to 0 to ignore it.
+    pass_accuracy: float = 0.85
+    pass_voice: float = 0.85
     stop_on_fail: bool = False
     voice_markers: tuple[str, ...] = ()
     markers_needed: int = 2
@@ -103,8 +123,7 @@ class TrainConfig:
     between_topics: str = "continue"  # continue: one adapter keeps training; merge: fold it in, start fresh
     quantization: str = "none"  # none | nf4 (QLoRA)
     seed: int = 0
-    # CPU threads for torch; 0: the idle cores (cores minus the 1-minute load average, at least 1).
-    # On a shared CPU two threads fighting other work ran 3-8x slower than one (benchmarks note).
+    # CPU threads for torch; 0: OMP_NUM_THREADS if set, else every core (`qwenforge train --threads N`).
     threads: int = 0
     lora: LoraSettings = field(default_factory=LoraSettings)
     zones: tuple[ZoneConfig, ...] | None = None  # None: lexicon / reasoning / voice preset
@@ -112,6 +131,7 @@ class TrainConfig:
     dpo: DpoSettings = field(default_factory=DpoSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     source: str = ""  # the file this came from, for error messages
+    notices: tuple[str, ...] = ()  # one line per alias the file used (the CLI prints them)
 
 
 def load_config(path: Path, overrides: dict | None = None) -> TrainConfig:
@@ -136,7 +156,9 @@ def load_config(path: Path, overrides: dict | None = None) -> TrainConfig:
 
 def config_from_dict(raw: dict, source: str = "<config>", overrides: dict | None = None) -> TrainConfig:
     raw = _apply_overrides(dict(raw), overrides or {})
-    config = _build(TrainConfig, {**raw, "source": source}, source, "")
+    notices: list[str] = []
+    config = _build(TrainConfig, raw, source, "", notices)
+    config = dataclasses.replace(config, source=source, notices=tuple(notices))
     _check(config)
     return config
 
@@ -144,7 +166,8 @@ def config_from_dict(raw: dict, source: str = "<config>", overrides: dict | None
 def config_to_dict(config: TrainConfig) -> dict:
     """The resolved config as plain data (tuples as lists), for --print-config and recipes."""
     data = dataclasses.asdict(config)
-    data.pop("source")
+    for name in INTERNAL:
+        data.pop(name)
     return _plain(data)
 
 
@@ -156,13 +179,19 @@ def example_config(model: str = "embedded", output: str = "runs/voice") -> dict:
 
 
 def _apply_overrides(raw: dict, overrides: dict) -> dict:
+    """Dotted keys set into the nested mapping; an override also replaces the guide's name for its field."""
     for dotted, value in overrides.items():
         if value is None:
             continue
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            node[part] = dict(node.get(part) or {})  # a copy: the caller's mapping stays as it was
+            node = node[part]
+        for names in ALIASES.values():
+            for alias, name in names.items():
+                if name == leaf:
+                    node.pop(alias, None)
         node[leaf] = value
     return raw
 
@@ -175,14 +204,45 @@ def _plain(value):
     return value
 
 
-def _build(cls, raw, source: str, prefix: str):
+# The zone-LoRA training guide's names for qwenforge's fields, per block; each one used gets a notice.
+ALIASES = {
+    "OptimizerSettings": {"gradient_accumulation": "grad_accumulation", "bf16_mixed_precision": "mixed_precision"},
+    "SftSettings": {"epochs_per_topic": "epochs", "steps_per_topic": "max_steps"},
+    "DpoSettings": {"steps_per_topic": "steps"},
+    "ZoneConfig": {"target_modules": "modules"},
+}
+
+
+def _read_aliases(cls, raw: dict, source: str, prefix: str, notices: list[str]) -> dict:
+    """`raw` with the guide's names replaced by qwenforge's, one notice per name replaced."""
+    aliases = {k: v for klass in reversed(cls.__mro__) for k, v in ALIASES.get(klass.__name__, {}).items()}
+    raw = dict(raw)
+    for alias, name in aliases.items():
+        if alias not in raw:
+            continue
+        if name in raw:
+            raise QwenforgeError(f"{source}: {prefix}{alias}: also given as {prefix}{name}; keep one")
+        value = raw.pop(alias)
+        shown = f"{prefix}{name}"
+        if alias == "bf16_mixed_precision":
+            if not isinstance(value, bool):
+                raise QwenforgeError(f"{source}: {prefix}{alias}: expected true or false, got {value!r}")
+            value = "bf16" if value else "none"
+            shown = f"{prefix}{name}: {value}"
+        raw[name] = value
+        notices.append(f"{source}: {prefix}{alias} is read as {shown} (the training guide's name for it)")
+    return raw
+
+
+def _build(cls, raw, source: str, prefix: str, notices: list[str]):
     if not isinstance(raw, dict):
         raise QwenforgeError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {raw!r}")
+    raw = _read_aliases(cls, raw, source, prefix, notices)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - set(INTERNAL)
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise QwenforgeError(f"{source}: {prefix}{unknown[0]}: unknown field; known: {', '.join(sorted(names - {'source'}))}")
+        raise QwenforgeError(f"{source}: {prefix}{unknown[0]}: unknown field; known: {', '.join(sorted(names))}")
     values = {}
     for f in dataclasses.fields(cls):
         where = f"{prefix}{f.name}"
@@ -190,25 +250,25 @@ def _build(cls, raw, source: str, prefix: str):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise QwenforgeError(f"{source}: {where}: required field missing")
             continue
-        values[f.name] = _coerce(hints[f.name], raw[f.name], source, where)
+        values[f.name] = _coerce(hints[f.name], raw[f.name], source, where, notices)
     return cls(**values)
 
 
-def _coerce(hint, value, source: str, where: str):
+def _coerce(hint, value, source: str, where: str, notices: list[str]):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(options[0], value, source, where)
+        return _coerce(options[0], value, source, where, notices)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, f"{where}.")
+        return _build(hint, value, source, f"{where}.", notices)
     if origin is tuple or hint is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
             raise QwenforgeError(f"{source}: {where}: expected a list, got {value!r}")
         if args and args[-1] is Ellipsis:
-            return tuple(_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(_coerce(args[0], v, source, f"{where}[{i}]", notices) for i, v in enumerate(value))
         return tuple(value)
     if hint is bool:
         if not isinstance(value, bool):
@@ -250,7 +310,6 @@ def _check(config: TrainConfig) -> None:
     _choice(config, "between_topics", config.between_topics, ("continue", "merge"))
     _choice(config, "quantization", config.quantization, ("none", "nf4"))
     _choice(config, "lora.preset", config.lora.preset, tuple(LORA_PRESETS))
-    _choice(config, "sft.scheduler", config.sft.scheduler, SCHEDULERS)
     _choice(config, "dpo.loss_type", config.dpo.loss_type, DPO_LOSSES)
     if config.lora.r is not None:
         _positive(config, "lora.r", config.lora.r)
@@ -258,17 +317,30 @@ def _check(config: TrainConfig) -> None:
         _positive(config, "lora.alpha", config.lora.alpha)
     if not 0 <= config.lora.dropout < 1:
         raise QwenforgeError(f"{config.source}: lora.dropout: must be in [0, 1), got {config.lora.dropout}")
+    for module in config.lora.target_modules or ():
+        _choice(config, "lora.target_modules", module, MODULES)
     for block, names in (
-        ("sft", ("learning_rate", "epochs", "batch_size", "grad_accumulation", "max_seq_length", "save_steps")),
-        ("dpo", ("learning_rate", "beta", "steps", "batch_size", "max_seq_length", "save_steps")),
+        ("sft", ("learning_rate", "epochs", "batch_size", "max_seq_length")),
+        ("dpo", ("learning_rate", "beta", "steps", "batch_size", "max_seq_length")),
         ("evaluation", ("max_new_tokens",)),
     ):
         for name in names:
             _positive(config, f"{block}.{name}", getattr(getattr(config, block), name))
+    for name in ("pass_accuracy", "pass_voice"):
+        if not 0 <= getattr(config.evaluation, name) <= 1:
+            raise QwenforgeError(f"{config.source}: evaluation.{name}: scores are in [0, 1], got {getattr(config.evaluation, name)}")
+    for block in ("sft", "dpo"):
+        settings = getattr(config, block)
+        _choice(config, f"{block}.scheduler", settings.scheduler, SCHEDULERS)
+        _choice(config, f"{block}.mixed_precision", settings.mixed_precision, PRECISIONS)
+        _choice(config, f"{block}.optimizer", settings.optimizer, OPTIMIZERS)
+        for name in ("grad_accumulation", "save_steps"):
+            _positive(config, f"{block}.{name}", getattr(settings, name))
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
+            _positive(config, f"{block}.{name}", getattr(settings, name), allow_zero=True)
+        if not 0 <= settings.warmup_ratio < 1:
+            raise QwenforgeError(f"{config.source}: {block}.warmup_ratio: must be in [0, 1), got {settings.warmup_ratio}")
     _positive(config, "threads", config.threads, allow_zero=True)
-    _positive(config, "sft.weight_decay", config.sft.weight_decay, allow_zero=True)
-    if not 0 <= config.sft.warmup_ratio < 1:
-        raise QwenforgeError(f"{config.source}: sft.warmup_ratio: must be in [0, 1), got {config.sft.warmup_ratio}")
     for index, zone in enumerate(config.zones or ()):
         where = f"zones[{index}]"
         if not zone.modules:

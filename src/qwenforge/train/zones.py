@@ -9,6 +9,7 @@ regex `target_modules` plus `rank_pattern`/`alpha_pattern`), so what is shown is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -61,6 +62,23 @@ def preset_zones(num_layers: int, preset: str = "conservative") -> tuple[ZoneCon
     return tuple(zones)
 
 
+def limit_to_targets(zones: tuple[ZoneConfig, ...], targets: tuple[str, ...] | None, source: str) -> tuple[ZoneConfig, ...]:
+    """`lora.target_modules` (the guide's list) applied: zones keep the listed modules, and a listed
+    module that no zone names joins every zone, so the guide's conservative list gives the preset
+    zones and its aggressive list adds k_proj and gate_proj everywhere."""
+    if targets is None:
+        return zones
+    named = {m for zone in zones for m in zone.modules}
+    everywhere = [m for m in targets if m not in named]
+    limited = []
+    for zone in zones:
+        modules = tuple(m for m in ATTENTION + ("gate_proj", "up_proj", "down_proj") if (m in zone.modules and m in targets) or m in everywhere)
+        if not modules:
+            raise QwenforgeError(f"{source}: lora.target_modules leaves zone {zone.name} with no module; list one of {', '.join(zone.modules)}")
+        limited.append(dataclasses.replace(zone, modules=modules))
+    return tuple(limited)
+
+
 def zone_layers(zone: ZoneConfig, num_layers: int, source: str = "<config>") -> list[int]:
     """Fractions ([0.25, 0.75], end exclusive) if either bound is a float, else an inclusive layer range."""
     start, end = zone.layers
@@ -80,7 +98,7 @@ def zone_layers(zone: ZoneConfig, num_layers: int, source: str = "<config>") -> 
 def plan_zones(config: TrainConfig, spec: ModelSpec, total_parameters: int = 0) -> ZonePlan:
     """Every layer with adapters, its zone, modules, rank and alpha; overlapping zones are refused."""
     preset = LORA_PRESETS[config.lora.preset]
-    zones = config.zones or preset_zones(spec.layers, config.lora.preset)
+    zones = limit_to_targets(config.zones or preset_zones(spec.layers, config.lora.preset), config.lora.target_modules, config.source)
     owner: dict[int, str] = {}
     rows = []
     for zone in zones:

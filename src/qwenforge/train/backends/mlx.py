@@ -8,11 +8,15 @@ are written and read in PEFT's format (lora_A = lora_a^T, lora_B = lora_b^T), so
 trained here loads in PEFT and the other way round. `quantization: nf4` maps to an MLX 4-bit
 quantized base (mlx's own affine 4-bit, group size 64, on the decoder blocks' linears): QLoRA the
 MLX way.
+Every optimizer setting of the config is honoured as the PyTorch backend does (`_run`: the shared
+learning-rate schedule, warmup, weight decay, accumulation, clipping, checkpointing, precision);
+bitsandbytes optimizers and the robust DPO loss are refused in one line (`refusal`).
 Resume restores the adapter and step from the last checkpoint; the optimizer restarts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -20,7 +24,8 @@ import time
 from pathlib import Path
 
 from qwenforge.errors import QwenforgeError
-from qwenforge.train.config import DpoSettings, SftSettings
+from qwenforge.train.config import DpoSettings, OptimizerSettings, SftSettings
+from qwenforge.train.schedule import learning_rate_at
 from qwenforge.train.zones import ZonePlan, lora_config
 
 PEFT_PREFIX = "base_model.model.model.layers"
@@ -40,6 +45,44 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     else:
         raise QwenforgeError(f"dpo.loss_type {loss_type!r}: the mlx backend supports sigmoid, ipo and hinge")
     return losses, beta * logits
+
+
+def refusal(settings, device: str = "mlx") -> str | None:
+    """A setting this backend cannot honour, as `field: why` (one line); None when it honours them all."""
+    if settings.optimizer != "adamw":
+        return f"optimizer: {settings.optimizer} is a bitsandbytes optimizer (PyTorch); the mlx backend has adamw"
+    if getattr(settings, "loss_type", "sigmoid") == "robust":
+        return "loss_type: robust is not implemented by the mlx backend; use sigmoid, ipo or hinge"
+    return None
+
+
+def check_run(config) -> str | None:
+    """Run-wide limits: the base weights are held in one dtype for the whole run."""
+    if config.sft.mixed_precision != config.dpo.mixed_precision and config.dpo.enabled:
+        return ("dpo.mixed_precision: the mlx backend holds the base weights in one dtype for the whole run; "
+                f"set sft.mixed_precision and dpo.mixed_precision alike (sft has {config.sft.mixed_precision})")
+    return None
+
+
+@contextlib.contextmanager
+def _checkpointed(block_type):
+    """Gradient checkpointing for every decoder block while training (mlx-lm's recipe, undone after)."""
+    import mlx.core as mx
+
+    plain = block_type.__call__
+
+    def call(block, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            block.update(params)
+            return plain(block, *args, **kwargs)
+
+        return mx.checkpoint(inner)(block.trainable_parameters(), *args, **kwargs)
+
+    block_type.__call__ = call
+    try:
+        yield
+    finally:
+        block_type.__call__ = plain
 
 
 def _block_linear(path: str, module) -> bool:
@@ -177,10 +220,28 @@ class MlxBackend:
         return logps.sum(axis=1), mask.sum(axis=1)
 
     # -- training --------------------------------------------------------------------------
-    def _run(self, loss_fn, batches, learning_rate, steps, work_dir, resume, stop, on_log, save_steps, extra_logs, dropout=True):
+    def _set_precision(self, precision: str) -> None:
+        """Mixed precision the MLX way: the frozen base computes in bf16/fp16, adapters and optimizer stay float32."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        dtype = {"none": None, "bf16": mx.bfloat16, "fp16": mx.float16}[precision]
+        if dtype is None:
+            return
+        trainable = {k for k, _ in tree_flatten(self.model.trainable_parameters())}
+        cast = [(k, v.astype(dtype)) for k, v in tree_flatten(self.model.parameters())
+                if k not in trainable and mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype]
+        if cast:
+            self.model.load_weights(cast, strict=False)
+
+    def _run(self, loss_fn, micro_batches, settings: OptimizerSettings, steps, work_dir, resume, stop, on_log, extra_logs, dropout=True):
+        """The optimizer loop both stages share: `settings.grad_accumulation` micro-batches per step, each
+        weighted by what its loss averages over; clipping at max_grad_norm; AdamW with bias correction and
+        weight decay (torch's AdamW); the rate of `schedule.learning_rate_at` at every step."""
         import mlx.core as mx
         import mlx.nn as nn
         import mlx.optimizers as optim
+        from mlx.utils import tree_map
 
         work_dir = Path(work_dir)
         first = 0
@@ -188,22 +249,40 @@ class MlxBackend:
             state = json.loads((work_dir / "last" / "state.json").read_text())
             self._restore(work_dir / "last")
             first = state["step"]
-        optimizer = optim.AdamW(learning_rate=learning_rate, weight_decay=0.0)
+        self._set_precision(settings.mixed_precision)
+        optimizer = optim.AdamW(learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, bias_correction=True)
         step_fn = nn.value_and_grad(self.model, loss_fn)
         started = time.perf_counter()
         self.model.train(dropout)  # DPO runs without dropout, as its reference pass did (TRL does the same)
         step = first
-        for step in range(first + 1, steps + 1):
-            (loss, aux), grads = step_fn(*batches(step - 1))
-            optimizer.update(self.model, grads)
-            mx.eval(self.model.trainable_parameters(), optimizer.state, loss)
-            record = {"step": step, "max_steps": steps, "loss": float(loss), **extra_logs(aux)}
-            if on_log:
-                on_log(record)
-            if step % save_steps == 0 or (stop is not None and stop.is_set()):
-                self._checkpoint(work_dir / "last", step)
-            if stop is not None and stop.is_set():
-                break
+        checkpointing = _checkpointed(type(self.model.layers[0])) if settings.gradient_checkpointing else contextlib.nullcontext()
+        with checkpointing:
+            for step in range(first + 1, steps + 1):
+                rate = learning_rate_at(step - 1, settings, steps)
+                optimizer.learning_rate = rate
+                total, weight, grads, extras = 0.0, 0.0, None, []
+                for batch in micro_batches(step - 1):
+                    (loss, size, aux), micro = step_fn(*batch)
+                    size = float(size)
+                    micro = tree_map(lambda g: g * size, micro)
+                    grads = micro if grads is None else tree_map(lambda a, b: a + b, grads, micro)
+                    total, weight = total + float(loss) * size, weight + size
+                    extras.append(aux)
+                grads = tree_map(lambda g: g / weight, grads)
+                grad_norm = None
+                if settings.max_grad_norm > 0:
+                    grads, grad_norm = optim.clip_grad_norm(grads, settings.max_grad_norm)
+                optimizer.update(self.model, grads)
+                mx.eval(self.model.trainable_parameters(), optimizer.state)
+                record = {"step": step, "max_steps": steps, "loss": total / weight, "learning_rate": rate, **extra_logs(extras)}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                if on_log:
+                    on_log(record)
+                if step % settings.save_steps == 0 or (stop is not None and stop.is_set()):
+                    self._checkpoint(work_dir / "last", step)
+                if stop is not None and stop.is_set():
+                    break
         self.model.eval()
         return {"train_runtime": time.perf_counter() - started, "steps": step, "interrupted": bool(stop and stop.is_set())}
 
@@ -223,24 +302,27 @@ class MlxBackend:
 
     def sft(self, records: list[dict], settings: SftSettings, work_dir: Path, seed: int = 0,
             resume: bool = False, stop: threading.Event | None = None, on_log=None) -> dict:
+        """Answer-only cross-entropy; an optimizer step averages over every answer token of its micro-batches."""
         import random
 
         encoded = [self._encode(r["prompt"], r["completion"], settings.max_seq_length) for r in records]
-        per_epoch = math.ceil(len(encoded) / settings.batch_size)
-        steps = settings.max_steps if settings.max_steps > 0 else max(1, round(settings.epochs * per_epoch))
+        micro_per_epoch = math.ceil(len(encoded) / settings.batch_size)
+        per_epoch = math.ceil(micro_per_epoch / settings.grad_accumulation)  # the Trainer's count of updates
+        steps = settings.max_steps if settings.max_steps > 0 else max(1, math.ceil(settings.epochs * per_epoch))
         order = list(range(len(encoded)))
         random.Random(seed).shuffle(order)
 
-        def batches(index):
-            start = (index % per_epoch) * settings.batch_size
-            return ([encoded[i] for i in (order * 2)[start:start + settings.batch_size]],)
+        def micro_batches(index):
+            for micro in range(index * settings.grad_accumulation, (index + 1) * settings.grad_accumulation):
+                start = (micro % micro_per_epoch) * settings.batch_size
+                yield ([encoded[i] for i in (order * 2)[start:start + settings.batch_size]],)
 
         def loss_fn(batch):
             logps, counts = self._answer_logps(batch)
-            return -logps.sum() / counts.sum(), counts.sum()
+            return -logps.sum() / counts.sum(), counts.sum(), counts.sum()
 
-        return self._run(loss_fn, batches, settings.learning_rate, steps, work_dir, resume, stop, on_log,
-                         settings.save_steps, lambda aux: {"num_tokens": int(aux)})
+        return self._run(loss_fn, micro_batches, settings, steps, work_dir, resume, stop, on_log,
+                         lambda extras: {"num_tokens": int(sum(int(a) for a in extras))})
 
     def dpo(self, records: list[dict], settings: DpoSettings, work_dir: Path, seed: int = 0,
             resume: bool = False, stop: threading.Event | None = None, on_log=None) -> dict:
@@ -256,14 +338,13 @@ class MlxBackend:
             logps, _ = self._answer_logps([chosen, rejected])
             mx.eval(logps)
             reference.append((logps[0], logps[1]))
-        per_epoch = math.ceil(len(pairs) / settings.batch_size)
+        micro_per_epoch = math.ceil(len(pairs) / settings.batch_size)
         margins = []
 
-        def batches(index):
-            start = (index % per_epoch) * settings.batch_size
-            chosen_rows = list(range(len(pairs))) * 2
-            picked = chosen_rows[start:start + settings.batch_size]
-            return (picked,)
+        def micro_batches(index):
+            for micro in range(index * settings.grad_accumulation, (index + 1) * settings.grad_accumulation):
+                start = (micro % micro_per_epoch) * settings.batch_size
+                yield ((list(range(len(pairs))) * 2)[start:start + settings.batch_size],)
 
         def loss_fn(picked):
             batch = [pairs[i][0] for i in picked] + [pairs[i][1] for i in picked]
@@ -272,14 +353,14 @@ class MlxBackend:
             ref_chosen = mx.stack([reference[i][0] for i in picked])
             ref_rejected = mx.stack([reference[i][1] for i in picked])
             losses, margin = dpo_loss(logps[:n], logps[n:], ref_chosen, ref_rejected, settings.beta, settings.loss_type)
-            return losses.mean(), margin.mean()
+            return losses.mean(), n, margin.mean()
 
-        def extra(aux):
-            margins.append(float(aux))
-            return {"rewards/margins": float(aux)}
+        def extra(extras):
+            margin = sum(float(a) for a in extras) / len(extras)
+            margins.append(margin)
+            return {"rewards/margins": margin}
 
-        result = self._run(loss_fn, batches, settings.learning_rate, settings.steps, work_dir, resume, stop, on_log,
-                           settings.save_steps, extra, dropout=False)
+        result = self._run(loss_fn, micro_batches, settings, settings.steps, work_dir, resume, stop, on_log, extra, dropout=False)
         return {**result, "reward_margin_first": margins[0] if margins else None, "reward_margin_last": margins[-1] if margins else None}
 
     # -- inference -------------------------------------------------------------------------

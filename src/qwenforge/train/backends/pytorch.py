@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qwenforge.errors import QwenforgeError
 from qwenforge.train import ranks
-from qwenforge.train.config import DpoSettings, SftSettings
+from qwenforge.train.config import DpoSettings, OptimizerSettings, SftSettings
 from qwenforge.train.zones import ZonePlan, apply_zone_dropout, lora_config
 
 
@@ -61,6 +61,55 @@ def _callback(stop: threading.Event | None, on_log):
             return control
 
     return Hooks()
+
+
+# qwenforge's optimizer names -> Trainer's `optim` (the last three are bitsandbytes').
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw": "paged_adamw_32bit", "paged-adamw-8bit": "paged_adamw_8bit"}
+
+
+def train_device() -> str:
+    """Where the Trainer runs: CUDA, else Apple's MPS, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def refusal(settings: OptimizerSettings, device: str) -> str | None:
+    """Why this backend cannot honour a stage's settings on `device`, in one line; None when it can."""
+    import importlib.util
+
+    import torch
+
+    if settings.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+        return f"optimizer: {settings.optimizer} needs bitsandbytes (`pip install bitsandbytes`); or set optimizer: adamw"
+    if settings.mixed_precision == "fp16" and device == "cpu":
+        return "mixed_precision: fp16 needs a GPU (CUDA or MPS); on a CPU use bf16 or none"
+    if settings.mixed_precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        return "mixed_precision: bf16 is not supported by this GPU; use fp16 or none"
+    return None
+
+
+def stage_args(settings: OptimizerSettings) -> dict:
+    """The Trainer arguments SFT and DPO share; `train.schedule.learning_rate_at` gives the same curve."""
+    return {
+        "learning_rate": settings.learning_rate,
+        "gradient_accumulation_steps": settings.grad_accumulation,
+        "warmup_steps": settings.warmup_steps or settings.warmup_ratio,  # Trainer: a float below 1 is a ratio
+        "weight_decay": settings.weight_decay,
+        "lr_scheduler_type": settings.scheduler,
+        "max_grad_norm": settings.max_grad_norm,
+        "bf16": settings.mixed_precision == "bf16",
+        "fp16": settings.mixed_precision == "fp16",
+        "optim": OPTIMIZERS[settings.optimizer],
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "save_steps": settings.save_steps,
+        "per_device_train_batch_size": settings.batch_size,
+        "max_length": settings.max_seq_length,
+    }
 
 
 class PyTorchBackend:
@@ -126,12 +175,11 @@ class PyTorchBackend:
         return float(sum(p.detach().double().abs().sum() for p in self.model.parameters() if p.requires_grad))
 
     # -- training ------------------------------------------------------------------------
-    def _common_args(self, work_dir: Path, seed: int) -> dict:
+    def _common_args(self, work_dir: Path, seed: int, settings: OptimizerSettings) -> dict:
         import importlib.util
 
-        import torch
-
         return {
+            **stage_args(settings),
             "output_dir": str(work_dir),
             "logging_steps": 1,
             "save_strategy": "steps",
@@ -139,7 +187,7 @@ class PyTorchBackend:
             "report_to": ["tensorboard"] if importlib.util.find_spec("tensorboard") else [],
             "disable_tqdm": True,
             "seed": seed,
-            "use_cpu": not torch.cuda.is_available(),
+            "use_cpu": train_device() == "cpu",
             "dataloader_num_workers": 0,
         }
 
@@ -151,7 +199,7 @@ class PyTorchBackend:
         from trl import SFTConfig, SFTTrainer
 
         batch, accumulation = settings.batch_size, settings.grad_accumulation
-        if settings.packing and not torch.cuda.is_available():
+        if settings.packing and train_device() != "cuda":
             # Padding-free packing flattens a batch into one row; without a varlen kernel (CPU SDPA) that
             # row's attention is computed in full and masked block-diagonally, so a batch of 4 rows of
             # 256 costs 1024^2 attention. One packed row per micro-step keeps it at 256^2; accumulating
@@ -159,19 +207,10 @@ class PyTorchBackend:
             batch, accumulation = 1, settings.batch_size * settings.grad_accumulation
         with _quiet():
             args = SFTConfig(
-                **self._common_args(work_dir, seed),
-                learning_rate=settings.learning_rate,
+                **{**self._common_args(work_dir, seed, settings), "per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation},
                 num_train_epochs=settings.epochs,
                 max_steps=settings.max_steps,
-                per_device_train_batch_size=batch,
-                gradient_accumulation_steps=accumulation,
-                max_length=settings.max_seq_length,
-                warmup_steps=settings.warmup_ratio,
-                weight_decay=settings.weight_decay,
-                lr_scheduler_type=settings.scheduler,
-                gradient_checkpointing=settings.gradient_checkpointing,
                 packing=settings.packing,
-                save_steps=settings.save_steps,
             )
         with _quiet():
             trainer = _without_printer(SFTTrainer(
@@ -192,15 +231,10 @@ class PyTorchBackend:
 
         with _quiet():
             args = DPOConfig(
-                **self._common_args(work_dir, seed),
-                learning_rate=settings.learning_rate,
+                **self._common_args(work_dir, seed, settings),
                 max_steps=settings.steps,
-                per_device_train_batch_size=settings.batch_size,
                 beta=settings.beta,
                 loss_type=[settings.loss_type],
-                max_length=settings.max_seq_length,
-                gradient_checkpointing=settings.gradient_checkpointing,
-                save_steps=settings.save_steps,
             )
         margins = []
 
