@@ -88,10 +88,18 @@ def gguf_metadata(path: Path) -> dict:
     return parsed
 
 
+def gguf_head_dim(path: Path, architecture: str) -> int | None:
+    """`{arch}.attention.key_length` of a GGUF file (its metadata only), if written."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get(f"{architecture}.attention.key_length")
+    return int(field.contents()) if field is not None else None
+
+
 def import_gguf(gguf_path: Path, out: Path, dtype: str = "float32", force: bool = False, progress=None) -> Path:
     """Write an HF checkpoint folder for a GGUF file; returns `out`. Output appears only when complete."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from qwenforge.checkpoint.folder import atomic_output
     from qwenforge.checkpoint.safetensors_io import write_state_dict
@@ -105,7 +113,11 @@ def import_gguf(gguf_path: Path, out: Path, dtype: str = "float32", force: bool 
         template = parsed["tokenizer_config"].get("chat_template")
         if template:
             tokenizer.chat_template = template
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+        model_config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        head_dim = gguf_head_dim(gguf_path, parsed["config"]["model_type"])
+        if head_dim:  # transformers' GGUF config mapping drops key_length: Qwen3's head_dim is not hidden/heads
+            model_config.head_dim = head_dim
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=model_config, dtype=torch_dtype)
         state = {k: v for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
