@@ -88,6 +88,14 @@ def gguf_metadata(path: Path) -> dict:
     return parsed
 
 
+def gguf_head_dim(path: Path, architecture: str) -> int | None:
+    """`{arch}.attention.key_length` of a GGUF file (its metadata only), if written."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get(f"{architecture}.attention.key_length")
+    return int(field.contents()) if field is not None else None
+
+
 def import_gguf(gguf_path: Path, out: Path, dtype: str = "float32", force: bool = False, progress=None) -> Path:
     """Write an HF checkpoint folder for a GGUF file; returns `out`. Output appears only when complete.
 
@@ -111,6 +119,10 @@ def import_gguf(gguf_path: Path, out: Path, dtype: str = "float32", force: bool 
         if template:
             tokenizer.chat_template = template
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        if config.model_type != "qwen2":  # Qwen2 derives head_dim; others may not be hidden/heads (Qwen3), and
+            head_dim = gguf_head_dim(gguf_path, parsed["config"]["model_type"])  # transformers' mapping drops key_length
+            if head_dim:
+                config.head_dim = head_dim
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         expected = set(skeleton.state_dict())
