@@ -118,7 +118,7 @@ def convert(
     out: Path = typer.Argument(..., help="Qwen3 checkpoint folder to create."),
     donor: Optional[Path] = typer.Option(None, help="A Qwen3 checkpoint: its tokenizer (default target) and, with --qk-norm donor, its q/k-norm."),
     tokenizer: Optional[Path] = typer.Option(None, help="Target tokenizer folder (default: the donor's, else the source's own)."),
-    keep_bias: bool = typer.Option(False, "--keep-bias", help="Keep q/k/v biases exactly (attention_bias=True, zero o_proj bias)."),
+    keep_bias: bool = typer.Option(True, "--keep-bias/--drop-bias", help="Keep q/k/v biases exactly (attention_bias=True, zero o_proj bias; the default) or drop them (the model card's choice; Qwen2.5's large biases then break the model)."),
     qk_norm: Optional[str] = typer.Option(None, help="donor | calibrated | ones (default: donor with --donor, else calibrated)."),
     new_token_init: Optional[str] = typer.Option(None, help="donor-projected | subword | mean | zero (default: donor-projected with --donor, else subword)."),
     calibration_text: Optional[Path] = typer.Option(None, help="Text for q/k-norm calibration (default: qwenforge's calibration.txt)."),
@@ -136,6 +136,7 @@ def convert(
         None, "--heal", help="Heal OUT right after converting, with the source as teacher: a `qwenforge heal --method` (e.g. layerwise+global, linearize)."
     ),
     heal_minutes: Optional[float] = typer.Option(None, "--heal-minutes", help="Time budget for --heal."),
+    accept_lossy: bool = typer.Option(False, "--accept-lossy", help="Exit 0 even when the measured fidelity shows a broken model (top-1 below 50% or bits/byte above x1.5)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory one loaded model may take while measuring (e.g. 16GiB); layers beyond it are read from disk as they run (default: 40% of available memory; env QWENFORGE_MAX_MEMORY)."),
 ) -> None:
     """Rebuild a Qwen2/Qwen2.5 (or Llama-shaped) checkpoint in the Qwen3 architecture, streaming, with provenance.
@@ -158,6 +159,7 @@ def convert(
         calibration_text=calibration_text, fidelity_text=fidelity_text, max_shard_size=max_shard_size,
         strict=strict, force=force, allow_pickle=allow_pickle, measure=measure,
         fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
+        accept_lossy=accept_lossy or bool(heal_method),  # with --heal, the healed model is what must not be broken
     )
     if dry_run:
         result = run_convert(source, out, dry_run=True, **options)
@@ -181,6 +183,7 @@ def convert(
         # Healing replaces OUT in place (its temp folder is renamed over OUT); provenance is carried over.
         healing = HealOptions(method=heal_method, budget_minutes=heal_minutes)
         record["heal"] = run_heal(out, out, source, healing, force=True, console=None if as_json else console)["after"]
+        _refuse_broken_heal(record["heal"], out, accept_lossy)
     if as_json:
         print_json(record)
         return
@@ -199,6 +202,14 @@ def convert(
     console.print(f"[green]wrote[/green] {out} ({record['seconds']}s)")
 
 
+def _refuse_broken_heal(after: dict, out: Path, accept_lossy: bool) -> None:
+    from qwenforge.convert.run import broken_reason
+
+    figures = {"top1_agreement": after["top1_agreement"], "bits_per_byte_ratio": after["bits_per_byte"] / after["teacher_bits_per_byte"]}
+    if (reason := broken_reason(figures)) and not accept_lossy:
+        raise QwenforgeError(f"{out}: healed but still broken: {reason}; heal longer (--heal-minutes) or with another --heal method, or pass --accept-lossy (the folder is kept)")
+
+
 @app.command()
 def compare(
     a: Path = typer.Argument(..., help="Reference checkpoint folder (e.g. the source of a conversion)."),
@@ -206,6 +217,8 @@ def compare(
     text: Path = typer.Option(..., "--text", help="Plain-text file to measure on."),
     max_tokens: int = typer.Option(1024, help="Use the first N tokens of the text (reference tokenization)."),
     plot: Optional[Path] = typer.Option(None, help="Write a per-layer hidden-state cosine plot (PNG)."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Also measure with both models put in these formats: bf16,fp16,q8_0,q4_0 (q4_k_m is measured as q4_0), and lora (a 50-step LoRA fine-tune of each; minutes). E.g. bf16,fp16,q8_0."),
+    train_text: Optional[Path] = typer.Option(None, "--train-text", help="Text the lora arm fine-tunes on (default: qwenforge's calibration.txt)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory one loaded model may take while measuring (e.g. 16GiB); layers beyond it are read from disk as they run (default: 40% of available memory; env QWENFORGE_MAX_MEMORY)."),
 ) -> None:
@@ -213,11 +226,11 @@ def compare(
 
     Example: [bold]qwenforge compare Qwen2.5-7B/ q3/ --text notes.txt --plot layers.png[/bold]
     """
-    from qwenforge.compare import compare_files, summary_line
+    from qwenforge.compare import compare_files, formats_table, summary_line
 
     _cap_memory(max_memory)
     with console.status("Measuring ..."):
-        result = compare_files(a, b, text, max_tokens=max_tokens, plot=plot)
+        result = compare_files(a, b, text, max_tokens=max_tokens, plot=plot, formats=formats, train_text=train_text)
     if as_json:
         print_json(result)
         return
@@ -227,6 +240,8 @@ def compare(
         console.print("tokenizations differ: only bits per byte is comparable")
     if "layer_cosine" in result:
         console.print("hidden-state cosine per layer: " + " ".join(f"{v:.3f}" for v in result["layer_cosine"]))
+    if result.get("formats"):
+        console.print("each in a format, against the float32 source (bits/byte ratio: B in it / A in it):\n" + formats_table(result["formats"]), highlight=False)
     if plot:
         console.print(f"[green]wrote[/green] {plot}")
 
