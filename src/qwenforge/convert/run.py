@@ -148,6 +148,7 @@ def _command_line(options: dict) -> str:
             parts.append(f"--{flag.replace('_', '-')}")
     if not options["measure"]:
         parts.append("--no-measure")
+    parts += ["--formats", options.get("formats") or "none"]
     parts += ["--fidelity-tokens", str(options["fidelity_tokens"]), "--calibration-tokens", str(options["calibration_tokens"])]
     return shlex.join(parts)
 
@@ -171,6 +172,7 @@ def convert(
     allow_pickle: bool = False,
     measure: bool = True,
     accept_lossy: bool = False,
+    formats: str | None = "bf16,fp16,q8_0",
     progress=None,
 ) -> dict:
     """Convert SOURCE into a Qwen3 checkpoint at OUT; returns the plan, warnings and (unless dry_run) the metadata.
@@ -179,7 +181,8 @@ def convert(
     and the fidelity measurement (`measure`) run the models, layer-offloaded when a model exceeds
     its memory cap (checkpoint/offload.py). `progress(done, total, name)` is called after each
     tensor is written. A measured broken model (`broken_reason`) raises after OUT is written,
-    unless `accept_lossy`; q/k/v biases are kept unless `keep_bias=False` (the card's choice).
+    unless `accept_lossy`; q/k/v biases are kept unless `keep_bias=False` (the card's choice). `formats`
+    (compare.format_fidelity; None skips) measures both models in the formats the result will run in.
     """
     started = time.time()
     source, out = Path(source), Path(out)
@@ -241,7 +244,7 @@ def convert(
             "source": str(source), "out": str(out), "donor": str(donor) if donor else None, "tokenizer": str(tokenizer) if tokenizer else None,
             "keep_bias": keep_bias, "qk_norm": qk_norm, "new_token_init": new_token_init,
             "calibration_text": str(calibration_text) if calibration_text else None, "fidelity_text": str(fidelity_text) if fidelity_text else None,
-            "fidelity_tokens": fidelity_tokens, "calibration_tokens": calibration_tokens, "max_shard_size": max_shard_size, "strict": strict, "allow_pickle": allow_pickle, "measure": measure, "accept_lossy": accept_lossy,
+            "fidelity_tokens": fidelity_tokens, "calibration_tokens": calibration_tokens, "max_shard_size": max_shard_size, "strict": strict, "allow_pickle": allow_pickle, "measure": measure, "accept_lossy": accept_lossy, "formats": formats,
         }
         options["command"] = _command_line(options)
         result = {"plan": plan, "warnings": warnings, "config": target_config, "vocabulary": vocabulary, "special_tokens": special_tokens}
@@ -313,8 +316,13 @@ def convert(
 
                     converted = compare.load(temp)
                     extra["smoke_test"] = smoke_test(*converted)
-                    fidelity = compare.fidelity(source_model or source, converted, fidelity_file.read_text(), max_tokens=fidelity_tokens)
+                    reference = compare.load(source_model or source)
+                    fidelity = compare.fidelity(reference, converted, fidelity_file.read_text(), max_tokens=fidelity_tokens)
                     fidelity["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
+                    if formats and fidelity["same_tokenization"]:
+                        from qwenforge.formats import parse_formats
+
+                        fidelity["formats"] = compare.format_fidelity(reference, converted, fidelity_file.read_text(), parse_formats(formats)[0], max_tokens=fidelity_tokens)
                     extra["fidelity"] = fidelity
                     extra["broken"] = broken_reason(fidelity)
                     del converted
