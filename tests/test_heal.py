@@ -362,8 +362,10 @@ def test_anchor_heals_in_closed_form_with_weights_in_a_normal_range(sharp_qwen2,
 
     from qwenforge.convert.qk_norm import FLOAT16_SMALLEST_NORMAL, fragile_qk_reason
 
-    report = heal(sharp_qwen2_converted, tmp_path / "anchored", sharp_qwen2, _quick(method="anchor"))
-    assert report["after"]["kl"] < report["before"]["kl"]
+    report = heal(sharp_qwen2_converted, tmp_path / "anchored", sharp_qwen2, _quick())  # the default where biases were kept
+    assert report["options"]["method"] == "anchor" and report["after"]["kl"] < report["before"]["kl"]
+    assert set(report["formats"]) == {"bf16", "fp16", "q8_0"} and report["formats"]["bf16"]["source_top1"] > 0.9
+    assert "## Healed (anchor)" in (tmp_path / "anchored" / "README.md").read_text()
     pairs = report["anchored"]["pairs_given_up"]
     # Exactly what was given up: the source with that RoPE pair's q/k rows and biases zeroed computes the anchored model
     reduced, anchored = _load(sharp_qwen2), _load(tmp_path / "anchored")

@@ -50,7 +50,7 @@ MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json
 @dataclass(frozen=True)
 class HealOptions:
     train: str = "norms+qk-lora"
-    method: str = "layerwise+global"
+    method: str | None = None  # default_method: anchor where the conversion kept q/k biases
     steps: int = 300  # per phase
     budget_minutes: float | None = None
     text: str | None = None  # healing text file; default: the packaged calibration text
@@ -69,6 +69,14 @@ class HealOptions:
     threads: int | None = None
     seed: int = 0
     memory_gb: float | None = None  # usable memory; default: what this machine has available now
+    formats: str | None = "bf16,fp16,q8_0"  # healed vs source, each put in these formats (compare --formats); None skips
+
+
+def default_method(converted: Path, from_store: bool) -> str:
+    """anchor (closed form, format-robust) where the converted model kept its q/k biases; else gradient healing."""
+    if read_config(converted).get("attention_bias"):
+        return "anchor"
+    return "global" if from_store else "layerwise+global"
 
 
 def default_text(name: str) -> Path:
@@ -432,6 +440,10 @@ def heal(
     from transformers import AutoTokenizer
 
     converted, out, teacher_dir = Path(converted), Path(out), Path(teacher_dir)
+    if options.method is None:
+        from dataclasses import replace
+
+        options = replace(options, method=default_method(converted, teacher_logits is not None))
     if options.method not in METHODS:
         raise QwenforgeError(f"--method {options.method}: choose one of {', '.join(METHODS)}")
     if options.train not in TRAIN_CHOICES:
@@ -487,8 +499,14 @@ def heal(
         evaluate = lambda: store.store_fidelity(student, eval_sequences, eval_indices, eval_values, eval_bytes, teacher_rows, shared_vocab)  # noqa: E731
 
     before = evaluate()
+    in_formats = None
+    if teacher is not None and options.formats and teacher_tokenizer is tokenizer:  # per format needs one tokenization
+        from qwenforge.compare import format_fidelity
+        from qwenforge.formats import parse_formats
+
+        in_formats = lambda: format_fidelity((teacher, teacher_tokenizer), (student, tokenizer), heldout_text, parse_formats(options.formats)[0], max_tokens=options.eval_tokens)  # noqa: E731
     if options.method in CLOSED_FORM:
-        return _finish_closed_form(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts, train_sequences)
+        return _finish_closed_form(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts, train_sequences, in_formats)
     anchored = anchor_qk_norms(student, _anchor_ids(train_sequences)) if options.method == "anchor+global" else None
     named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
     trainable_count = sum(p.numel() for p in named.values())
@@ -577,6 +595,7 @@ def heal(
             for phase, r in results.items()
         },
         "seconds_total": time.perf_counter() - started,
+        "formats": in_formats() if in_formats else None,
     }
     _write(student, converted, out, report, history_by_phase, before, force)
     shutil.rmtree(work, ignore_errors=True)
@@ -601,7 +620,7 @@ def _anchor_ids(sequences: list[torch.Tensor], tokens: int = 2048) -> torch.Tens
     return torch.cat([ids[:-1] for ids in sequences])[:tokens]
 
 
-def _finish_closed_form(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts, sequences) -> dict:
+def _finish_closed_form(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts, sequences, in_formats) -> dict:
     """`anchor` or `linearize`: one transformation of the weights, measured before and after, written."""
     method = options.method
     scales = anchor_qk_norms(student, _anchor_ids(sequences)) if method == "anchor" else linearize_qk_norms(student)
@@ -616,6 +635,7 @@ def _finish_closed_form(student, converted, out, teacher_dir, options, before, e
         "phases": {method: {"steps": 0, "seconds": seconds, "stopped": "closed form", "history": [
             {"step": 0, "seconds": 0.0, **before}, {"step": 1, "seconds": seconds, **after}]}},
         "seconds_total": seconds,
+        "formats": in_formats() if in_formats else None,
     }
     _write(student, converted, out, report, {method: report["phases"][method]["history"]}, before, force)
     return report
@@ -630,4 +650,11 @@ def _write(student, converted: Path, out: Path, report: dict, history_by_phase: 
             if item.is_file() and item.name not in MODEL_FILES and not item.name.endswith(".safetensors") and not (folder / item.name).exists():
                 shutil.copy2(item, folder / item.name)
         write_json(folder / "heal_report.json", report)
+        if report.get("formats") and (folder / "README.md").exists():  # the model card says what the heal gave, per format
+            from qwenforge.convert.provenance import format_lines
+
+            after = report["after"]
+            lines = ["", f"## Healed ({report['options']['method']})", "", f"Held-out top-1 agreement {100 * after['top1_agreement']:.1f}%, bits/byte "
+                     f"{after['bits_per_byte']:.4f} (source {after['teacher_bits_per_byte']:.4f}).", *format_lines(report["formats"]), ""]
+            (folder / "README.md").write_text((folder / "README.md").read_text() + "\n".join(lines))
         _plot(history_by_phase, folder / "heal_kl.png", before)
