@@ -170,7 +170,7 @@ def test_kept_biases_reproduce_source_attention_exactly(tmp_path, tiny_qwen2):
     kept = tmp_path / "kept"
     convert(tiny_qwen2, kept, keep_bias=True, qk_norm="ones", measure=False)
     dropped = tmp_path / "dropped"
-    result = convert(tiny_qwen2, dropped, qk_norm="ones", measure=False)
+    result = convert(tiny_qwen2, dropped, keep_bias=False, qk_norm="ones", measure=False)
     source = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
     ids = torch.randint(0, 151_000, (1, 12), generator=torch.Generator().manual_seed(1))
     hidden = torch.randn(1, 12, 64)
@@ -203,6 +203,40 @@ def test_donor_qk_norm_is_copied(tmp_path, tiny_qwen2, donor16):
     for name in ("model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"):
         assert torch.equal(out[name], donor[name])
     assert any(w["code"] == "donor-qk-norm" for w in result["warnings"])
+
+
+def test_biases_are_kept_by_default(tmp_path, tiny_qwen2):
+    result = convert(tiny_qwen2, tmp_path / "out", dry_run=True)
+    assert result["config"]["attention_bias"] is True and not [d for d in result["plan"]["dropped"] if d["name"].endswith("_proj.bias")]
+
+
+def test_donor_of_another_depth_maps_norms_by_relative_depth(tmp_path, tiny_qwen2, qwen3_tokenizer_dir):
+    """The seed's case (Qwen2.5-72B, 80 layers; Qwen3-32B donor, 64): norms come from the same relative depth, recorded."""
+    from qwenforge.convert.plan import donor_layer_map
+
+    assert donor_layer_map(80, 64)[:3] == [0, 1, 2] and donor_layer_map(80, 64)[-1] == 63 and donor_layer_map(80, 64)[40] == 32
+    deep = build_tiny_checkpoint("qwen3-untied", tmp_path / "deep", qwen3_tokenizer_dir, seed=4, head_dim=16, num_hidden_layers=5)
+    result = convert(tiny_qwen2, tmp_path / "out", donor=deep, measure=False)
+    assert result["metadata"]["donor_layer_map"] == [0, 4]  # the tiny source has 2 layers
+    assert any(w["code"] == "donor-depth-differs" for w in result["warnings"])
+    donor, out = load_all(deep), load_all(tmp_path / "out")
+    assert torch.equal(out["model.layers.1.self_attn.k_norm.weight"], donor["model.layers.4.self_attn.k_norm.weight"])
+    assert torch.equal(out["model.layers.0.self_attn.q_norm.weight"], donor["model.layers.0.self_attn.q_norm.weight"])
+
+
+def test_a_broken_conversion_stops_and_keeps_the_folder(tmp_path, tiny_qwen2, monkeypatch):
+    """The gate on measured fidelity: here every conversion counts as broken (threshold above 100%)."""
+    from qwenforge.convert import run
+    from qwenforge.errors import QwenforgeError
+
+    monkeypatch.setattr(run, "BROKEN_TOP1", 1.01)
+    out = tmp_path / "out"
+    with pytest.raises(QwenforgeError, match="converted but broken: held-out top-1 agreement .* --accept-lossy"):
+        convert(tiny_qwen2, out, qk_norm="ones", fidelity_tokens=64)
+    record = json.loads((out / "conversion_metadata.json").read_text())
+    assert record["broken"].startswith("held-out top-1") and "Broken" in (out / "README.md").read_text()
+    accepted = convert(tiny_qwen2, out, qk_norm="ones", fidelity_tokens=64, force=True, accept_lossy=True)
+    assert accepted["metadata"]["broken"] and "--accept-lossy" in accepted["metadata"]["options"]["command"]
 
 
 def test_calibrated_qk_norm_is_the_least_squares_fit(tmp_path, tiny_qwen2):
@@ -306,7 +340,7 @@ def test_streaming_conversion_never_imports_torch(tiny_qwen2, donor16, tmp_path)
 
     script = (
         "import sys; from qwenforge.convert import convert; "
-        f"convert({str(tiny_qwen2)!r}, {str(tmp_path / 'out')!r}, donor={str(donor16)!r}, new_token_init='subword', measure=False); "
+        f"convert({str(tiny_qwen2)!r}, {str(tmp_path / 'out')!r}, donor={str(donor16)!r}, new_token_init='subword', keep_bias=False, measure=False); "
         "print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -139,7 +139,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_qwen2, tiny_llama):
 
 def test_cli_dry_run_prints_the_plan(tmp_path, tiny_qwen2):
     result = subprocess.run(
-        [sys.executable, "-m", "qwenforge.cli", "convert", str(tiny_qwen2), str(tmp_path / "out"), "--dry-run", "--qk-norm", "ones", "--json"],
+        [sys.executable, "-m", "qwenforge.cli", "convert", str(tiny_qwen2), str(tmp_path / "out"), "--dry-run", "--qk-norm", "ones", "--drop-bias", "--json"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -327,3 +327,82 @@ def test_resume_restores_weights_optimizer_and_step(off_norms, tmp_path, monkeyp
     for name in norms:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
     assert resumed["after"]["kl"] == pytest.approx(whole["after"]["kl"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sharp_qwen2(tmp_path_factory, qwen25_tokenizer_dir) -> Path:
+    from qwenforge.fixtures.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint("qwen2", tmp_path_factory.mktemp("heal") / "qwen2", qwen25_tokenizer_dir, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def sharp_qwen2_converted(tmp_path_factory, sharp_qwen2) -> Path:
+    from qwenforge.convert.run import convert
+
+    out = tmp_path_factory.mktemp("heal") / "qwen2-converted"
+    convert(sharp_qwen2, out, measure=False)  # biases kept (the default), calibrated q/k-norm
+    return out
+
+
+def test_anchor_heals_in_closed_form_with_weights_in_a_normal_range(sharp_qwen2, sharp_qwen2_converted, tmp_path):
+    from safetensors.torch import load_file
+
+    from qwenforge.convert.qk_norm import FLOAT16_SMALLEST_NORMAL, fragile_qk_reason
+
+    report = heal(sharp_qwen2_converted, tmp_path / "anchored", sharp_qwen2, _quick())  # the default where biases were kept
+    assert report["options"]["method"] == "anchor" and report["after"]["kl"] < report["before"]["kl"]
+    assert set(report["formats"]) == {"bf16", "fp16", "q8_0"} and report["formats"]["bf16"]["source_top1"] > 0.9
+    assert "## Healed (anchor)" in (tmp_path / "anchored" / "README.md").read_text()
+    pairs = report["anchored"]["pairs_given_up"]
+    # Exactly what was given up: the source with that RoPE pair's q/k rows and biases zeroed computes the anchored model
+    reduced, anchored = _load(sharp_qwen2), _load(tmp_path / "anchored")
+    with torch.no_grad():
+        for layer, pair in zip(reduced.model.layers, pairs):
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                head_dim = layer.self_attn.head_dim
+                rows = [h * head_dim + d for h in range(projection.out_features // head_dim) for d in (pair, pair + head_dim // 2)]
+                projection.weight[rows] = 0
+                projection.bias[rows] = 0
+        ids = torch.randint(0, 151_000, (1, 48), generator=torch.Generator().manual_seed(2))
+        expected = torch.log_softmax(reduced(ids).logits[..., :151_643], -1)
+        produced = torch.log_softmax(anchored(ids).logits[..., :151_643], -1)
+    assert (expected.exp() * (expected - produced)).sum(-1).max() < 1e-3  # KL per position
+    weights, source = load_file(str(tmp_path / "anchored" / "model.safetensors")), load_file(str(sharp_qwen2 / "model.safetensors"))
+    for layer, pair in enumerate(pairs):
+        q_norm = weights[f"model.layers.{layer}.self_attn.q_norm.weight"]
+        head_dim = q_norm.numel()
+        given_up = [pair, pair + head_dim // 2]
+        assert (q_norm[given_up] == 0).all() and (q_norm.abs() < 65504).all()
+        original = source[f"model.layers.{layer}.self_attn.q_proj.weight"]
+        q_proj = weights[f"model.layers.{layer}.self_attn.q_proj.weight"].view(-1, head_dim, original.shape[-1])
+        kept = [d for d in range(head_dim) if d not in given_up]
+        torch.testing.assert_close(q_proj[:, kept], original.view(-1, head_dim, original.shape[-1])[:, kept])
+        assert (q_proj[:, given_up] == 0).all() and q_proj.abs().max() > FLOAT16_SMALLEST_NORMAL
+    assert fragile_qk_reason(tmp_path / "anchored") is None
+
+
+def test_anchor_needs_kept_biases(tiny_llama, tiny_converted, tmp_path):
+    with pytest.raises(QwenforgeError, match="needs q/k biases.*without --drop-bias"):
+        heal(tiny_converted, tmp_path / "o", tiny_llama, _quick(method="anchor"))
+
+
+def test_a_linearized_checkpoint_is_recognised_as_fragile(tiny_llama, tiny_converted, tmp_path):
+    """train, distill and float16 inference share one check; linearize stays available and labelled."""
+    from qwenforge.convert.qk_norm import fragile_qk_reason
+    from qwenforge.distill.train import DistillOptions, train_online
+    from qwenforge.infer.load import Setup, _avoid_fragile_float16
+    from qwenforge.train.pipeline import refuse_fragile
+
+    heal(tiny_converted, tmp_path / "linear", tiny_llama, _quick(method="linearize"))
+    reason = fragile_qk_reason(tmp_path / "linear")
+    assert reason and "below float16's smallest normal" in reason and "--method anchor" in reason
+    assert fragile_qk_reason(tiny_converted) is None
+    with pytest.raises(QwenforgeError, match="^train: .*underflow"):
+        refuse_fragile(tmp_path / "linear", "train")
+    with pytest.raises(QwenforgeError, match="^distill: .*underflow"):
+        train_online(tiny_llama, tmp_path / "linear", DATA / "calibration.txt", DATA / "heldout.txt", None, DistillOptions())
+    chosen = _avoid_fragile_float16(Setup(device="cpu", dtype="float16", quant="none", reason="fp16 fast"), tmp_path / "linear", explicit=False)
+    assert chosen.dtype == "float32" and "not float16" in chosen.reason
+    with pytest.raises(QwenforgeError, match="--dtype float16: "):
+        _avoid_fragile_float16(Setup(device="cpu", dtype="float16", quant="none", reason=""), tmp_path / "linear", explicit=True)

@@ -8,6 +8,7 @@ and per-layer hidden-state cosine where the shapes match. Other stages (heal) ca
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -164,6 +165,108 @@ def fidelity(
     return result
 
 
+@torch.no_grad()
+def format_fidelity(
+    reference: str | Path | Loaded, candidate: str | Path | Loaded, text: str, formats: list[str], max_tokens: int = 1024, window: int = 256, cache: dict | None = None
+) -> dict:
+    """Per format (formats.py): the source and the candidate both put in it, each scored against the float32 source.
+
+    {format: {"source_top1", "top1", "kl", "bits_per_byte_ratio" (candidate in it / source in it)}}. Same
+    tokenizer only: a per-format figure of a vocabulary transplant would be bits per byte alone.
+    `cache` (a dict kept by the caller) keeps the source's figures when one source meets many candidates.
+    """
+    from qwenforge.formats import in_format
+
+    ref_model, ref_tok = load(reference)
+    cand_model, cand_tok = load(candidate)
+    text = text_prefix(ref_tok, text, max_tokens)
+    ids = torch.tensor(ref_tok(text, add_special_tokens=False).input_ids)
+    if not torch.equal(ids, torch.tensor(cand_tok(text, add_special_tokens=False).input_ids)):
+        raise QwenforgeError("--formats needs both models to tokenize the text identically; compare bits per byte without --formats")
+    shared = shared_ids(ref_tok, cand_tok, ref_model.get_output_embeddings().weight.shape[0], cand_model.get_output_embeddings().weight.shape[0])
+    batches = list(_batches(ids, window))
+    cache = {} if cache is None else cache
+    reference_logprobs = None
+    predicted_bytes = len(text.encode()) - len(ref_tok.decode(ids[:1]).encode())
+    results = {}
+    for name in formats:
+        figures = {}
+        for role, model in (("source", ref_model), ("candidate", cand_model)):
+            if role == "source" and (name, text) in cache:
+                figures[role] = cache[(name, text)]
+                continue
+            if reference_logprobs is None:
+                reference_logprobs = [torch.log_softmax(_forward(ref_model, inputs, lengths).logits.float(), -1) for inputs, _, lengths in batches]
+            placed = in_format(model, name)
+            fidelity = engine.Fidelity()
+            for (inputs, targets, lengths), teacher in zip(batches, reference_logprobs):
+                logits = _forward(placed, inputs, lengths).logits
+                for row, length in enumerate(lengths):
+                    fidelity.add(logits[row, :length], teacher[row, :length], targets[row, :length], 0, shared)
+            fidelity.text_bytes = predicted_bytes
+            figures[role] = fidelity.summary()
+            if role == "source":
+                cache[(name, text)] = figures[role]
+            del placed
+        source, cand = figures["source"], figures["candidate"]
+        results[name] = {
+            "source_top1": source["top1_agreement"], "top1": cand["top1_agreement"], "kl": max(cand["kl"], 0.0),
+            "source_bits_per_byte": source["bits_per_byte"], "bits_per_byte": cand["bits_per_byte"],
+            "bits_per_byte_ratio": cand["bits_per_byte"] / source["bits_per_byte"],
+        }
+    return results
+
+
+LORA_ARM = {"steps": 50, "rank": 8, "learning_rate": 2e-4, "sequence_length": 128, "seed": 0}
+
+
+def lora_trainability(reference: str | Path | Loaded, candidate: str | Path | Loaded, train_text: str, heldout_text: str, **arm) -> dict:
+    """Held-out bits per byte of source and candidate before and after the same short standard PEFT
+    LoRA fine-tune (q/k/v/o, same seed, data and rate): a converted model must stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = LORA_ARM | arm
+    figures = {}
+    for role, pair in (("source", reference), ("candidate", candidate)):
+        model, tokenizer = load(pair)
+        model = copy.deepcopy(model)  # the caller's model stays untouched
+        sequences = engine.token_sequences(tokenizer, train_text, settings["sequence_length"], what="training text")
+        before = bits_per_byte((model, tokenizer), heldout_text)["bits_per_byte"]
+        torch.manual_seed(settings["seed"])
+        config = LoraConfig(r=settings["rank"], lora_alpha=2 * settings["rank"], target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
+        peft_model = get_peft_model(model, config)
+        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings["learning_rate"])
+        peft_model.train()
+        for step in range(settings["steps"]):
+            ids = sequences[step % len(sequences)][None]
+            loss = peft_model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        peft_model.eval()
+        figures[role] = (before, bits_per_byte((peft_model, tokenizer), heldout_text)["bits_per_byte"])
+        del peft_model, model
+    return {
+        **{k: settings[k] for k in ("steps", "rank", "learning_rate")},
+        "source_before": figures["source"][0], "source_after": figures["source"][1],
+        "candidate_before": figures["candidate"][0], "candidate_after": figures["candidate"][1],
+        "ratio_after": figures["candidate"][1] / figures["source"][1],
+    }
+
+
+def formats_table(formats: dict) -> str:
+    """Human lines for `format_fidelity` (and the LoRA arm when present)."""
+    lines = [f"{'format':<7} {'source top-1':>12} {'top-1':>7} {'bits/byte ratio':>16}"]
+    for name, row in formats.items():
+        if name != "lora":
+            lines.append(f"{name:<7} {100 * row['source_top1']:>11.1f}% {100 * row['top1']:>6.1f}% {row['bits_per_byte_ratio']:>15.4f}x")
+    if "lora" in formats:
+        lora = formats["lora"]
+        lines.append(f"LoRA {lora['steps']} steps: held-out bits/byte source {lora['source_before']:.4f} -> {lora['source_after']:.4f}, "
+                     f"candidate {lora['candidate_before']:.4f} -> {lora['candidate_after']:.4f} (ratio after x{lora['ratio_after']:.4f})")
+    return "\n".join(lines)
+
+
 def summary_line(result: dict) -> str:
     """One human line of the headline figures."""
     ref, cand = result["reference"], result["candidate"]
@@ -203,9 +306,11 @@ def plot_layers(result: dict, path: Path, title: str = "hidden-state cosine per 
     return Path(path)
 
 
-def compare_files(a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plot: Path | None = None) -> dict:
-    """The `compare` verb: read the text file, measure, optionally plot."""
+def compare_files(a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plot: Path | None = None, formats: str | None = None, train_text: Path | None = None) -> dict:
+    """The `compare` verb: read the text file, measure (per format when `formats` names some, e.g.
+    "bf16,fp16,q8_0,lora"; lora fine-tunes on `train_text`, default the packaged calibration text), optionally plot."""
     from qwenforge.files import check_writable, read_text
+    from qwenforge.formats import parse_formats
 
     text_file = Path(text_file)
     if max_tokens < 2:
@@ -213,8 +318,19 @@ def compare_files(a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plo
     text = read_text(text_file, "text file")
     if plot:
         check_writable(plot, "plot")  # before the measurement, not after it
-    result = fidelity(a, b, text, max_tokens=max_tokens)
+    names, lora = parse_formats(formats) if formats else ([], False)
+    train = read_text(Path(train_text), "training text") if lora and train_text else None
+    pair_a, pair_b = load(a), load(b)
+    result = fidelity(pair_a, pair_b, text, max_tokens=max_tokens)
     result["text"] = str(text_file)
+    if names:
+        result["formats"] = format_fidelity(pair_a, pair_b, text, names, max_tokens=max_tokens)
+    if lora:
+        from qwenforge.convert.run import default_text
+
+        train = train if train is not None else default_text("calibration.txt").read_text()
+        heldout = text_prefix(pair_a[1], text, max_tokens)
+        result.setdefault("formats", {})["lora"] = lora_trainability(pair_a, pair_b, train, heldout)
     if plot:
         plot_layers(result, plot)
         result["plot"] = str(plot)

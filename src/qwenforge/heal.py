@@ -1,15 +1,21 @@
 """`qwenforge heal CONVERTED OUT --teacher SOURCE`: give back the fidelity a conversion cost.
 
 Self-distillation with the distillation engine: the source model is the teacher, the converted
-Qwen3 model the student. Two methods, combinable:
+Qwen3 model the student. Methods:
+- anchor (closed form, the default; needs the q/k biases a conversion keeps by default): per layer one
+  RoPE dimension pair of q and k becomes a large per-head constant (bias) with norm weight 0, so every
+  head's RMS is nearly constant over tokens and RMSNorm acts as a fixed scale the norm weight undoes.
+  Weights stay in their normal range (float16, GGUF blocks and fine-tuning keep working); the pair
+  given up is the one whose score term varies least across keys on the healing text.
+- anchor+global: anchor, then the global phase below.
 - layerwise: each converted attention gets the source's own hidden states as input and is fit
   to the source layer's attention output (all layers at once, independent, no LM head);
 - global: KL between the two models' next-token distributions on the healing text.
-- linearize (closed form, no training): scale each q/k projection down so that, for any input,
-  every head's mean square stays below margin^2 * eps; then RMSNorm is linear (x / sqrt(eps))
-  and the norm weight sqrt(eps)/scale undoes the scaling, so attention equals the source's up
-  to a relative error of margin^2/2. Caveat: tiny q/k weights and huge norm weights are fragile
-  under later fine-tuning and underflow in float16 (bfloat16/float32 are fine).
+- linearize (closed form, fragile: exact in float32/bfloat16 only): scale each q/k projection down so
+  that every head's mean square stays below margin^2 * eps; then RMSNorm is linear (x / sqrt(eps))
+  and the norm weight sqrt(eps)/scale undoes the scaling. The ~1e-7 q/k weights underflow in float16
+  and GGUF block scales and break under fine-tuning; train, distill and float16 inference refuse
+  such a checkpoint (convert/qk_norm.py: fragile_qk_reason).
 Only what the conversion changed is trained (`--train norms`: q_norm/k_norm; `norms+qk-lora`:
 plus low-rank q/k updates merged back; `attention`: every attention weight). Held-out KL picks
 the best checkpoint; the output is a plain Qwen3 checkpoint plus heal_report.json and a plot.
@@ -35,7 +41,8 @@ from qwenforge.errors import QwenforgeError
 from qwenforge.files import read_text
 
 TRAIN_CHOICES = ("norms", "norms+qk-lora", "attention")
-METHODS = ("global", "layerwise", "layerwise+global", "linearize")
+METHODS = ("anchor", "anchor+global", "global", "layerwise", "layerwise+global", "linearize")
+CLOSED_FORM = ("anchor", "linearize")  # one transformation of the weights, no training
 PACKAGE_DATA = Path(__file__).parent / "data"
 # Files of the converted folder that are the model itself (rewritten) rather than its provenance.
 MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json", ".qwenforge-complete"}
@@ -44,7 +51,7 @@ MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json
 @dataclass(frozen=True)
 class HealOptions:
     train: str = "norms+qk-lora"
-    method: str = "layerwise+global"
+    method: str | None = None  # default_method: anchor where the conversion kept q/k biases
     steps: int = 300  # per phase
     budget_minutes: float | None = None
     text: str | None = None  # healing text file; default: the packaged calibration text
@@ -63,6 +70,14 @@ class HealOptions:
     threads: int | None = None
     seed: int = 0
     memory_gb: float | None = None  # usable memory; default: what this machine has available now
+    formats: str | None = "bf16,fp16,q8_0"  # healed vs source, each put in these formats (compare --formats); None skips
+
+
+def default_method(converted: Path, from_store: bool) -> str:
+    """anchor (closed form, format-robust) where the converted model kept its q/k biases; else gradient healing."""
+    if read_config(converted).get("attention_bias"):
+        return "anchor"
+    return "global" if from_store else "layerwise+global"
 
 
 def default_text(name: str) -> Path:
@@ -148,6 +163,116 @@ def linearize_qk_norms(student, margin: float = 1e-2) -> dict:
                 norm.weight.fill_(math.sqrt(eps) / scale)
                 scales.append(scale)
     return {"margin": margin, "smallest_scale": min(scales), "largest_scale": max(scales)}
+
+
+ANCHOR_TOLERANCE = 1e-3  # relative spread of each head's RMS that the anchor leaves (the norm's nonlinearity)
+
+
+def _head_moments(student, ids: torch.Tensor, window: int = 256) -> dict:
+    """Per layer, q and k: per head E|x|^2 and std|x|^2, and per (head, dim) E[x x'] for each RoPE pair.
+
+    Measured with q/k-norm taken out, where a converted model with kept biases computes exactly its
+    source (no teacher needed): these are the source's own projections on the text.
+    """
+    stats: dict[tuple[int, str], list[torch.Tensor]] = {}
+    head_dim = student.model.layers[0].self_attn.head_dim
+
+    def hook(key):
+        def record(module, inputs, output):
+            x = output.detach().float().reshape(-1, output.shape[-1] // head_dim, head_dim)  # tokens, heads, dims
+            half = head_dim // 2
+            pairs = torch.stack([x[..., :half], x[..., half:]], -1)  # tokens, heads, pair, 2 (rotate_half layout)
+            square = x.pow(2).sum(-1)
+            sums = [square.sum(0), square.pow(2).sum(0), pairs.sum(0), torch.einsum("thpi,thpj->hpij", pairs, pairs), torch.tensor(float(len(x)))]
+            stats[key] = sums if key not in stats else [a + b for a, b in zip(stats[key], sums)]
+
+        return record
+
+    saved, handles = [], []
+    for index, layer in enumerate(student.model.layers):
+        attention = layer.self_attn
+        saved.append((attention.q_norm, attention.k_norm))
+        attention.q_norm, attention.k_norm = torch.nn.Identity(), torch.nn.Identity()
+        handles += [attention.q_proj.register_forward_hook(hook((index, "q"))), attention.k_proj.register_forward_hook(hook((index, "k")))]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), window):
+                student.model(ids[start : start + window][None])
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, (q_norm, k_norm) in zip(student.model.layers, saved):
+            layer.self_attn.q_norm, layer.self_attn.k_norm = q_norm, k_norm
+    moments = {}
+    for key, (square, square2, pair_sum, pair_outer, count) in stats.items():
+        mean_square = square / count
+        mean = pair_sum / count
+        moments[key] = {
+            "mean_square": mean_square,
+            "std_square": (square2 / count - mean_square.pow(2)).clamp_min(0).sqrt(),
+            "mean": mean,  # heads, pairs, 2
+            "second": pair_outer / count,  # heads, pairs, 2, 2
+            "covariance": pair_outer / count - torch.einsum("hpi,hpj->hpij", mean, mean),
+        }
+    return moments
+
+
+def _rope_coherence(config, head_dim: int, context: int) -> torch.Tensor:
+    """Per RoPE pair, |mean of exp(i * distance * theta_p)| over distances 0..context-1: 1 = never turns."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    base = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(context, dtype=torch.float64)[:, None] * theta[None]
+    return torch.complex(angles.cos(), angles.sin()).mean(0).abs().float()
+
+
+def anchor_qk_norms(student, ids: torch.Tensor, tolerance: float = ANCHOR_TOLERANCE, context: int = 512) -> dict:
+    """Make every q/k RMSNorm nearly linear with a constant anchor, keeping weights in a normal range.
+
+    Per layer one RoPE dimension pair is given up: its q/k projection rows become 0, its bias a
+    per-head constant C_h, its norm weights 0 (so it adds nothing to attention scores). C_h makes
+    every head's RMS the same R over tokens up to `tolerance` relative spread, so RMSNorm(x) * R ~ x
+    on all other dimensions. The pair given up is the one whose score contribution varies least
+    across keys at distances up to `context` (a per-query constant is invisible to softmax) on the
+    measured text. Needs q/k biases
+    (attention_bias=True) to hold C_h.
+    """
+    moments = _head_moments(student, ids)
+    chosen, largest = [], 0.0
+    with torch.no_grad():
+        for index, layer in enumerate(student.model.layers):
+            attention = layer.self_attn
+            if attention.q_proj.bias is None or attention.k_proj.bias is None:
+                raise QwenforgeError("--method anchor needs q/k biases to hold the anchor; convert without --drop-bias")
+            head_dim = attention.head_dim
+            half = head_dim // 2
+            q, k = moments[(index, "q")], moments[(index, "k")]
+            group = q["second"].shape[0] // k["second"].shape[0]
+            # cost of pair p: how much its score term q_p^T R(distance) k_p varies across keys, summed over query
+            # heads: trace(E[q q^T] Cov(k)), plus the key mean turned by RoPE over the distances (1 - rho^2)
+            key_covariance = k["covariance"].repeat_interleave(group, 0)
+            key_mean = k["mean"].repeat_interleave(group, 0)
+            turning = 1 - _rope_coherence(student.config, head_dim, context).pow(2)
+            query_square = q["second"].diagonal(dim1=-2, dim2=-1).sum(-1)
+            cost = torch.einsum("hpij,hpji->p", q["second"], key_covariance) + (turning * query_square * key_mean.pow(2).sum(-1) / 2).sum(0)
+            pair = int(cost.argmin())
+            chosen.append(pair)
+            for projection, norm, stat in ((attention.q_proj, attention.q_norm, q), (attention.k_proj, attention.k_norm, k)):
+                heads = stat["mean_square"].shape[0]
+                given_up = stat["second"][:, pair].diagonal(dim1=-2, dim2=-1).sum(-1)  # E|x_pair|^2 per head, removed
+                kept_square = stat["mean_square"] - given_up
+                total = torch.maximum(stat["std_square"] / tolerance, kept_square).max()  # head_dim * R^2, shared by the heads
+                anchor = (total - kept_square).clamp_min(0).sqrt()  # |C_h|, per head
+                weight = projection.weight.view(heads, head_dim, -1)
+                bias = projection.bias.view(heads, head_dim)
+                for dim in (pair, pair + half):
+                    weight[:, dim] = 0
+                    bias[:, dim] = anchor / math.sqrt(2)
+                radius = math.sqrt(float(total) / head_dim)
+                norm.weight.fill_(radius)
+                norm.weight[[pair, pair + half]] = 0
+                largest = max(largest, float(anchor.max()))
+    return {"method": "anchor", "tolerance": tolerance, "pairs_given_up": chosen, "largest_anchor": largest}
 
 
 # --- layer-wise targets ------------------------------------------------------------------------
@@ -285,7 +410,7 @@ def _read_store(folder: Path, teacher_tokenizer, teacher_config: dict, options: 
         raise QwenforgeError(f"{folder}: captured from a model with {index.get('vocab_size')} vocabulary rows, the teacher has {teacher_config.get('vocab_size')}; capture this teacher")
     ids, indices, values = (torch.cat(parts) for parts in zip(*store.iterate_store(folder, index)))
     held = max(1, math.ceil(options.eval_tokens / (ids.shape[1] - 1)))
-    if options.method == "linearize":
+    if options.method in CLOSED_FORM:
         held = min(held, len(ids))
     elif len(ids) <= held:
         raise QwenforgeError(
@@ -339,6 +464,10 @@ def heal(
     from transformers import AutoTokenizer
 
     converted, out, teacher_dir = Path(converted), Path(out), Path(teacher_dir)
+    if options.method is None:
+        from dataclasses import replace
+
+        options = replace(options, method=default_method(converted, teacher_logits is not None))
     if options.method not in METHODS:
         raise QwenforgeError(f"--method {options.method}: choose one of {', '.join(METHODS)}")
     if options.train not in TRAIN_CHOICES:
@@ -396,9 +525,15 @@ def heal(
         evaluate = lambda: store.store_fidelity(student, eval_sequences, eval_indices, eval_values, eval_bytes, teacher_rows, shared_vocab)  # noqa: E731
 
     before = evaluate()
-    if options.method == "linearize":
-        report = _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts)
-        return report
+    in_formats = None
+    if teacher is not None and options.formats and teacher_tokenizer is tokenizer:  # per format needs one tokenization
+        from qwenforge.compare import format_fidelity
+        from qwenforge.formats import parse_formats
+
+        in_formats = lambda: format_fidelity((teacher, teacher_tokenizer), (student, tokenizer), heldout_text, parse_formats(options.formats)[0], max_tokens=options.eval_tokens)  # noqa: E731
+    if options.method in CLOSED_FORM:
+        return _finish_closed_form(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts, train_sequences, in_formats)
+    anchored = anchor_qk_norms(student, _anchor_ids(train_sequences)) if options.method == "anchor+global" else None
     named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
     trainable_count = sum(p.numel() for p in named.values())
     learning_rate = options.learning_rate or {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4}[options.train]
@@ -411,7 +546,7 @@ def heal(
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
 
-    phases = {"layerwise": ["layerwise"], "global": ["global"], "layerwise+global": ["layerwise", "global"]}[options.method]
+    phases = {"layerwise": ["layerwise"], "global": ["global"], "layerwise+global": ["layerwise", "global"], "anchor+global": ["global"]}[options.method]
     budget = options.budget_minutes * 60 if options.budget_minutes else None
     shares = {"layerwise": options.layerwise_share if len(phases) == 2 else 1.0, "global": 1 - options.layerwise_share if len(phases) == 2 else 1.0}
     results: dict[str, engine.LoopResult] = {}
@@ -478,6 +613,7 @@ def heal(
         "healing_tokens": sum(b.numel() for b in batches),
         "memory_estimate_bytes": estimate,
         "trainable_parameters": trainable_count,
+        "anchored": anchored,
         "before": before,
         "after": after,
         "phases": {
@@ -485,6 +621,7 @@ def heal(
             for phase, r in results.items()
         },
         "seconds_total": time.perf_counter() - started,
+        "formats": in_formats() if in_formats else None,
     }
     _write(student, converted, out, report, history_by_phase, before, force)
     shutil.rmtree(work, ignore_errors=True)
@@ -504,21 +641,29 @@ def _report_header(converted, teacher_dir, store_facts, options, heldout_path, s
     }
 
 
-def _finish_linearized(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts) -> dict:
-    scales = linearize_qk_norms(student)
+def _anchor_ids(sequences: list[torch.Tensor], tokens: int = 2048) -> torch.Tensor:
+    """The healing text's first `tokens` tokens, where the anchor measures the projections."""
+    return torch.cat([ids[:-1] for ids in sequences])[:tokens]
+
+
+def _finish_closed_form(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts, sequences, in_formats) -> dict:
+    """`anchor` or `linearize`: one transformation of the weights, measured before and after, written."""
+    method = options.method
+    scales = anchor_qk_norms(student, _anchor_ids(sequences)) if method == "anchor" else linearize_qk_norms(student)
     after = evaluate()
     seconds = time.perf_counter() - started
     report = _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocab) | {
-        "healing_text": None,
+        "healing_text": None if method == "linearize" else "first 2,048 tokens (measured, not trained on)",
         "trainable_parameters": 0,
-        "linearized": scales,
+        ("linearized" if method == "linearize" else "anchored"): scales,
         "before": before,
         "after": after,
-        "phases": {"linearize": {"steps": 0, "seconds": seconds, "stopped": "closed form", "history": [
+        "phases": {method: {"steps": 0, "seconds": seconds, "stopped": "closed form", "history": [
             {"step": 0, "seconds": 0.0, **before}, {"step": 1, "seconds": seconds, **after}]}},
         "seconds_total": seconds,
+        "formats": in_formats() if in_formats else None,
     }
-    _write(student, converted, out, report, {"linearize": report["phases"]["linearize"]["history"]}, before, force)
+    _write(student, converted, out, report, {method: report["phases"][method]["history"]}, before, force)
     return report
 
 
@@ -531,4 +676,11 @@ def _write(student, converted: Path, out: Path, report: dict, history_by_phase: 
             if item.is_file() and item.name not in MODEL_FILES and not item.name.endswith(".safetensors") and not (folder / item.name).exists():
                 shutil.copy2(item, folder / item.name)
         write_json(folder / "heal_report.json", report)
+        if report.get("formats") and (folder / "README.md").exists():  # the model card says what the heal gave, per format
+            from qwenforge.convert.provenance import format_lines
+
+            after = report["after"]
+            lines = ["", f"## Healed ({report['options']['method']})", "", f"Held-out top-1 agreement {100 * after['top1_agreement']:.1f}%, bits/byte "
+                     f"{after['bits_per_byte']:.4f} (source {after['teacher_bits_per_byte']:.4f}).", *format_lines(report["formats"]), ""]
+            (folder / "README.md").write_text((folder / "README.md").read_text() + "\n".join(lines))
         _plot(history_by_phase, folder / "heal_kl.png", before)

@@ -82,6 +82,13 @@ def check_tensors(tensors: dict[str, TensorInfo], spec: ModelSpec, folder) -> li
     return ignored
 
 
+def donor_layer_map(source_layers: int, donor_layers: int) -> list[int]:
+    """Donor layer for each source layer, at the same relative depth (first to first, last to last)."""
+    if source_layers == 1:
+        return [0]
+    return [round(index * (donor_layers - 1) / (source_layers - 1)) for index in range(source_layers)]
+
+
 def build_plan(
     tensors: dict[str, TensorInfo],
     spec: ModelSpec,
@@ -91,8 +98,12 @@ def build_plan(
     new_token_init: str,
     vocab_changed: bool,
     folder=".",
+    donor_layers: int | None = None,
 ) -> dict:
-    """{"steps": [Step...] in output order, "dropped": [{name, reason}...]}; validates shapes first."""
+    """{"steps": [Step...] in output order, "dropped": [{name, reason}...]}; validates shapes first.
+
+    A donor of another depth gives its q/k-norm by relative depth (`donor_layer_map`).
+    """
     ignored = check_tensors(tensors, spec, folder)
     steps: list[Step] = []
     dropped = [{"name": name, "reason": "derived or tied, not stored in Qwen3"} for name in ignored]
@@ -108,7 +119,7 @@ def build_plan(
             steps.append(Step(name, (rows, spec.hidden), info.dtype, op, name, detail))
             continue
         if name.endswith("_proj.bias") and "self_attn" in name and not attention_bias:
-            dropped.append({"name": name, "reason": "q/k/v bias dropped (Qwen3 default attention_bias=False); use --keep-bias to keep it exactly"})
+            dropped.append({"name": name, "reason": "q/k/v bias dropped (--drop-bias); without it the bias is kept exactly"})
             continue
         steps.append(Step(name, tuple(info.shape), info.dtype, "copy", name))
         layer = name.split(".")[2] if name.startswith("model.layers.") else None
@@ -116,9 +127,10 @@ def build_plan(
             norm_dtype = tensors[f"model.layers.{layer}.input_layernorm.weight"].dtype
             for kind in ("q", "k"):
                 target = ATTENTION.format(layer, f"{kind}_norm.weight")
-                source = f"donor:{target}" if qk_norm == "donor" else None
+                donor_layer = donor_layer_map(spec.layers, donor_layers or spec.layers)[int(layer)]
+                source = f"donor:{ATTENTION.format(donor_layer, f'{kind}_norm.weight')}" if qk_norm == "donor" else None
                 detail = {
-                    "donor": "copied from the donor's same layer",
+                    "donor": "copied from the donor's same layer" if donor_layer == int(layer) else f"copied from the donor's layer {donor_layer} (same relative depth)",
                     "calibrated": "least-squares fit to the source's per-dimension projections on the calibration text",
                     "ones": "all ones",
                 }[qk_norm]

@@ -27,7 +27,7 @@ def check_source(spec: ModelSpec, folder: Path) -> None:
 
 
 def check_donor(source: ModelSpec, donor: ModelSpec, folder: Path, qk_norm: str) -> list[dict]:
-    """Donor facts: a Qwen3 model; donor q/k-norm needs equal head_dim and layer count."""
+    """Donor facts: a Qwen3 model; donor q/k-norm needs equal head_dim (another depth maps by relative depth)."""
     if donor.family != "qwen3":
         raise QwenforgeError(
             f"{folder}: donor is a {donor.family} model; a donor must be a Qwen3 checkpoint (its q/k-norm and tokenizer are used)"
@@ -37,11 +37,6 @@ def check_donor(source: ModelSpec, donor: ModelSpec, folder: Path, qk_norm: str)
             raise QwenforgeError(
                 f"{folder}: donor head_dim {donor.head_dim} differs from the source's {source.head_dim}; "
                 "--qk-norm donor needs equal head_dim (use --qk-norm calibrated)"
-            )
-        if donor.layers != source.layers:
-            raise QwenforgeError(
-                f"{folder}: donor has {donor.layers} layers, the source {source.layers}; --qk-norm donor maps layer to layer "
-                "(use --qk-norm calibrated)"
             )
     warnings = []
 
@@ -67,6 +62,8 @@ def check_donor(source: ModelSpec, donor: ModelSpec, folder: Path, qk_norm: str)
         )
     if donor.use_sliding_window != source.use_sliding_window:
         risk("sliding-window-differs", f"use_sliding_window={source.use_sliding_window} kept from the source (donor: {donor.use_sliding_window})")
+    if qk_norm == "donor" and donor.layers != source.layers:
+        risk("donor-depth-differs", f"the donor has {donor.layers} layers, the source {source.layers}: q/k-norm taken by relative depth (map in conversion_metadata.json)")
     if qk_norm == "donor":
         risk("donor-qk-norm", "q/k-norm weights grafted from an unrelated donor are a guess; check the measured fidelity")
     return warnings

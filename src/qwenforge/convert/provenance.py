@@ -140,6 +140,23 @@ def _fidelity_lines(fidelity: dict | None, error: str | None = None) -> list[str
             f"| KL(source ‖ converted), mean per token | | {fidelity['kl']:.4f} |",
             f"| top-1 agreement with the source | | {100 * fidelity['top1_agreement']:.1f}% |",
         ]
+    return lines + format_lines(fidelity.get("formats"))
+
+
+def format_lines(formats: dict | None) -> list[str]:
+    """The per-format table (`compare --formats`): each model against the source put in the same format."""
+    if not formats:
+        return []
+    lines = ["", "In the formats it will be run in (each against the source in the same format; top-1 against the float32 source):", "",
+             "| format | top-1, source in it | top-1, this model in it | bits/byte ratio to the source in it |", "|---|---|---|---|"]
+    for name, row in formats.items():
+        if name == "lora":
+            continue
+        lines.append(f"| {name} | {100 * row['source_top1']:.1f}% | {100 * row['top1']:.1f}% | x{row['bits_per_byte_ratio']:.4f} |")
+    if "lora" in formats:
+        lora = formats["lora"]
+        lines += ["", f"After {lora['steps']} LoRA steps (r={lora['rank']}, lr {lora['learning_rate']:g}, same data): held-out bits/byte "
+                  f"source {lora['source_before']:.4f} -> {lora['source_after']:.4f}, this model {lora['candidate_before']:.4f} -> {lora['candidate_after']:.4f}."]
     return lines
 
 
@@ -166,6 +183,7 @@ def model_card(record: dict, source_name: str) -> str:
         "## Fidelity",
         "",
         *_fidelity_lines(record.get("fidelity"), record.get("measure_error")),
+        *(["", f"**Broken:** {record['broken']}. Heal it (`qwenforge heal`) before use."] if record.get("broken") else []),
         "",
         "## Smoke test",
         "",

@@ -68,3 +68,40 @@ def calibrate(
     for handle in handles:
         handle.remove()
     return {name: numerator / denominator.clamp_min(1e-12) for name, (numerator, denominator) in sums.items()}
+
+
+FLOAT16_SMALLEST_NORMAL = 6.103515625e-05
+
+
+def fragile_qk_reason(folder) -> str | None:
+    """Why a checkpoint's q/k projections cannot survive float16 or training (else None).
+
+    `heal --method linearize` scales them to ~1e-7: every such weight is below float16's smallest
+    normal number (it flushes to zero or keeps a few bits) and one optimizer step is larger than the
+    weight. Reads the first layer's q_proj/k_proj only (linearize scales every layer alike), from
+    the safetensors headers and those two tensors; no model load. Shared by train, distill, chat/serve
+    (fp16 choice) and export.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from qwenforge.checkpoint.dtypes import to_float32
+    from qwenforge.checkpoint.mapped_reader import MappedReader
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists() or not list(folder.glob("*.safetensors")):
+        return None
+    reader = MappedReader(folder)
+    largest = {}
+    for kind in ("q", "k"):
+        name = f"model.layers.0.self_attn.{kind}_proj.weight"
+        if name not in reader.tensors:
+            return None
+        largest[kind] = float(np.abs(to_float32(reader.array(name), reader.tensors[name].dtype)).max())
+    if max(largest.values()) >= FLOAT16_SMALLEST_NORMAL:
+        return None
+    return (
+        f"{folder}: q/k projection weights are at most {max(largest.values()):.2g} (a linearized heal), below float16's smallest normal "
+        f"number: they underflow in float16 and break under training; heal it with --method anchor (or global) first, or run it in bfloat16/float32"
+    )

@@ -26,13 +26,16 @@ from qwenforge.checkpoint.mapped_reader import MappedReader
 from qwenforge.checkpoint.safetensors_io import ShardedWriter
 from qwenforge.convert import preflight, provenance, vocab
 from qwenforge.convert.pickle_source import open_source
-from qwenforge.convert.plan import build_plan
+from qwenforge.convert.plan import build_plan, donor_layer_map
 from qwenforge.convert.qk_norm import QK_NORM_METHODS
 from qwenforge.convert.target_config import config_diff, qwen3_config
 from qwenforge.errors import QwenforgeError
 from qwenforge.files import read_text
 
 SMOKE_PROMPT = "What is the capital of France?"
+# Below these a conversion is broken, not lossy (dropped Qwen2.5 biases: top-1 0%, bits/byte x15).
+BROKEN_TOP1 = 0.5
+BROKEN_BITS_PER_BYTE_RATIO = 1.5
 
 
 def default_text(name: str) -> Path:
@@ -124,17 +127,32 @@ def smoke_test(model, tokenizer) -> dict:
     }
 
 
+def broken_reason(fidelity: dict | None) -> str | None:
+    """What the measured fidelity shows if the model is broken (else None): the gate before exit 0."""
+    if not fidelity:
+        return None
+    ratio, top1 = fidelity.get("bits_per_byte_ratio"), fidelity.get("top1_agreement")
+    if top1 is not None and top1 < BROKEN_TOP1:
+        return f"held-out top-1 agreement with the source {top1:.1%} (below {BROKEN_TOP1:.0%}), bits/byte x{ratio:.2f}"
+    if ratio is not None and ratio > BROKEN_BITS_PER_BYTE_RATIO:
+        return f"held-out bits/byte x{ratio:.2f} the source's (above x{BROKEN_BITS_PER_BYTE_RATIO})"
+    return None
+
+
 def _command_line(options: dict) -> str:
     parts = ["qwenforge", "convert", options["source"], options["out"]]
     for key in ("donor", "tokenizer", "calibration_text", "fidelity_text"):
         if options.get(key):
             parts += [f"--{key.replace('_', '-')}", options[key]]
     parts += ["--qk-norm", options["qk_norm"], "--new-token-init", options["new_token_init"], "--max-shard-size", str(options["max_shard_size"])]
-    for flag in ("keep_bias", "strict", "allow_pickle"):
+    if not options["keep_bias"]:
+        parts.append("--drop-bias")
+    for flag in ("strict", "allow_pickle", "accept_lossy"):
         if options[flag]:
             parts.append(f"--{flag.replace('_', '-')}")
     if not options["measure"]:
         parts.append("--no-measure")
+    parts += ["--formats", options.get("formats") or "none"]
     parts += ["--fidelity-tokens", str(options["fidelity_tokens"]), "--calibration-tokens", str(options["calibration_tokens"])]
     return shlex.join(parts)
 
@@ -144,7 +162,7 @@ def convert(
     out: Path,
     donor: Path | None = None,
     tokenizer: Path | None = None,
-    keep_bias: bool = False,
+    keep_bias: bool = True,
     qk_norm: str | None = None,
     new_token_init: str | None = None,
     calibration_text: Path | None = None,
@@ -157,6 +175,8 @@ def convert(
     force: bool = False,
     allow_pickle: bool = False,
     measure: bool = True,
+    accept_lossy: bool = False,
+    formats: str | None = "bf16,fp16,q8_0",
     progress=None,
 ) -> dict:
     """Convert SOURCE into a Qwen3 checkpoint at OUT; returns the plan, warnings and (unless dry_run) the metadata.
@@ -164,7 +184,9 @@ def convert(
     Streams tensor by tensor: peak memory is about two embedding matrices. q/k-norm calibration
     and the fidelity measurement (`measure`) run the models, layer-offloaded when a model exceeds
     its memory cap (checkpoint/offload.py). `progress(done, total, name)` is called after each
-    tensor is written.
+    tensor is written. A measured broken model (`broken_reason`) raises after OUT is written,
+    unless `accept_lossy`; q/k/v biases are kept unless `keep_bias=False` (the card's choice). `formats`
+    (compare.format_fidelity; None skips) measures both models in the formats the result will run in.
     """
     started = time.time()
     source, out = Path(source), Path(out)
@@ -205,11 +227,12 @@ def convert(
             rows = max(spec.embedding_rows, padded_rows(len(target_tok)))
         vocab_map = vocab.align(source_tok, target_tok, spec.embedding_rows, rows)
         # 2. plan
-        plan = build_plan(reader.tensors, spec, rows, keep_bias, qk_norm, new_token_init, not vocab_map.identity, source)
+        donor_layers = donor_spec.layers if donor_spec is not None and qk_norm == "donor" else None
+        plan = build_plan(reader.tensors, spec, rows, keep_bias, qk_norm, new_token_init, not vocab_map.identity, source, donor_layers)
         bias_dropped = _bias_record(reader, plan)
         if bias_dropped and bias_dropped["max_norm"] > 0:
             warnings.append(
-                {"code": "bias-dropped", "message": f"{bias_dropped['count']} attention biases dropped (largest norm {bias_dropped['max_norm']:.4g}); outputs change (--keep-bias keeps them exactly)"}
+                {"code": "bias-dropped", "message": f"{bias_dropped['count']} attention biases dropped (largest norm {bias_dropped['max_norm']:.4g}); outputs change (without --drop-bias they are kept exactly)"}
             )
         preflight.apply_strict(warnings, strict)
         attention_bias = keep_bias and (spec.qkv_bias or spec.o_bias)
@@ -227,7 +250,7 @@ def convert(
             "source": str(source), "out": str(out), "donor": str(donor) if donor else None, "tokenizer": str(tokenizer) if tokenizer else None,
             "keep_bias": keep_bias, "qk_norm": qk_norm, "new_token_init": new_token_init,
             "calibration_text": str(calibration_text) if calibration_text else None, "fidelity_text": str(fidelity_text) if fidelity_text else None,
-            "fidelity_tokens": fidelity_tokens, "calibration_tokens": calibration_tokens, "max_shard_size": max_shard_size, "strict": strict, "allow_pickle": allow_pickle, "measure": measure,
+            "fidelity_tokens": fidelity_tokens, "calibration_tokens": calibration_tokens, "max_shard_size": max_shard_size, "strict": strict, "allow_pickle": allow_pickle, "measure": measure, "accept_lossy": accept_lossy, "formats": formats,
         }
         options["command"] = _command_line(options)
         result = {"plan": plan, "warnings": warnings, "config": target_config, "vocabulary": vocabulary, "special_tokens": special_tokens}
@@ -265,7 +288,8 @@ def convert(
                 new = _new_rows(new_token_init, matrix, dtype, source_tok, vocab_map, projected.get(step.name), pieces)
                 return vocab.transplant_parts(reader, step.source, vocab_map, new)
             if step.op == "donor":
-                raw, dtype = donor_reader.array(step.name), donor_reader.tensors[step.name].dtype
+                donor_name = step.source.removeprefix("donor:")
+                raw, dtype = donor_reader.array(donor_name), donor_reader.tensors[donor_name].dtype
                 return [raw if dtype == step.dtype else from_float32(to_float32(raw, dtype), step.dtype)]
             if step.op == "calibrated":
                 return [norms[step.name].to(torch_dtype(step.dtype))]
@@ -291,11 +315,14 @@ def convert(
                 generation.pop("transformers_version", None)
                 write_json(temp / "generation_config.json", generation)
                 extra = {"vocabulary": vocabulary, "bias_dropped": bias_dropped, "projection": projection_fits, "calibration_text": str(calibration_file)}
+                if donor_layers is not None:
+                    extra["donor_layer_map"] = donor_layer_map(spec.layers, donor_layers)
                 measure_failure = None
                 if measure:
                     try:
-                        extra.update(_measure(temp, source_model or source, texts["fidelity"], fidelity_tokens))
+                        extra.update(_measure(temp, source_model or source, texts["fidelity"], fidelity_tokens, formats))
                         extra["fidelity"]["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
+                        extra["broken"] = broken_reason(extra["fidelity"])
                     except Exception as error:  # noqa: BLE001 - a failed check must not cost the finished conversion
                         measure_failure = error
                         extra["measure_error"] = f"{type(error).__name__}: {error}"
@@ -314,12 +341,23 @@ def convert(
             ) from measure_failure
         result["metadata"] = record
         result["out"] = out
+        if record.get("broken") and not accept_lossy:
+            raise QwenforgeError(
+                f"{out}: converted but broken: {record['broken']}; heal it (`qwenforge heal {out} HEALED --teacher {source}`, "
+                "or convert with --heal) or pass --accept-lossy to keep it as it is (the folder is kept)"
+            )
         return result
 
 
-def _measure(folder: Path, source, text: str, fidelity_tokens: int) -> dict:
-    """Smoke test and fidelity (on `text`) of the converted model in `folder` against the source."""
+def _measure(folder: Path, source, text: str, fidelity_tokens: int, formats: str | None = None) -> dict:
+    """Smoke test and fidelity (on `text`, and per format in `formats`) of the converted model in `folder` against the source."""
     from qwenforge import compare
 
     converted = compare.load(folder)
-    return {"smoke_test": smoke_test(*converted), "fidelity": compare.fidelity(source, converted, text, max_tokens=fidelity_tokens)}
+    reference = compare.load(source)
+    fidelity = compare.fidelity(reference, converted, text, max_tokens=fidelity_tokens)
+    if formats and fidelity["same_tokenization"]:
+        from qwenforge.formats import parse_formats
+
+        fidelity["formats"] = compare.format_fidelity(reference, converted, text, parse_formats(formats)[0], max_tokens=fidelity_tokens)
+    return {"smoke_test": smoke_test(*converted), "fidelity": fidelity}

@@ -115,6 +115,13 @@ def online_memory(teacher_dir: Path, student_dir: Path, vocab: int, options: Dis
     return estimate
 
 
+def _refuse_fragile(student_dir: Path) -> None:
+    from qwenforge.convert.qk_norm import fragile_qk_reason
+
+    if reason := fragile_qk_reason(student_dir):
+        raise QwenforgeError(f"distill: {reason}")
+
+
 def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path, out: Path | None, options: DistillOptions = DistillOptions(), *, force: bool = False, console=None) -> dict:
     """Teacher and student in one process: the teacher's full distribution, no_grad, per batch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -126,6 +133,7 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
     train_text, heldout_text = store.read_text(data), store.read_text(heldout)  # before any model is loaded
     if out is not None and Path(out).exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
+    _refuse_fragile(student_dir)
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
@@ -248,6 +256,7 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
         raise QwenforgeError(f"{checkpoint}: no checkpoint to resume (none was written before the first evaluation); run without --resume")
     if checkpoint is not None and checkpoint.exists() and not resume and not force:
         raise QwenforgeError(f"{checkpoint}: an interrupted run's checkpoint exists; pass --resume to continue it or --force to start over")
+    _refuse_fragile(student_dir)
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)

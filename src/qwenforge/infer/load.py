@@ -290,6 +290,7 @@ def load_model(
     else:
         setup = choose_setup(spec, hardware, dtype=dtype, quant=quant, device=device, context=min(context, 4096), batch=batch)
         setup = replace(setup, rope_scaling=yarn)
+        setup = _avoid_fragile_float16(setup, folder, explicit=dtype == "float16")
         loaded = LoadedModel(
             engine="transformers",
             name=name,
@@ -304,6 +305,20 @@ def load_model(
     if say:
         say(loaded.describe())
     return loaded
+
+
+def _avoid_fragile_float16(setup: Setup, folder: Path, explicit: bool) -> Setup:
+    """A linearized checkpoint's q/k weights underflow in float16: refuse --dtype float16, else pick another dtype."""
+    if setup.dtype != "float16":
+        return setup
+    from qwenforge.convert.qk_norm import fragile_qk_reason
+
+    if not (reason := fragile_qk_reason(folder)):
+        return setup
+    if explicit:
+        raise QwenforgeError(f"--dtype float16: {reason}")
+    other = "float32" if setup.device == "cpu" else "bfloat16"
+    return Setup(device=setup.device, dtype=other, quant=setup.quant, reason=f"{setup.reason}; {other}, not float16: q/k weights of a linearized heal underflow in float16")
 
 
 def _load_transformers(folder: Path, setup: Setup, adapter: Path | None):

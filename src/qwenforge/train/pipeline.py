@@ -199,6 +199,14 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def refuse_fragile(folder: Path, verb: str) -> None:
+    """A linearized checkpoint trains into garbage (measured: 0.75 -> 2.96 bits/byte in 20 LoRA steps): stop first."""
+    from qwenforge.convert.qk_norm import fragile_qk_reason
+
+    if reason := fragile_qk_reason(folder):
+        raise QwenforgeError(f"{verb}: {reason}")
+
+
 def train(config: TrainConfig, resume: bool = False, force: bool = False, console=None,
           stop: threading.Event | None = None, on_log=None) -> dict:
     """Run the whole curriculum; returns the summary (also in OUT/summary.json)."""
@@ -219,6 +227,7 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, consol
     started = time.perf_counter()
     curriculum = load_curriculum(config.curriculum)  # every data problem stops the run here
     folder = resolve_model_folder(config.model)
+    refuse_fragile(folder, "train")
     plan = build_plan(config, folder)
     out = Path(config.output)
     ranks.on_main(_prepare_output, config, out, resume, force)
@@ -431,6 +440,7 @@ def sft_trial(model: str | Path, work_dir: Path, topic: str = "tokens", steps: i
     chosen = [t for t in load_curriculum("sample").topics if t.name == topic][0]
     records = sft_records(chosen)[:examples]
     folder = resolve_model_folder(config.model)
+    refuse_fragile(folder, "train")
     plan = build_plan(config, folder)
     backend = create_backend("pytorch")
     backend.load(folder, plan)
