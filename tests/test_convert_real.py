@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, embedded_model_dir):
     out = tmp_path_factory.mktemp("real") / "qwen2.5-coder-qwen3"
-    result = convert(embedded_model_dir, out, keep_bias=True, qk_norm="calibrated", fidelity_tokens=128, calibration_tokens=256)
+    # calibrated norms alone are lossy (about 25% top-1): accepted here, healed in the next test
+    result = convert(embedded_model_dir, out, keep_bias=True, qk_norm="calibrated", fidelity_tokens=128, calibration_tokens=256, accept_lossy=True)
     return out, result
 
 

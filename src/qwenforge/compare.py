@@ -320,6 +320,8 @@ def compare_files(a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plo
         check_writable(plot, "plot")  # before the measurement, not after it
     names, lora = parse_formats(formats) if formats else ([], False)
     train = read_text(Path(train_text), "training text") if lora and train_text else None
+    for model in (a, b):  # both checked before either is loaded
+        check_folder(model)
     pair_a, pair_b = load(a), load(b)
     result = fidelity(pair_a, pair_b, text, max_tokens=max_tokens)
     result["text"] = str(text_file)
