@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def converted(tmp_path_factory, embedded_model_dir):
     out = tmp_path_factory.mktemp("real") / "qwen2.5-coder-qwen3"
     # calibrated norms alone are lossy (about 25% top-1): accepted here, healed in the next test
-    result = convert(embedded_model_dir, out, keep_bias=True, qk_norm="calibrated", fidelity_tokens=128, calibration_tokens=256, accept_lossy=True)
+    result = convert(embedded_model_dir, out, keep_bias=True, qk_norm="calibrated", fidelity_tokens=128, calibration_tokens=256, accept_lossy=True, formats=None)
     return out, result
 
 
@@ -55,7 +55,7 @@ def test_real_qwen25_healed_answers_as_its_source(converted, embedded_model_dir,
     from qwenforge.infer.load import load_model
 
     out, _ = converted
-    report = heal(out, tmp_path / "healed", embedded_model_dir, HealOptions(method="linearize", eval_tokens=256, threads=2))
+    report = heal(out, tmp_path / "healed", embedded_model_dir, HealOptions(method="linearize", eval_tokens=256, threads=2, formats=None))
     assert report["before"]["top1_agreement"] < 0.8
     assert report["after"]["top1_agreement"] >= 0.99
     assert report["after"]["bits_per_byte"] == pytest.approx(report["after"]["teacher_bits_per_byte"], rel=1e-3)
