@@ -1,4 +1,4 @@
-"""Zone training on the real embedded SmolLM2-135M-Instruct (slow: real model on the CPU)."""
+"""Zone training on the real embedded Qwen2.5-Coder-0.5B-Instruct (slow: real model on the CPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from qwenforge.train.pipeline import sft_trial
 @pytest.mark.slow
 def test_real_model_sft_lowers_the_answer_loss(tmp_path, embedded_model_dir):
     trial = sft_trial(embedded_model_dir, tmp_path, steps=2, examples=2, max_seq_length=128)
-    assert trial["adapted_layers"] == 30 and trial["trainable_parameters"] == 973_824
+    assert trial["adapted_layers"] == 24 and trial["trainable_parameters"] > 0  # every layer of the real 0.5B has a zone
     assert trial["loss_after"] < trial["loss_before"] - 0.05, trial
 
 
@@ -28,4 +28,4 @@ def test_real_model_zones_are_applied(embedded_model_dir):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(embedded_model_dir), dtype=torch.float32), lora_config(plan))
     assert adapted_modules(model) == {row.layer: sorted(row.modules) for row in plan.rows}
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.trainable_parameters
-    assert adapted_modules(model)[0] == ["q_proj"] and adapted_modules(model)[29] == ["down_proj", "o_proj", "up_proj"]
+    assert sorted(adapted_modules(model)) == list(range(24))  # the real Qwen2.5-0.5B's 24 layers, first to last
