@@ -17,7 +17,8 @@ PROMPT = ">>> "
 
 
 def _spawn(*args: str):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TERM": "xterm"}
+    # COLUMNS/LINES as the pseudo-terminal's own size: pytest-xdist's workers export COLUMNS=80, which rich would obey
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TERM": "xterm", "COLUMNS": "120", "LINES": "40"}
     child = pexpect.spawn(QWENFORGE, ["chat", *args, "--threads", "1"], env=env, encoding="utf-8", codec_errors="replace", timeout=180, dimensions=(40, 120))
     if os.environ.get("QWENFORGE_TEST_ECHO"):
         child.logfile_read = sys.stdout
