@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -48,20 +49,54 @@ def test_real_qwen25_converts_with_biases_and_calibrated_qk_norm(converted, embe
     assert fidelity["kl"] < ones["kl"]
 
 
-def test_real_qwen25_healed_answers_as_its_source(converted, embedded_model_dir, tmp_path):
-    """Closed-form heal restores the source on held-out text, and the test question keeps its answer."""
+@pytest.fixture(scope="module")
+def healed(converted, embedded_model_dir, tmp_path_factory):
+    """The default heal (anchor: closed form, every weight in fp16's range) of the real conversion."""
     from qwenforge.heal import HealOptions, heal
+
+    out, _ = converted
+    target = tmp_path_factory.mktemp("real") / "healed"
+    return target, heal(out, target, embedded_model_dir, HealOptions(eval_tokens=256, threads=2, formats=None))
+
+
+def test_real_qwen25_healed_answers_as_its_source(healed, embedded_model_dir):
+    """The default heal restores the source on held-out text, and the test question keeps its answer."""
     from qwenforge.infer.generation import Sampling, build_prompt, complete
     from qwenforge.infer.load import load_model
 
-    out, _ = converted
-    report = heal(out, tmp_path / "healed", embedded_model_dir, HealOptions(method="linearize", eval_tokens=256, threads=2, formats=None))
+    target, report = healed
+    assert "anchored" in report
     assert report["before"]["top1_agreement"] < 0.8
-    assert report["after"]["top1_agreement"] >= 0.99
-    assert report["after"]["bits_per_byte"] == pytest.approx(report["after"]["teacher_bits_per_byte"], rel=1e-3)
+    assert report["after"]["top1_agreement"] >= 0.9
+    assert report["after"]["bits_per_byte"] <= 1.03 * report["after"]["teacher_bits_per_byte"]
     answers = []
-    for model in (embedded_model_dir, tmp_path / "healed"):
+    for model in (embedded_model_dir, target):
         loaded = load_model(str(model), dtype="float32", threads=2)
         prompt = build_prompt(loaded.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
         answers.append(complete(loaded, prompt, Sampling(temperature=0, max_new_tokens=12)).text)
     assert "Paris" in answers[0] and answers[1] == answers[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None, reason="llama.cpp engine not installed (pip install 'qwenforge[xllamacpp]')")
+def test_real_conversion_exported_runs_in_llama_cpp(healed, tmp_path):
+    """The Qwen3 conversion of the real model, exported to GGUF f16, loads in llama.cpp, answers through
+    its chat template, and takes the HF checkpoint's greedy next token over held-out text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwenforge.export.gguf import export
+    from qwenforge.export.llama_cpp import chat_reply, greedy_next_tokens, llama_cpp_server
+
+    target, _ = healed
+    ids = AutoTokenizer.from_pretrained(str(target))(default_text("heldout.txt").read_text())["input_ids"][:256]
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    with torch.no_grad():
+        predicted = model(torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
+    del model
+    gguf = tmp_path / "healed-f16.gguf"
+    export(target, gguf, "f16")
+    with llama_cpp_server(gguf, context=320, threads=2) as server:
+        assert "Paris" in chat_reply(server, "What is the capital of France?")
+        chosen = greedy_next_tokens(server, ids)
+    agreement = sum(a == b for a, b in zip(chosen, predicted)) / len(predicted)
+    print(f"Qwen3 conversion, f16 GGUF: llama.cpp top-1 agreement with the HF checkpoint over {len(predicted)} tokens: {agreement:.1%}")
+    assert agreement >= 0.99
