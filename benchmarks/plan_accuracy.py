@@ -5,7 +5,7 @@
     python benchmarks/plan_accuracy.py --published  # Qwen's published GPU figures only (no model runs)
     (the two nf4 cases need `pip install bitsandbytes`; without it they are skipped)
 
-Each case loads a model (tiny models built from real presets, and the embedded SmolLM2-135M), then
+Each case loads a model (tiny models built from real presets, and the embedded Qwen2.5-Coder-0.5B-Instruct), then
 either generates (inference at a context and batch) or takes one LoRA/QLoRA training step.
 Measured, in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536` so freed tensors go back to the OS:
   - weights: the bytes of every parameter and buffer storage (deduplicated, so tied embeddings count once);
@@ -36,17 +36,17 @@ CASES = [
     ("tiny qwen2 infer", "tiny-qwen2", "infer", "fp32", 1024, 1, None, False),
     ("tiny qwen2-tied infer", "tiny-qwen2-tied", "infer", "fp32", 512, 4, None, False),
     ("wide qwen3 infer", "wide-qwen3", "infer", "fp32", 2048, 1, None, False),
-    ("SmolLM2 infer", "embedded", "infer", "fp32", 512, 1, None, False),
-    ("SmolLM2 infer", "embedded", "infer", "fp32", 2048, 1, None, False),
-    ("SmolLM2 infer", "embedded", "infer", "fp32", 1024, 4, None, False),
-    ("SmolLM2 infer", "embedded", "infer", "bf16", 1024, 1, None, False),
-    ("SmolLM2 infer", "embedded", "infer", "nf4", 1024, 1, None, False),
+    ("Qwen2.5-0.5B infer", "embedded", "infer", "fp32", 512, 1, None, False),
+    ("Qwen2.5-0.5B infer", "embedded", "infer", "fp32", 2048, 1, None, False),
+    ("Qwen2.5-0.5B infer", "embedded", "infer", "fp32", 1024, 4, None, False),
+    ("Qwen2.5-0.5B infer", "embedded", "infer", "bf16", 1024, 1, None, False),
+    ("Qwen2.5-0.5B infer", "embedded", "infer", "nf4", 1024, 1, None, False),
     ("tiny qwen2 LoRA step", "tiny-qwen2", "lora", "fp32", 512, 2, "all-linear", False),
     ("wide qwen3 LoRA step", "wide-qwen3", "lora", "fp32", 512, 2, "all-linear", True),
-    ("SmolLM2 LoRA step", "embedded", "lora", "fp32", 512, 1, "q_proj,v_proj", False),
-    ("SmolLM2 LoRA step", "embedded", "lora", "fp32", 512, 1, "all-linear", True),
-    ("SmolLM2 LoRA step", "embedded", "lora", "bf16", 256, 1, "all-linear", False),
-    ("SmolLM2 QLoRA step", "embedded", "qlora", "nf4", 256, 1, "all-linear", True),
+    ("Qwen2.5-0.5B LoRA step", "embedded", "lora", "fp32", 512, 1, "q_proj,v_proj", False),
+    ("Qwen2.5-0.5B LoRA step", "embedded", "lora", "fp32", 512, 1, "all-linear", True),
+    ("Qwen2.5-0.5B LoRA step", "embedded", "lora", "bf16", 256, 1, "all-linear", False),
+    ("Qwen2.5-0.5B QLoRA step", "embedded", "qlora", "nf4", 256, 1, "all-linear", True),
 ]
 QUICK = {0, 4, 10}
 
@@ -89,15 +89,19 @@ def published_cases() -> list[dict]:
         rows.append({"label": label, "predicted_gib": predicted, "published_gib": published, "error": predicted / published - 1,
                      "tolerance": tolerance, "source": source})
         print(f"{label:34s} | {predicted:10.2f} {published:10.2f} {predicted / published - 1:+7.1%}")
-    print(f"\n{'published growth':34s} | {'predicted':>10s} {'published':>10s} {'error':>7s}  (MiB; KV cache of the prompt alone)")
+    # Qwen3's table is not a peak: Qwen3-0.6B grows by 3,361 MiB where its prompt's KV cache alone is 3,360 MiB,
+    # so the prefill's transients (0.6B: ~770 MiB at 30,720 tokens, whatever the attention kernel) are not in
+    # it. It is the memory held once the prompt is in the cache (weights + KV), which the plan states as its
+    # decode steady state; the plan's peak (prefill included) is printed beside it, not compared.
+    print(f"\n{'published growth':34s} | {'peak':>8s} {'steady':>8s} {'published':>10s} {'error':>7s}  (MiB; steady = the prompt's KV cache, the decode's own transients cancel)")
     for label, preset, weights, published, source in PUBLISHED_GROWTH:
         spec, small = planned(preset, weights, 1)
         large = planned(preset, weights, 30720)[1]
-        predicted = (large.model_dependent - small.model_dependent) / 2**20
-        kv_only = (plan.kv_bytes(spec, large.setup, 30720) - plan.kv_bytes(spec, large.setup, 1)) / 2**20
-        rows.append({"label": label, "predicted_mib": predicted, "published_mib": published, "kv_cache_mib": kv_only,
-                     "error": predicted / published - 1, "source": source})
-        print(f"{label:34s} | {predicted:10.0f} {published:10.0f} {predicted / published - 1:+7.1%}  (KV {kv_only:.0f})")
+        peak = (large.model_dependent - small.model_dependent) / 2**20
+        steady = (plan.kv_bytes(spec, large.setup, 30720) - plan.kv_bytes(spec, large.setup, 1)) / 2**20
+        rows.append({"label": label, "predicted_peak_mib": peak, "predicted_steady_mib": steady, "published_mib": published,
+                     "error": steady / published - 1, "tolerance": 0.05, "source": source})
+        print(f"{label:34s} | {peak:8.0f} {steady:8.0f} {published:10.0f} {steady / published - 1:+7.1%}")
     print(f"\nsources: {QWEN25_SOURCE}\n         {QWEN3_SOURCE}")
     return rows
 
