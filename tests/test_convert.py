@@ -312,7 +312,7 @@ def generation_eos(folder: Path) -> int:
 def test_no_padding_id_in_top_k_on_real_text(converted):
     from transformers import Qwen3ForCausalLM
 
-    from qwenforge.convert.run import default_text
+    from qwenforge.files import default_text
 
     text = default_text("heldout.txt").read_text()
     tokenizer = FastTokenizer.from_file(str(converted["mean"] / "tokenizer.json"))

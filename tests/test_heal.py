@@ -406,3 +406,21 @@ def test_a_linearized_checkpoint_is_recognised_as_fragile(tiny_llama, tiny_conve
     assert chosen.dtype == "float32" and "not float16" in chosen.reason
     with pytest.raises(QwenforgeError, match="--dtype float16: "):
         _avoid_fragile_float16(Setup(device="cpu", dtype="float16", quant="none", reason=""), tmp_path / "linear", explicit=True)
+
+
+def test_heal_across_vocabularies(tiny_llama, tiny_other_vocab, tmp_path):
+    """`convert --tokenizer OTHER --heal` (was refused): the teacher reads the student's text through its own
+    vocabulary (by token string, pieces where it lacks a token); the heal lowers KL on the shared tokens."""
+    from qwenforge.cli import app
+    from qwenforge.convert.run import convert
+
+    out = tmp_path / "other-healed"
+    result = CliRunner().invoke(app, ["convert", str(tiny_llama), str(out), "--tokenizer", str(tiny_other_vocab), "--no-measure", "--heal", "linearize", "--accept-lossy"])
+    assert result.exit_code == 0, result.output
+    linearized = json.loads((out / "heal_report.json").read_text())
+    assert 0 < linearized["teacher_reads_whole_tokens"] < 1 and 0 < linearized["shared_vocabulary"] < 2000
+    assert linearized["after"]["kl"] < linearized["before"]["kl"] and linearized["after"]["top1_agreement"] > linearized["before"]["top1_agreement"]
+    converted = tmp_path / "other-converted"
+    convert(tiny_llama, converted, tokenizer=tiny_other_vocab, measure=False)
+    report = heal(converted, tmp_path / "healed", tiny_llama, _quick(train="norms", method="global", steps=12, learning_rate=0.02, heal_tokens=2000))
+    assert report["after"]["kl"] < report["before"]["kl"] and report["phases"]["global"]["best_step"] > 0

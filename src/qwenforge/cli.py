@@ -199,10 +199,6 @@ def convert(
         fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
         formats=None if formats == "none" else formats, accept_lossy=accept_lossy or bool(heal_method),  # with --heal, the healed model is what must not be broken
     )
-    if heal_method and tokenizer and not dry_run:
-        from qwenforge.heal import check_healable_tokenizer
-
-        check_healable_tokenizer(source, tokenizer)  # before converting, not after
     if dry_run:
         result = run_convert(source, out, dry_run=True, **options)
         if as_json:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qwenforge.distill import engine
+from qwenforge.fidelity import Fidelity, shared_ids, token_sequences
 from qwenforge.errors import QwenforgeError
 
 Loaded = tuple  # (model, tokenizer)
@@ -75,13 +75,6 @@ def _forward(model, inputs: torch.Tensor, lengths: list[int], hidden: bool = Fal
     return model(inputs, attention_mask=mask, output_hidden_states=hidden)
 
 
-def shared_ids(tokenizer_a, tokenizer_b, rows_a: int, rows_b: int) -> torch.Tensor:
-    """Ids that name the same token string in both tokenizers (padding rows excluded)."""
-    vocab_a, vocab_b = tokenizer_a.get_vocab(), tokenizer_b.get_vocab()
-    shared = sorted(i for token, i in vocab_a.items() if vocab_b.get(token) == i and i < rows_a and i < rows_b)
-    return torch.tensor(shared, dtype=torch.long)
-
-
 @torch.no_grad()
 def bits_per_byte(model: str | Path | Loaded, text: str, window: int = 256) -> dict:
     """Bits per byte and perplexity of one model on `text`."""
@@ -139,7 +132,7 @@ def fidelity(
         ref_model.config.hidden_size == cand_model.config.hidden_size
         and ref_model.config.num_hidden_layers == cand_model.config.num_hidden_layers
     )
-    figures = engine.Fidelity()  # the one implementation of KL, agreement, bits per byte (heal and distill use it too)
+    figures = Fidelity()  # the one implementation of KL, agreement, bits per byte (heal and distill use it too)
     cosine_sums = None
     for inputs, targets, lengths in _batches(ref_ids, window):
         ref_out = _forward(ref_model, inputs, lengths, compare_layers)
@@ -198,7 +191,7 @@ def format_fidelity(
             if reference_logprobs is None:
                 reference_logprobs = [torch.log_softmax(_forward(ref_model, inputs, lengths).logits.float(), -1) for inputs, _, lengths in batches]
             placed = in_format(model, name)
-            fidelity = engine.Fidelity()
+            fidelity = Fidelity()
             for (inputs, targets, lengths), teacher in zip(batches, reference_logprobs):
                 logits = _forward(placed, inputs, lengths).logits
                 for row, length in enumerate(lengths):
@@ -230,7 +223,7 @@ def lora_trainability(reference: str | Path | Loaded, candidate: str | Path | Lo
     for role, pair in (("source", reference), ("candidate", candidate)):
         model, tokenizer = load(pair)
         model = copy.deepcopy(model)  # the caller's model stays untouched
-        sequences = engine.token_sequences(tokenizer, train_text, settings["sequence_length"], what="training text")
+        sequences = token_sequences(tokenizer, train_text, settings["sequence_length"], what="training text")
         before = bits_per_byte((model, tokenizer), heldout_text)["bits_per_byte"]
         torch.manual_seed(settings["seed"])
         config = LoraConfig(r=settings["rank"], lora_alpha=2 * settings["rank"], target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
@@ -328,7 +321,7 @@ def compare_files(a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plo
     if names:
         result["formats"] = format_fidelity(pair_a, pair_b, text, names, max_tokens=max_tokens)
     if lora:
-        from qwenforge.convert.run import default_text
+        from qwenforge.files import default_text
 
         train = train if train is not None else default_text("calibration.txt").read_text()
         heldout = text_prefix(pair_a[1], text, max_tokens)

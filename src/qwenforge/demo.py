@@ -152,7 +152,7 @@ def step_train(state: DemoState) -> None:
 
 def step_distill(state: DemoState) -> None:
     """Capture the source's top-k log-probabilities once, then distil them into the calibrated conversion (LoRA)."""
-    from qwenforge.convert.run import default_text
+    from qwenforge.files import default_text
     from qwenforge.distill.store import capture
     from qwenforge.distill.train import DistillOptions, train_from_store
 

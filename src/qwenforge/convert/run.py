@@ -11,7 +11,6 @@ transformers load + generation, fidelity against the source), provenance, rename
 from __future__ import annotations
 
 import errno
-import importlib.resources
 import json
 import shlex
 import time
@@ -30,17 +29,12 @@ from qwenforge.convert.plan import build_plan, donor_layer_map
 from qwenforge.convert.qk_norm import QK_NORM_METHODS
 from qwenforge.convert.target_config import config_diff, qwen3_config
 from qwenforge.errors import QwenforgeError
-from qwenforge.files import read_text
+from qwenforge.files import default_text, read_text
 
 SMOKE_PROMPT = "What is the capital of France?"
 # Below these a conversion is broken, not lossy (dropped Qwen2.5 biases: top-1 0%, bits/byte x15).
 BROKEN_TOP1 = 0.5
 BROKEN_BITS_PER_BYTE_RATIO = 1.5
-
-
-def default_text(name: str) -> Path:
-    """A text shipped with qwenforge: calibration.txt (fitting) or heldout.txt (evaluation)."""
-    return Path(str(importlib.resources.files("qwenforge").joinpath(f"data/{name}")))
 
 
 def padded_rows(count: int, multiple: int = 128) -> int:

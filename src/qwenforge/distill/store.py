@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from qwenforge import __version__
 from qwenforge.checkpoint.folder import read_json, write_json
+from qwenforge import fidelity as figures
 from qwenforge.distill import engine
 from qwenforge.errors import QwenforgeError
 
@@ -228,7 +229,7 @@ def capture(
             item.unlink()
         index_path.unlink(missing_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    sequences = engine.token_sequences(tokenizer, read_text(data), sequence_length, max_tokens, str(data))
+    sequences = figures.token_sequences(tokenizer, read_text(data), sequence_length, max_tokens, str(data))
     if engine_name == "vllm":
         from qwenforge.distill.vllm_engine import vllm_teacher
 
@@ -311,25 +312,31 @@ def iterate_store(folder: Path, index: dict) -> Iterator[tuple[torch.Tensor, tor
     Entries are in rank order (highest first). With an index `open_store` mapped to another
     vocabulary, ids are the student's and tokens it lacks come last with log-probability -inf.
     """
+    for number in range(len(index["shards"])):
+        yield read_shard(folder, index, number)
+
+
+def read_shard(folder: Path, index: dict, number: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shard `number` of the store as `iterate_store` yields it (one shard in memory, not the store)."""
     from safetensors import SafetensorError, safe_open
 
-    for shard in index["shards"]:
-        path = Path(folder) / shard["file"]
-        if not path.exists() or path.stat().st_size != shard["bytes"]:
-            raise QwenforgeError(f"{path}: missing or truncated shard; re-run the capture with --resume after deleting it from {INDEX}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-            decoded = decode_shard(tensors, metadata, index)
-        except (SafetensorError, OSError, zlib.error, lzma.LZMAError, KeyError, RuntimeError) as error:
-            raise QwenforgeError(f"{path}: unreadable shard ({error}); capture again") from error
-        if "_student_ids" in index:
-            from qwenforge.distill import mapping
+    shard = index["shards"][number]
+    path = Path(folder) / shard["file"]
+    if not path.exists() or path.stat().st_size != shard["bytes"]:
+        raise QwenforgeError(f"{path}: missing or truncated shard; re-run the capture with --resume after deleting it from {INDEX}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        decoded = decode_shard(tensors, metadata, index)
+    except (SafetensorError, OSError, zlib.error, lzma.LZMAError, KeyError, RuntimeError) as error:
+        raise QwenforgeError(f"{path}: unreadable shard ({error}); capture again") from error
+    if "_student_ids" in index:
+        from qwenforge.distill import mapping
 
-            table = index["_student_ids"]
-            decoded = (mapping.map_input_ids(table, decoded[0], str(path)), *mapping.map_entries(table, decoded[1], decoded[2]))
-        yield decoded
+        table = index["_student_ids"]
+        decoded = (mapping.map_input_ids(table, decoded[0], str(path)), *mapping.map_entries(table, decoded[1], decoded[2]))
+    return decoded
 
 
 def rebuilt_logprobs(indices: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -364,13 +371,13 @@ def shared_logits(logits: torch.Tensor, shared_mask: torch.Tensor) -> torch.Tens
 
 def store_fidelity(student, sequences, indices, logprobs, byte_counts, teacher_rows: int | None = None, shared: torch.Tensor | None = None) -> dict:
     """Held-out figures against a store, for `distill train` and `heal --teacher-logits`:
-    `engine.Fidelity` on the rebuilt teacher distribution (agreement, bits per byte, perplexity) and
+    `fidelity.Fidelity` on the rebuilt teacher distribution (agreement, bits per byte, perplexity) and
     KL on the stored top-k plus one tail bucket (zero when the student is the teacher).
 
     `shared` (ids both vocabularies hold, after a transplant) keeps KL and agreement to those ids;
     stored entries outside it join the tail. `teacher_rows` defaults to the student's.
     """
-    fidelity, kl = engine.Fidelity(), 0.0
+    fidelity, kl = figures.Fidelity(), 0.0
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device

@@ -17,7 +17,9 @@ import torch
 from qwenforge import __version__
 from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.distill import engine, store
+from qwenforge.distill.teacher import LiveTeacher, Schedule, StoredTeacher, Vocabulary
 from qwenforge.errors import QwenforgeError
+from qwenforge.fidelity import byte_counts, token_sequences
 
 
 @dataclass(frozen=True)
@@ -147,29 +149,23 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
         online_memory(teacher_dir, student_dir, len(tokenizer), options), options.memory_gb, f"{teacher_dir}: teacher and student together would",
         f"capture the teacher once with `qwenforge distill capture {teacher_dir} --data TEXT --out STORE` and run `distill train --logits STORE`",
     )
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    for parameter in teacher.parameters():
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    for parameter in model.parameters():
         parameter.requires_grad_(False)
     student = _load_student(student_dir, options)
     max_positions = getattr(student.config, "max_position_embeddings", None)
     if max_positions and options.sequence_length > max_positions:
         raise QwenforgeError(f"--sequence-length {options.sequence_length} exceeds the student's context of {max_positions} tokens")
-    train_sequences = engine.token_sequences(tokenizer, train_text, options.sequence_length, options.max_tokens, str(data))
-    eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout))
-    eval_bytes = engine.byte_counts(tokenizer, eval_sequences)
-    eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
-    batches = engine.batches_forever(train_sequences, options.batch_size, options.seed)
+    train_sequences = token_sequences(tokenizer, train_text, options.sequence_length, options.max_tokens, str(data))
+    eval_sequences = token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout))
+    schedule = Schedule(len(train_sequences), options.batch_size, shuffle=True, seed=options.seed)
+    teacher = LiveTeacher(model, Vocabulary.same(len(tokenizer)), train_sequences, eval_sequences, byte_counts(tokenizer, eval_sequences), schedule)
 
     def step_loss(step: int) -> torch.Tensor:
-        batch = next(batches)
-        student_logits = student(batch[:, :-1]).logits
-        teacher_logits = None
-        if options.ce_weight < 1:
-            with torch.no_grad():
-                teacher_logits = teacher(batch[:, :-1]).logits
-        return engine.distillation_loss(student_logits, batch[:, 1:], teacher_logits=teacher_logits, kind=options.divergence, temperature=options.temperature, ce_weight=options.ce_weight)
+        batch = teacher.batch(step)
+        return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, options.ce_weight)
 
-    evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes)  # noqa: E731
+    evaluate = lambda: teacher.evaluate(student)  # noqa: E731
     started = time.perf_counter()
     result = engine.run_loop(_trainable(student), step_loss, evaluate, _settings(options), label="distill online", console=console)
     report = {
@@ -223,12 +219,13 @@ def checkpoint_folder(out: Path) -> Path:
 def train_from_store(student_dir: Path, logits: Path, out: Path | None, options: DistillOptions = DistillOptions(), *, resume: bool = False, force: bool = False, console=None) -> dict:
     """Train the student on a captured store; the store's last sequences are the held-out set.
 
-    With OUT, each evaluation checkpoints weights, best weights, optimizer moments, step and the
-    batch sampler's random state beside OUT; `resume` continues from there exactly where it
-    stopped (same batches, same optimizer), and may raise `steps`.
+    The store is read shard by shard (distill/teacher.py: StoredTeacher), each epoch in shuffled
+    shards, so memory holds two shards, never the store. With OUT, each evaluation checkpoints
+    weights, best weights, optimizer moments and step beside OUT; `resume` continues from there
+    exactly where it stopped (the batches are a function of the step), and may raise `steps`.
 
     Under `accelerate launch` (DDP: train/accelerate/ddp.yaml, or `--cpu` with gloo) every process
-    draws the same global batch from one shared generator and trains its slice through the
+    draws the same global batch from the step and trains its slice through the
     prepared (gradient-averaging) model, so all ranks hold the same weights, evaluate alike and stop
     alike; only the main process checkpoints and writes OUT. FSDP / ZeRO-3 sharding is not handled.
     """
@@ -262,14 +259,14 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     index = store.open_store(logits, tokenizer, options.min_coverage)
-    ids, indices, values = (torch.cat(parts) for parts in zip(*store.iterate_store(logits, index)))
-    if len(ids) <= options.heldout_sequences:
-        raise QwenforgeError(f"{logits}: only {len(ids)} sequences; capture more data than --heldout-sequences {options.heldout_sequences}")
+    sizes = [shard["sequences"] for shard in index["shards"]]
+    if sum(sizes) <= options.heldout_sequences:
+        raise QwenforgeError(f"{logits}: only {sum(sizes)} sequences; capture more data than --heldout-sequences {options.heldout_sequences}")
     max_positions = read_config(student_dir).get("max_position_embeddings")
-    if max_positions and ids.shape[1] - 1 > max_positions:
-        raise QwenforgeError(f"{logits}: sequences of {ids.shape[1] - 1} tokens exceed the student's context of {max_positions}")
-    held = slice(len(ids) - options.heldout_sequences, None)
-    eval_bytes = engine.byte_counts(tokenizer, list(ids[held]))
+    if max_positions and index["sequence_length"] > max_positions:
+        raise QwenforgeError(f"{logits}: sequences of {index['sequence_length']} tokens exceed the student's context of {max_positions}")
+    schedule = Schedule(sum(sizes) - options.heldout_sequences, options.batch_size, shuffle=True, seed=options.seed, blocks=tuple(sizes))
+    teacher = StoredTeacher(logits, index, options.heldout_sequences, schedule, tokenizer)
     student = _load_student(student_dir, options)
     forward = student
     if world > 1:
@@ -277,8 +274,6 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
 
         forward = Accelerator(cpu=not torch.cuda.is_available()).prepare_model(student)
     device = next(student.parameters()).device
-    train_count = len(ids) - options.heldout_sequences
-    generator = torch.Generator().manual_seed(options.seed)
     trainable = _trainable(student)
     saved = {}
     if resume:
@@ -287,26 +282,21 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
         changed += ["processes"] if saved["extra"].get("processes", 1) != world else []
         if changed or saved["extra"]["logits"] != str(logits) or saved["extra"]["student"] != str(student_dir):
             raise QwenforgeError(f"{checkpoint}: saved by a run with other {', '.join(changed) or 'student or logits'}; resume with the same settings or pass --force")
-        generator.set_state(torch.tensor(saved.pop("extra")["generator"], dtype=torch.uint8))
+        saved.pop("extra")  # the batches are a function of the step (teacher.Schedule): nothing else to restore
     elif checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
 
     def step_loss(step: int) -> torch.Tensor:
-        chosen = torch.randint(0, train_count, (options.batch_size * world,), generator=generator)[rank * options.batch_size : (rank + 1) * options.batch_size]
-        batch = ids[chosen].to(device)
-        student_logits = forward(batch[:, :-1]).logits
-        return engine.distillation_loss(
-            student_logits, batch[:, 1:], teacher_topk=(indices[chosen].to(device), values[chosen].to(device)),
-            kind=options.divergence, temperature=options.temperature, ce_weight=options.ce_weight,
-        )
+        batch = teacher.batch(step, rank, world).to(device)
+        return teacher.loss(forward(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, options.ce_weight)
 
     def on_checkpoint(state: dict) -> None:
         if rank:
             return
-        extra = {"generator": generator.get_state().tolist(), "options": asdict(options), "logits": str(logits), "student": str(student_dir), "processes": world}
+        extra = {"options": asdict(options), "logits": str(logits), "student": str(student_dir), "processes": world}
         engine.save_progress(checkpoint, trainable, state, extra)
 
-    evaluate = lambda: store.store_fidelity(student, ids[held], indices[held], values[held], eval_bytes)  # noqa: E731
+    evaluate = lambda: teacher.evaluate(student)  # noqa: E731
     started = time.perf_counter()
     result = engine.run_loop(trainable, step_loss, evaluate, _settings(options), label="distill train", console=console,
                              on_checkpoint=on_checkpoint if checkpoint is not None else None, **saved)
@@ -320,7 +310,7 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
         "resumed_from_step": saved.get("start_step"),
         "processes": world,
         "rank_fingerprints": _fingerprints(trainable, world),
-    } | _outcome(student, result, options.batch_size * world * (ids.shape[1] - 1), started)
+    } | _outcome(student, result, options.batch_size * world * index["sequence_length"], started)
     if out is not None and rank == 0:
         _save(student, student_dir, Path(out), report, force)
         shutil.rmtree(checkpoint, ignore_errors=True)
