@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,28 +50,37 @@ MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json
 
 
 @dataclass(frozen=True)
-class HealOptions:
+class HealOptions(engine.LoopOptions):
+    """`heal` options: the loop's (engine.LoopOptions, here per phase) and these, checked when built."""
+
     train: str = "norms+qk-lora"
     method: str | None = None  # default_method: anchor where the conversion kept q/k biases
     steps: int = 300  # per phase
-    budget_minutes: float | None = None
     text: str | None = None  # healing text file; default: the packaged calibration text
     heldout: str | None = None  # evaluation text file; default: the packaged held-out text
-    sequence_length: int = 256
-    batch_size: int = 4
     heal_tokens: int = 16384
     eval_tokens: int = 1024
-    learning_rate: float | None = None  # default per --train choice
+    learning_rate: float | None = None  # default per --train choice (LEARNING_RATES)
     lora_rank: int = 16
-    divergence: str = "forward"
-    temperature: float = 1.0
     eval_every: int = 25
     patience: int = 4
     layerwise_share: float = 0.6  # of the time budget, for layerwise+global
-    threads: int | None = None
-    seed: int = 0
-    memory_gb: float | None = None  # usable memory; default: what this machine has available now
     formats: str | None = "bf16,fp16,q8_0"  # healed vs source, each put in these formats (compare --formats); None skips
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        engine.check_option("--method", self.method, self.method in METHODS, f"choose one of {', '.join(METHODS)}")
+        engine.check_option("--train", self.train, self.train in TRAIN_CHOICES, f"choose one of {', '.join(TRAIN_CHOICES)}")
+        for flag, value in (("--lora-rank", self.lora_rank), ("--heal-tokens", self.heal_tokens), ("--eval-tokens", self.eval_tokens)):
+            engine.check_option(flag, value, value >= 1, "must be at least 1")
+        engine.check_option("--layerwise-share", self.layerwise_share, 0 < self.layerwise_share < 1, "must be between 0 and 1 (both phases get time)")
+        if self.formats is not None:
+            from qwenforge.formats import parse_formats
+
+            parse_formats(self.formats)
+
+
+LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4}
 
 
 def default_method(converted: Path, from_store: bool) -> str:
@@ -324,12 +333,12 @@ def _check_layers(teacher_config: dict, student_config: dict, method: str) -> No
         )
 
 
-def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, store: bool) -> dict:
+def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, from_store: bool) -> dict:
     """Bytes heal holds: both models in float32 (no teacher with a store), held-out teacher
     log-probabilities, and one batch's logits about four times over (teacher, student, softmax, gradient)."""
     vocab = max(int(teacher_config.get("vocab_size", 0)), int(student_config.get("vocab_size", 0)))
     estimate = {
-        "teacher": 0 if store else engine.weights_bytes(teacher_dir),
+        "teacher": 0 if from_store else engine.weights_bytes(teacher_dir),
         "student": engine.weights_bytes(student_dir),
         "working": 4 * vocab * (options.eval_tokens + 4 * options.batch_size * options.sequence_length),
     }
@@ -337,9 +346,9 @@ def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, 
     return estimate
 
 
-def _check_memory(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, store: Path | None) -> dict:
-    estimate = memory_estimate(teacher_dir, teacher_config, student_dir, student_config, options, store is not None)
-    if store is not None:
+def _check_memory(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, teacher_logits: Path | None) -> dict:
+    estimate = memory_estimate(teacher_dir, teacher_config, student_dir, student_config, options, teacher_logits is not None)
+    if teacher_logits is not None:
         return engine.check_fits(estimate, options.memory_gb, f"{student_dir}: the student alone would", "heal it on a machine with more memory")
     return engine.check_fits(
         estimate, options.memory_gb, f"{teacher_dir}: teacher and student together would",
@@ -447,13 +456,7 @@ def heal(
 
     converted, out, teacher_dir = Path(converted), Path(out), Path(teacher_dir)
     if options.method is None:
-        from dataclasses import replace
-
         options = replace(options, method=default_method(converted, teacher_logits is not None))
-    if options.method not in METHODS:
-        raise QwenforgeError(f"--method {options.method}: choose one of {', '.join(METHODS)}")
-    if options.train not in TRAIN_CHOICES:
-        raise QwenforgeError(f"--train {options.train}: choose one of {', '.join(TRAIN_CHOICES)}")
     refuse_overlap(out, {"teacher": teacher_dir, "teacher logits": teacher_logits})  # OUT may be CONVERTED (healed in place)
     if out.exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
@@ -498,52 +501,10 @@ def heal(
         return _finish_closed_form(student, converted, out, options, header, before, evaluate, started, force, teacher, in_formats)
     anchored = anchor_qk_norms(student, _anchor_ids(teacher)) if options.method == "anchor+global" else None
     named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
-    learning_rate = options.learning_rate or {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4}[options.train]
-    work = _work_folder(out)
+    learning_rate = options.learning_rate or LEARNING_RATES[options.train]
     if not resume:
-        shutil.rmtree(work, ignore_errors=True)
-
-    phases = {"layerwise": ["layerwise"], "global": ["global"], "layerwise+global": ["layerwise", "global"], "anchor+global": ["global"]}[options.method]
-    budget = options.budget_minutes * 60 if options.budget_minutes else None
-    shares = {"layerwise": options.layerwise_share if len(phases) == 2 else 1.0, "global": 1 - options.layerwise_share if len(phases) == 2 else 1.0}
-    results: dict[str, engine.LoopResult] = {}
-    history_by_phase: dict[str, list[dict]] = {}
-    offset_seconds = 0.0
-    for phase in phases:
-        if phase == "layerwise":  # on the teacher's own input stream: each converted attention gets the source's hidden states
-            targets = [capture_attention_io(teacher.model, *teacher.vocabulary.inputs(teacher.batch(step).ids)[:2]) for step in range(teacher.schedule.per_epoch())]
-            step_loss = lambda step: layerwise_loss(student, targets[step % len(targets)])  # noqa: E731
-        else:
-            targets = None
-
-            def step_loss(step: int) -> torch.Tensor:
-                batch = teacher.batch(step)
-                return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature)
-
-        checkpoint = work / phase  # engine.save_progress's layout, as `distill train` keeps it
-        saved = engine.load_progress(checkpoint, named) if resume else None  # copies the saved weights in
-        if saved and saved["extra"].get("done"):
-            history = saved["history"]
-            results[phase] = engine.LoopResult(history=history, best=min(history, key=lambda r: r["kl"]), steps=saved["start_step"], seconds=saved["elapsed"], stopped="resumed")
-        else:
-            settings = engine.LoopSettings(
-                steps=options.steps,
-                budget_seconds=budget * shares[phase] if budget else None,
-                learning_rate=learning_rate if phase == "global" or options.train != "attention" else learning_rate * 2,
-                eval_every=options.eval_every,
-                patience=options.patience,
-            )
-            resumed = {key: saved[key] for key in ("start_step", "elapsed", "history", "optimizer_state", "best_state")} if saved else {}
-            results[phase] = engine.run_loop(
-                named, step_loss, evaluate, settings, label=f"heal {phase}", console=console,
-                on_checkpoint=lambda state, checkpoint=checkpoint: engine.save_progress(checkpoint, named, state), **resumed,
-            )
-            final = {"step": results[phase].steps, "seconds": results[phase].seconds, "history": results[phase].history,
-                     "optimizer": {"state": {}, "param_groups": []}, "best_state": {name: p.detach() for name, p in named.items()}}
-            engine.save_progress(checkpoint, named, final, {"done": True})
-        history_by_phase[phase] = [{**row, "seconds": row["seconds"] + offset_seconds} for row in results[phase].history]
-        offset_seconds += results[phase].seconds
-        del targets
+        shutil.rmtree(_work_folder(out), ignore_errors=True)
+    results, history_by_phase = _run_phases(student, teacher, named, evaluate, options, learning_rate, _work_folder(out), resume, console)
 
     after = evaluate()
     merge_low_rank(student)
@@ -569,8 +530,52 @@ def heal(
         "formats": in_formats() if in_formats else None,
     }
     _write(student, converted, out, report, history_by_phase, before, force)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(_work_folder(out), ignore_errors=True)
     return report
+
+
+def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, learning_rate: float, work: Path, resume: bool, console):
+    """The gradient phases of `options.method` in order, each one `engine.run_loop` checkpointed under `work/PHASE`
+    (a finished phase is picked up by --resume); returns (loop result, history on one time axis) per phase."""
+    phases = {"layerwise": ["layerwise"], "global": ["global"], "layerwise+global": ["layerwise", "global"], "anchor+global": ["global"]}[options.method]
+    shares = {"layerwise": options.layerwise_share if len(phases) == 2 else 1.0, "global": 1 - options.layerwise_share if len(phases) == 2 else 1.0}
+    results: dict[str, engine.LoopResult] = {}
+    history_by_phase: dict[str, list[dict]] = {}
+    offset_seconds = 0.0
+    for phase in phases:
+        if phase == "layerwise":  # on the teacher's own input stream: each converted attention gets the source's hidden states
+            targets = [capture_attention_io(teacher.model, *teacher.vocabulary.inputs(teacher.batch(step).ids)[:2]) for step in range(teacher.schedule.per_epoch())]
+            step_loss = lambda step: layerwise_loss(student, targets[step % len(targets)])  # noqa: E731
+        else:
+            targets = None
+
+            def step_loss(step: int) -> torch.Tensor:
+                batch = teacher.batch(step)
+                return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature)
+
+        checkpoint = work / phase  # engine.save_progress's layout, as `distill train` keeps it
+        saved = engine.load_progress(checkpoint, named) if resume else None  # copies the saved weights in
+        if saved and saved["extra"].get("done"):
+            history = saved["history"]
+            results[phase] = engine.LoopResult(history=history, best=min(history, key=lambda r: r["kl"]), steps=saved["start_step"], seconds=saved["elapsed"], stopped="resumed")
+        else:
+            settings = replace(
+                options,
+                budget_minutes=options.budget_minutes * shares[phase] if options.budget_minutes else None,
+                learning_rate=learning_rate if phase == "global" or options.train != "attention" else learning_rate * 2,
+            )
+            resumed = {key: saved[key] for key in ("start_step", "elapsed", "history", "optimizer_state", "best_state")} if saved else {}
+            results[phase] = engine.run_loop(
+                named, step_loss, evaluate, settings, label=f"heal {phase}", console=console,
+                on_checkpoint=lambda state, checkpoint=checkpoint: engine.save_progress(checkpoint, named, state), **resumed,
+            )
+            final = {"step": results[phase].steps, "seconds": results[phase].seconds, "history": results[phase].history,
+                     "optimizer": {"state": {}, "param_groups": []}, "best_state": {name: p.detach() for name, p in named.items()}}
+            engine.save_progress(checkpoint, named, final, {"done": True})
+        history_by_phase[phase] = [{**row, "seconds": row["seconds"] + offset_seconds} for row in results[phase].history]
+        offset_seconds += results[phase].seconds
+        targets = None  # the layer-wise targets go before the next phase
+    return results, history_by_phase
 
 
 def _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocabulary, teacher) -> dict:
@@ -614,6 +619,36 @@ def _finish_closed_form(student, converted, out, options, header, before, evalua
     }
     _write(student, converted, out, report, {method: report["phases"][method]["history"]}, before, force)
     return report
+
+
+def convert_then_heal(source: Path, out: Path, options, healing: HealOptions | None = None, *, force: bool = False, progress=None, console=None) -> dict:
+    """`qwenforge convert SOURCE OUT --heal METHOD`: convert (convert.run.ConvertOptions), then heal OUT in
+    place with the source as teacher (another tokenizer included); the healed model is then what must
+    not be broken. Without `healing`, the conversion alone."""
+    from qwenforge.convert.run import broken_reason, convert
+
+    if healing is None:
+        return convert(source, out, options, force=force, progress=progress)
+    result = convert(source, out, replace(options, accept_lossy=True), force=force, progress=progress)
+    after = heal(out, out, source, healing, force=True, console=console)["after"]  # the healed folder replaces OUT, provenance carried over
+    result["metadata"]["heal"] = after
+    figures = {"top1_agreement": after["top1_agreement"], "bits_per_byte_ratio": after["bits_per_byte"] / after["teacher_bits_per_byte"]}
+    if (reason := broken_reason(figures)) and not options.accept_lossy:
+        raise QwenforgeError(f"{out}: healed but still broken: {reason}; heal longer (--heal-minutes) or with another --heal method, or pass --accept-lossy (the folder is kept)")
+    return result
+
+
+def heal_lines(report: dict) -> str:
+    """Human lines for a heal report (what `qwenforge heal` prints)."""
+    before, after = report["before"], report["after"]
+    line = (f"held-out top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}; "
+            f"bits/byte {before['bits_per_byte']:.4f} -> {after['bits_per_byte']:.4f} (source {after['teacher_bits_per_byte']:.4f}); "
+            f"KL {before['kl']:.4f} -> {after['kl']:.4f}")
+    if report.get("formats"):
+        from qwenforge.compare import formats_table
+
+        line += "\n" + formats_table(report["formats"])
+    return line
 
 
 def _write(student, converted: Path, out: Path, report: dict, history_by_phase: dict, before: dict, force: bool) -> None:

@@ -107,12 +107,13 @@ def import_gguf(gguf_path: Path, out: Path, dtype: str = "float32", force: bool 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from qwenforge.checkpoint.dtypes import weight_dtype
     from qwenforge.checkpoint.folder import atomic_output
     from qwenforge.checkpoint.safetensors_io import write_state_dict
 
     gguf_path = Path(gguf_path)
+    torch_dtype = getattr(torch, weight_dtype(dtype))
     parsed = gguf_metadata(gguf_path)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     with atomic_output(out, force=force) as temp:
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -112,14 +112,39 @@ def check_fits(estimate: dict, memory_gb: float | None, what: str, remedy: str) 
 # --- the loop ------------------------------------------------------------------------------------
 
 
+def check_option(flag: str, value, ok: bool, need: str) -> None:
+    """One line naming the flag when an option's value is unusable (None means "the default": never checked)."""
+    if value is not None and not ok:
+        raise QwenforgeError(f"{flag} {value}: {need}")
+
+
 @dataclass(frozen=True)
-class LoopSettings:
+class LoopOptions:
+    """The options every heal and distill loop shares, checked when built (a bad value fails before any work).
+
+    `HealOptions` and `DistillOptions` add their own fields and defaults; `run_loop` reads these.
+    """
+
     steps: int = 200
-    budget_seconds: float | None = None
-    learning_rate: float = 1e-3
+    budget_minutes: float | None = None
+    learning_rate: float | None = 1e-4
+    batch_size: int = 4
+    sequence_length: int = 256
+    divergence: str = "forward"
+    temperature: float = 1.0
     eval_every: int = 20
     patience: int = 5  # evaluations without a better held-out KL before stopping early
-    weight_decay: float = 0.0
+    threads: int | None = None
+    seed: int = 0
+    memory_gb: float | None = None  # usable memory; default: what this machine has available now
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--sequence-length", self.sequence_length),
+                            ("--eval-every", self.eval_every), ("--patience", self.patience), ("--threads", self.threads)):
+            check_option(flag, value, value is None or value >= 1, "must be at least 1")
+        for flag, value in (("--budget-minutes", self.budget_minutes), ("--lr", self.learning_rate), ("--temperature", self.temperature), ("--memory", self.memory_gb)):
+            check_option(flag, value, value is None or value > 0, "must be above 0")
+        check_option("--divergence", self.divergence, self.divergence in DIVERGENCES, f"choose one of {', '.join(DIVERGENCES)}")
 
 
 @dataclass
@@ -135,7 +160,7 @@ def run_loop(
     named_parameters: dict[str, torch.nn.Parameter],
     step_loss: Callable[[int], torch.Tensor],
     evaluate: Callable[[], dict],
-    settings: LoopSettings,
+    settings: LoopOptions,
     *,
     label: str = "distill",
     console=None,
@@ -156,7 +181,7 @@ def run_loop(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     parameters = list(named_parameters.values())
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     result = LoopResult(history=list(history or []), steps=start_step)
@@ -176,7 +201,7 @@ def run_loop(
         task = progress.add_task(label, total=settings.steps, completed=start_step, status=status())
         loss_value = float("nan")
         for step in range(start_step, settings.steps):
-            if settings.budget_seconds is not None and time.perf_counter() - started > settings.budget_seconds:
+            if settings.budget_minutes is not None and time.perf_counter() - started > settings.budget_minutes * 60:
                 result.stopped = "time"
                 break
             optimizer.zero_grad(set_to_none=True)

@@ -23,26 +23,24 @@ from qwenforge.fidelity import byte_counts, token_sequences
 
 
 @dataclass(frozen=True)
-class DistillOptions:
-    steps: int = 200
-    budget_minutes: float | None = None
-    learning_rate: float = 1e-4
-    batch_size: int = 4
-    sequence_length: int = 256
-    divergence: str = "forward"
-    temperature: float = 1.0
+class DistillOptions(engine.LoopOptions):
+    """`distill train` / `distill online` options: the loop's (engine.LoopOptions) and these, checked when built."""
+
     ce_weight: float = 0.0
     lora_rank: int = 0  # 0: full fine-tuning
     gradient_checkpointing: bool = False
-    eval_every: int = 20
-    patience: int = 5
     heldout_sequences: int = 4  # store mode: the store's last sequences, never trained on
     max_tokens: int | None = None
     eval_tokens: int | None = 2048  # online mode: held-out tokens evaluated (full teacher distributions are kept in memory)
     min_coverage: float = 0.95  # store mode, other vocabulary: least share of the teacher's top-k mass the student must have
-    threads: int | None = None
-    seed: int = 0
-    memory_gb: float | None = None  # online mode: usable memory; default: what this machine has available now
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        engine.check_option("--ce-weight", self.ce_weight, 0 <= self.ce_weight <= 1, "must be between 0 and 1")
+        engine.check_option("--lora-rank", self.lora_rank, self.lora_rank >= 0, "must be 0 (full fine-tuning) or more")
+        engine.check_option("--min-coverage", self.min_coverage, 0 < self.min_coverage <= 1, "must be above 0 and at most 1")
+        for flag, value in (("--heldout-sequences", self.heldout_sequences), ("--max-tokens", self.max_tokens), ("--eval-tokens", self.eval_tokens)):
+            engine.check_option(flag, value, value is None or value >= 1, "must be at least 1")
 
 
 def _load_student(folder: Path, options: DistillOptions):
@@ -55,8 +53,9 @@ def _load_student(folder: Path, options: DistillOptions):
     if options.lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(model, LoraConfig(r=options.lora_rank, lora_alpha=2 * options.lora_rank, target_modules=targets, lora_dropout=0.0))
+        from qwenforge.arch.spec import PROJECTIONS
+
+        model = get_peft_model(model, LoraConfig(r=options.lora_rank, lora_alpha=2 * options.lora_rank, target_modules=list(PROJECTIONS), lora_dropout=0.0))
     model.train()
     return model
 
@@ -92,16 +91,6 @@ def _plot(history: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def _settings(options: DistillOptions) -> engine.LoopSettings:
-    return engine.LoopSettings(
-        steps=options.steps,
-        budget_seconds=options.budget_minutes * 60 if options.budget_minutes else None,
-        learning_rate=options.learning_rate,
-        eval_every=options.eval_every,
-        patience=options.patience,
-    )
 
 
 def online_memory(teacher_dir: Path, student_dir: Path, vocab: int, options: DistillOptions) -> dict:
@@ -167,7 +156,7 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
 
     evaluate = lambda: teacher.evaluate(student)  # noqa: E731
     started = time.perf_counter()
-    result = engine.run_loop(_trainable(student), step_loss, evaluate, _settings(options), label="distill online", console=console)
+    result = engine.run_loop(_trainable(student), step_loss, evaluate, options, label="distill online", console=console)
     report = {
         "qwenforge_version": __version__,
         "mode": "online",
@@ -194,6 +183,16 @@ def _outcome(student, result, tokens_per_step: int, started: float) -> dict:
         "stopped": result.stopped,
         "seconds": time.perf_counter() - started,
     }
+
+
+def distill_lines(report: dict) -> str:
+    """Human lines for a distill report (what `qwenforge distill train|online` prints)."""
+    lines = []
+    if (report.get("store") or {}).get("student_map"):
+        lines.append(f"vocabulary mapped by token string: coverage {report['store']['student_map']['coverage']:.2%} of the teacher's top-k mass")
+    before, best = report["before"], report["best"]
+    lines.append(f"held-out KL {before['kl']:.4f} -> {best['kl']:.4f}; bits/byte {before['bits_per_byte']:.4f} -> {best['bits_per_byte']:.4f}")
+    return "\n".join(lines)
 
 
 def _fingerprints(trainable: dict, world: int) -> list[float]:
@@ -242,10 +241,11 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
 
         rank = dist.get_rank()
 
+    console = console if rank == 0 else None  # under `accelerate launch` the main process shows progress
     student_dir, logits = Path(student_dir), Path(logits)
     if out is not None:
         refuse_overlap(out, {"student": student_dir, "logit store": logits})
-    read_config(student_dir)
+    student_config = read_config(student_dir)
     if out is not None and Path(out).exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     checkpoint = checkpoint_folder(out) if out is not None else None
@@ -262,7 +262,7 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
     sizes = [shard["sequences"] for shard in index["shards"]]
     if sum(sizes) <= options.heldout_sequences:
         raise QwenforgeError(f"{logits}: only {sum(sizes)} sequences; capture more data than --heldout-sequences {options.heldout_sequences}")
-    max_positions = read_config(student_dir).get("max_position_embeddings")
+    max_positions = student_config.get("max_position_embeddings")
     if max_positions and index["sequence_length"] > max_positions:
         raise QwenforgeError(f"{logits}: sequences of {index['sequence_length']} tokens exceed the student's context of {max_positions}")
     schedule = Schedule(sum(sizes) - options.heldout_sequences, options.batch_size, shuffle=True, seed=options.seed, blocks=tuple(sizes))
@@ -298,7 +298,7 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
 
     evaluate = lambda: teacher.evaluate(student)  # noqa: E731
     started = time.perf_counter()
-    result = engine.run_loop(trainable, step_loss, evaluate, _settings(options), label="distill train", console=console,
+    result = engine.run_loop(trainable, step_loss, evaluate, options, label="distill train", console=console,
                              on_checkpoint=on_checkpoint if checkpoint is not None else None, **saved)
     report = {
         "qwenforge_version": __version__,
