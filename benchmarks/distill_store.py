@@ -1,7 +1,7 @@
 """Logit store size and fidelity: bytes per token at k = 32/64/128 for each layout, and reconstruction KL.
 
 Teacher: the embedded SmolLM2-135M-Instruct (vocabulary 49,152: ids fit 16 bits). Each store is
-written by `store.capture` (the real code path) over the held-out text, for every value encoding
+written by `capture.capture` (the real code path) over the held-out text, for every value encoding
 (float16, uint8) and compression (none = the plain layout, zlib, lzma); bytes per token are the
 shard files on disk (input ids included) divided by the stored positions. The baseline is the naive
 layout measured in the same run: compression none, float16 values. Reconstruction KL is
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from qwenforge.cache import embedded_model
-from qwenforge.distill import store
+from qwenforge.distill import capture, store
 
 DATA = Path(__file__).parents[1] / "src" / "qwenforge" / "data"
 
@@ -49,7 +49,7 @@ def main() -> None:
             for compression in store.COMPRESSIONS:
                 folder = work / f"{k}-{encoding}-{compression}"
                 started = time.perf_counter()
-                index = store.capture(teacher, Path(args.data), folder, k=k, encoding=encoding, compression=compression, sequence_length=args.sequence_length)
+                index = capture.capture(teacher, Path(args.data), folder, k=k, encoding=encoding, compression=compression, sequence_length=args.sequence_length)
                 capture_seconds = time.perf_counter() - started
                 started = time.perf_counter()
                 shards = list(store.iterate_store(folder, store.open_store(folder)))

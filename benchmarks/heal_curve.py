@@ -26,7 +26,8 @@ from rich.console import Console
 from qwenforge import compare
 from qwenforge.cache import embedded_model
 from qwenforge.convert.run import convert
-from qwenforge.heal import HealOptions, default_text, heal
+from qwenforge.files import default_text
+from qwenforge.heal import HealOptions, heal
 
 
 def bfloat16_check(source: Path, healed: Path, tokens: int = 1024) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from qwenforge import compare
-from qwenforge.convert.run import default_text
+from qwenforge.files import default_text
 from qwenforge.heal import anchor_qk_norms, linearize_qk_norms
 
 FORMATS = ["fp32", "bf16", "fp16", "q8_0", "q4_0"]

@@ -74,7 +74,7 @@ PUBLISHED_GROWTH = [
 def published_cases() -> list[dict]:
     """The plan's model-dependent part (no CUDA context: Qwen's figures leave it out, e.g. Qwen2.5-7B bf16 is
     14.38 GiB against 14.19 GiB of weights) against Qwen's published figures, and the growth cases."""
-    from qwenforge import plan
+    from qwenforge import memory as plan  # the memory model
     from qwenforge.arch.resolve import load_model_config
     from qwenforge.arch.spec import spec_from_config
 
@@ -208,7 +208,7 @@ def build_models(root: Path, needed: set[str]) -> dict[str, Path]:
 
 
 def predict(folder: Path, case: dict):
-    from qwenforge import plan
+    from qwenforge import memory as plan  # the memory model
     from qwenforge.arch.resolve import load_model_config
     from qwenforge.arch.spec import spec_from_config
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwenforge import compare
-from qwenforge.convert.run import default_text
+from qwenforge.files import default_text
 
 TEXT = "The river rose after three days of rain, and the ferry stopped running until the water went down. " * 3
 

@@ -10,7 +10,7 @@ import torch
 
 from qwenforge import compare
 from qwenforge.convert import convert
-from qwenforge.convert.run import default_text
+from qwenforge.files import default_text
 
 pytestmark = pytest.mark.slow
 

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from qwenforge.distill import engine, store, train
+from qwenforge.distill.capture import capture
 from qwenforge.distill.init_student import init_student, parse_keep_layers
 from qwenforge.distill.train import DistillOptions, train_from_store, train_online
 from qwenforge.errors import QwenforgeError
@@ -36,7 +37,7 @@ def student(tmp_path_factory, teacher) -> Path:
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory, teacher) -> Path:
     out = tmp_path_factory.mktemp("distill") / "logits"
-    store.capture(teacher, DATA / "calibration.txt", out, k=16, sequence_length=64, shard_sequences=4)
+    capture(teacher, DATA / "calibration.txt", out, k=16, sequence_length=64, shard_sequences=4)
     return out
 
 
@@ -100,10 +101,10 @@ def test_capture_resumes_and_refuses_damage(teacher, captured, tmp_path):
     with pytest.raises(QwenforgeError, match="unfinished"):
         store.open_store(copy)
     with pytest.raises(QwenforgeError, match="already exists"):
-        store.capture(teacher, DATA / "calibration.txt", copy, k=16, sequence_length=64, shard_sequences=4)
+        capture(teacher, DATA / "calibration.txt", copy, k=16, sequence_length=64, shard_sequences=4)
     with pytest.raises(QwenforgeError, match="differs in k"):
-        store.capture(teacher, DATA / "calibration.txt", copy, k=8, sequence_length=64, shard_sequences=4, resume=True)
-    resumed = store.capture(teacher, DATA / "calibration.txt", copy, k=16, sequence_length=64, shard_sequences=4, resume=True)
+        capture(teacher, DATA / "calibration.txt", copy, k=8, sequence_length=64, shard_sequences=4, resume=True)
+    resumed = capture(teacher, DATA / "calibration.txt", copy, k=16, sequence_length=64, shard_sequences=4, resume=True)
     assert resumed["complete"] and (copy / last["file"]).read_bytes() == (captured / last["file"]).read_bytes()
     with open(copy / last["file"], "r+b") as handle:
         handle.truncate(100)
@@ -116,7 +117,8 @@ def test_train_from_store_lowers_heldout_kl(student, captured, tmp_path):
     options = DistillOptions(steps=8, eval_every=4, batch_size=2, learning_rate=3e-3, heldout_sequences=2, threads=1)
     report = train_from_store(student, captured, out, options)
     assert report["best"]["kl"] < report["before"]["kl"]
-    assert {"config.json", "model.safetensors", "distill_report.json", "distill_curve.png"} <= {p.name for p in out.iterdir()}
+    assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors", "distill_report.json", "distill_curve.png",
+                                               "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert not train.checkpoint_folder(out).exists()  # the resume state goes once OUT is written
 
 
@@ -263,7 +265,7 @@ def test_vllm_prompt_logprobs_become_store_tensors(teacher, tmp_path):
         import vllm  # noqa: F401
     except ImportError:
         with pytest.raises(QwenforgeError, match="vLLM is not installed"):
-            store.capture(teacher, DATA / "heldout.txt", tmp_path / "v", k=4, sequence_length=64, engine_name="vllm")
+            capture(teacher, DATA / "heldout.txt", tmp_path / "v", k=4, sequence_length=64, engine_name="vllm")
 
 
 def test_distill_train_under_accelerate_launch_two_gloo_processes(student, captured, tmp_path):

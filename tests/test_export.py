@@ -71,6 +71,23 @@ def test_round_trip_f32_is_tensor_identical(fixture, request, tmp_path):
     assert read_config(back)["architectures"] == read_config(source)["architectures"]
 
 
+def test_cli_import_gguf_writes_a_checkpoint_in_the_asked_dtype(tiny_qwen3, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwenforge.cli import app
+
+    export(tiny_qwen3, tmp_path / "model.gguf", "f32")
+    out = tmp_path / "imported"
+    result = CliRunner().invoke(app, ["import-gguf", str(tmp_path / "model.gguf"), str(out), "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    reader = TensorReader(out)
+    assert {str(reader.get(name).dtype) for name in reader.names()} == {"torch.bfloat16"}
+    refused = CliRunner().invoke(app, ["import-gguf", str(tmp_path / "model.gguf"), str(tmp_path / "other"), "--dtype", "int8"])
+    assert refused.exit_code != 0 and "--dtype int8: choose float32, bfloat16 or float16" in str(refused.exception)
+    assert not (tmp_path / "other").exists()
+
+
 def test_round_trip_f16_of_f16_exact_source(tiny_qwen3, tmp_path):
     def to_half_values(state):
         for name, tensor in state.items():

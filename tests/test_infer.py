@@ -181,7 +181,7 @@ def _rows(path):
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny, tmp_path):
-    from qwenforge.infer.batch import generate_file, read_prompts
+    from qwenforge.infer.generate import generate_file, read_prompts
 
     source = _prompts(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
@@ -199,7 +199,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny, tmp_path):
 
 
 def test_generate_resumes_and_repeats_with_a_seed(tiny, tmp_path):
-    from qwenforge.infer.batch import generate_file
+    from qwenforge.infer.generate import generate_file
 
     source = _prompts(tmp_path / "in.jsonl")
     sampling = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=6, seed=3)
@@ -216,7 +216,7 @@ def test_generate_resumes_and_repeats_with_a_seed(tiny, tmp_path):
 
 def test_seeded_sampling_is_per_prompt_so_a_mid_batch_resume_repeats(tiny, tmp_path):
     """Resumed after a torn line in the middle of a batch, every later prompt gets its full run's answer."""
-    from qwenforge.infer.batch import generate_file
+    from qwenforge.infer.generate import generate_file
 
     source = _prompts(tmp_path / "in.jsonl")
     sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=8, seed=11)
@@ -231,7 +231,7 @@ def test_seeded_sampling_is_per_prompt_so_a_mid_batch_resume_repeats(tiny, tmp_p
 
 
 def test_generate_refuses_outputs_that_would_lose_work(tiny, tmp_path):
-    from qwenforge.infer.batch import generate_file
+    from qwenforge.infer.generate import generate_file
 
     source = _prompts(tmp_path / "in.jsonl")
     sampling = Sampling(temperature=0, max_new_tokens=2)
@@ -248,7 +248,7 @@ def test_generate_refuses_outputs_that_would_lose_work(tiny, tmp_path):
 
 
 def test_a_first_prompt_that_fails_leaves_no_empty_output(tiny, tmp_path):
-    from qwenforge.infer.batch import generate_file
+    from qwenforge.infer.generate import generate_file
 
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"id": 1, "prompt": "word " * 5000}) + "\n")  # over the context limit
@@ -268,7 +268,7 @@ def test_a_first_prompt_that_fails_leaves_no_empty_output(tiny, tmp_path):
     ],
 )
 def test_generate_input_shapes_are_one_line(tmp_path, content, match):
-    from qwenforge.infer.batch import read_prompts
+    from qwenforge.infer.generate import read_prompts
 
     (tmp_path / "in.jsonl").write_bytes(content)
     with pytest.raises(QwenforgeError, match=match):
@@ -276,7 +276,7 @@ def test_generate_input_shapes_are_one_line(tmp_path, content, match):
 
 
 def test_generate_input_errors_name_file_and_line(tmp_path):
-    from qwenforge.infer.batch import read_prompts
+    from qwenforge.infer.generate import read_prompts
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "prompt": "ok"}\n{"id": 2}\n')

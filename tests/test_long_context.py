@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from qwenforge import plan
+from qwenforge import memory as plan  # the memory model
 from qwenforge.arch.long_context import context_limit, native_window, yarn_scaling
 from qwenforge.arch.presets import get_preset
 from qwenforge.arch.spec import spec_from_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwenforge import plan
+from qwenforge import memory as plan  # the memory model
 from qwenforge.arch.presets import get_preset
 from qwenforge.arch.spec import spec_from_config
 from qwenforge.devices import GIB, get_device

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from qwenforge import plan
+from qwenforge import memory as plan  # the memory model
 from qwenforge.arch.presets import get_preset
 from qwenforge.arch.spec import parameter_counts, spec_from_config
 from qwenforge.devices import GIB, DEVICES, custom_device, get_device

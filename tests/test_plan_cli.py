@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from qwenforge import plan
+from qwenforge import memory as plan  # the memory model
 from qwenforge.arch.resolve import load_model_config
 from qwenforge.arch.spec import spec_from_config
 from qwenforge.plan_report import plan_report, zone_targets
@@ -62,7 +62,6 @@ def test_plan_errors_are_one_line_exit_2(args, expected):
 
 
 def test_zone_yaml_of_the_trainer_gives_the_same_adapters(tmp_path):
-    pytest.importorskip("qwenforge.train.zones")
     from qwenforge.train.config import example_config, load_config
     from qwenforge.train.zones import plan_zones
 

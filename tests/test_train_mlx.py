@@ -17,7 +17,7 @@ from qwenforge.fixtures.tiny import build_tiny_checkpoint  # noqa: E402
 from qwenforge.train.backends import create_backend  # noqa: E402
 from qwenforge.train.backends.mlx import dpo_loss  # noqa: E402
 from qwenforge.train.config import config_from_dict  # noqa: E402
-from qwenforge.train.pipeline import build_plan  # noqa: E402
+from qwenforge.train.pipeline import zone_plan  # noqa: E402
 
 RECORDS = [
     {"prompt": [{"role": "user", "content": f"question {i}?"}], "completion": [{"role": "assistant", "content": f"Picture a bench {i}. Here's the nub."}]}
@@ -54,7 +54,7 @@ def test_dpo_loss_matches_the_formula():
 
 def test_both_backends_lower_the_loss_on_the_same_data(tmp_path, tiny_model):
     config = config_for(tiny_model, tmp_path)
-    plan = build_plan(config, tiny_model)
+    plan = zone_plan(config, tiny_model)
     losses = {}
     for name in ("pytorch", "mlx"):
         backend = create_backend(name)
@@ -78,7 +78,7 @@ def test_mlx_adapter_loads_in_peft_with_the_same_outputs(tmp_path, tiny_model):
 
     config = config_for(tiny_model, tmp_path)
     backend = create_backend("mlx")
-    backend.load(tiny_model, build_plan(config, tiny_model))
+    backend.load(tiny_model, zone_plan(config, tiny_model))
     backend.start_adapter()
     backend.sft(RECORDS, config.sft, tmp_path / "sft")
     result = backend.dpo(
@@ -104,7 +104,7 @@ def test_4bit_base_quantizes_the_block_linears_and_keeps_the_zone_layout(tmp_pat
     from mlx.utils import tree_flatten
 
     config = config_for(tiny_model, tmp_path)
-    plan = build_plan(config, tiny_model)
+    plan = zone_plan(config, tiny_model)
     backend = create_backend("mlx")
     backend.load(tiny_model, plan, quantization="nf4", seed=0)
     backend.start_adapter()
@@ -133,7 +133,7 @@ def test_one_config_one_learning_rate_curve_on_both_backends(tmp_path, tiny_mode
     })
     expected = {"sft": learning_rates(config.sft, 5), "dpo": learning_rates(config.dpo, 3)}
     assert expected["sft"][:3] == [0.0, 5e-3, 1e-2] and expected["dpo"] == [0.0, 5e-3, 1e-2]  # ratio 0.34 of 3: 2 warmup steps
-    plan = build_plan(config, tiny_model)
+    plan = zone_plan(config, tiny_model)
     pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": "No."}]} for r in RECORDS]
     for name in ("pytorch", "mlx"):
         backend = create_backend(name)
@@ -154,7 +154,7 @@ def test_mlx_accumulation_checkpointing_and_precision_are_real(tmp_path, tiny_mo
         config = config_from_dict({"model": str(tiny_model), "output": str(tmp_path), "lora": {"dropout": 0.0},
                                    "sft": {"max_steps": 1, "max_seq_length": 64, "learning_rate": 1e-2, **settings}})
         backend = create_backend("mlx")
-        backend.load(tiny_model, build_plan(config, tiny_model), seed=0)
+        backend.load(tiny_model, zone_plan(config, tiny_model), seed=0)
         backend.start_adapter()
         block_call = type(backend.model.layers[0]).__call__
         backend.sft(RECORDS[:2], config.sft, tmp_path / str(len(list(tmp_path.iterdir()))))

@@ -21,10 +21,10 @@ def test_real_model_zones_are_applied(embedded_model_dir):
     from transformers import AutoModelForCausalLM
 
     from qwenforge.train.config import TrainConfig
-    from qwenforge.train.pipeline import build_plan
+    from qwenforge.train.pipeline import zone_plan
     from qwenforge.train.zones import adapted_modules, lora_config
 
-    plan = build_plan(TrainConfig(model=str(embedded_model_dir), output="unused"), embedded_model_dir)
+    plan = zone_plan(TrainConfig(model=str(embedded_model_dir), output="unused"), embedded_model_dir)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(embedded_model_dir), dtype=torch.float32), lora_config(plan))
     assert adapted_modules(model) == {row.layer: sorted(row.modules) for row in plan.rows}
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.trainable_parameters

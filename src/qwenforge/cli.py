@@ -6,10 +6,9 @@ User errors (`QwenforgeError`) print one line and exit 2; `--debug` keeps the tr
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -42,9 +41,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
 ) -> None:
-    """Know, convert, heal, teach and run dense Qwen-family checkpoints (Qwen2, Qwen2.5, QwQ, Qwen3; Llama-shaped accepted)."""
+    """Know, convert, heal, teach and run dense Qwen-family checkpoints (Qwen2, Qwen2.5, QwQ, Qwen3; Llama-shaped accepted).
+
+    --debug anywhere on the command line keeps the full traceback of an error.
+    """
 
 
 _REVISION_HELP = "Branch, tag or commit of a Hugging Face MODEL id (default: main)."
@@ -85,8 +86,6 @@ def import_gguf_command(
     """Import a GGUF file as a Hugging Face checkpoint folder (weights dequantized, tokenizer and chat template kept)."""
     from qwenforge.checkpoint.gguf_import import import_gguf
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise QwenforgeError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     with console.status(f"Importing {gguf_file.name} ..."):
         import_gguf(gguf_file, out, dtype=dtype, force=force)
     console.print(f"[green]wrote[/green] {out}")
@@ -136,19 +135,6 @@ def demo(
     run_demo(console, workdir=workdir, quick=quick)
 
 
-def _cap_memory(max_memory: str | None) -> None:
-    """--max-memory reaches every model load of this process through the environment (checkpoint/offload.py)."""
-    if max_memory:
-        from qwenforge.checkpoint.safetensors_io import parse_size
-        from qwenforge.errors import QwenforgeError
-
-        try:
-            parse_size(max_memory)  # a clear error now, not after the conversion
-        except QwenforgeError:
-            raise QwenforgeError(f"--max-memory {max_memory}: not a size; give e.g. 16GiB or 500MB") from None
-        os.environ["QWENFORGE_MAX_MEMORY"] = max_memory
-
-
 @app.command()
 def convert(
     source: Path = typer.Argument(..., help="Qwen2/Qwen2.5 or Llama-shaped checkpoint folder."),
@@ -188,23 +174,20 @@ def convert(
     """
     from rich.progress import Progress
 
-    from qwenforge.convert import convert as run_convert
     from qwenforge.convert.plan import format_plan
+    from qwenforge.convert.run import ConvertOptions, convert_lines
+    from qwenforge.convert.run import convert as run_convert
+    from qwenforge.heal import HealOptions, convert_then_heal
 
-    _cap_memory(max_memory)
-    options = dict(
+    options = ConvertOptions(
         donor=donor, tokenizer=tokenizer, keep_bias=keep_bias, qk_norm=qk_norm, new_token_init=new_token_init,
         calibration_text=calibration_text, fidelity_text=fidelity_text, max_shard_size=max_shard_size,
-        strict=strict, force=force, allow_pickle=allow_pickle, measure=measure,
-        fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
-        formats=None if formats == "none" else formats, accept_lossy=accept_lossy or bool(heal_method),  # with --heal, the healed model is what must not be broken
+        strict=strict, allow_pickle=allow_pickle, measure=measure, fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
+        formats=None if formats == "none" else formats, accept_lossy=accept_lossy, max_memory=max_memory,
     )
-    if heal_method and tokenizer and not dry_run:
-        from qwenforge.heal import check_healable_tokenizer
-
-        check_healable_tokenizer(source, tokenizer)  # before converting, not after
+    healing = HealOptions(method=heal_method, budget_minutes=heal_minutes) if heal_method else None  # checked before converting
     if dry_run:
-        result = run_convert(source, out, dry_run=True, **options)
+        result = run_convert(source, out, options, dry_run=True, force=force)
         if as_json:
             print_json({k: v for k, v in result.items() if k != "plan"} | {
                 "tensors": [s.to_dict() for s in result["plan"]["steps"]], "dropped": result["plan"]["dropped"]})
@@ -216,44 +199,13 @@ def convert(
         return
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("converting", total=None)
-        result = run_convert(source, out, progress=lambda done, total, name: bar.update(task, completed=done, total=total), **options)
-    record = result["metadata"]
-    if heal_method:
-        from qwenforge.heal import HealOptions
-        from qwenforge.heal import heal as run_heal
-
-        # Healing replaces OUT in place (its temp folder is renamed over OUT); provenance is carried over.
-        healing = HealOptions(method=heal_method, budget_minutes=heal_minutes)
-        record["heal"] = run_heal(out, out, source, healing, force=True, console=None if as_json else console)["after"]
-        _refuse_broken_heal(record["heal"], out, accept_lossy)
+        result = convert_then_heal(source, out, options, healing, force=force, console=None if as_json else console,
+                                   progress=lambda done, total, name: bar.update(task, completed=done, total=total))
     if as_json:
-        print_json(record)
+        print_json(result["metadata"])
         return
-    for warning in record["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {warning['message']}")
-    console.print(f"vocabulary: {record['vocabulary']['summary']}")
-    if record.get("smoke_test"):
-        console.print(f"smoke test: {record['smoke_test']['prompt']!r} -> {record['smoke_test']['reply']!r}")
-    if record.get("fidelity"):
-        from qwenforge.compare import summary_line
-
-        console.print(f"fidelity vs source: {summary_line(record['fidelity'])}")
-        if record["fidelity"].get("formats"):
-            from qwenforge.compare import formats_table
-
-            console.print(formats_table(record["fidelity"]["formats"]), highlight=False)
-    if record.get("heal"):
-        healed = record["heal"]
-        console.print(f"healed ({heal_method}): held-out top-1 {healed['top1_agreement']:.1%}, bits/byte {healed['bits_per_byte']:.4f}")
-    console.print(f"[green]wrote[/green] {out} ({record['seconds']}s)")
-
-
-def _refuse_broken_heal(after: dict, out: Path, accept_lossy: bool) -> None:
-    from qwenforge.convert.run import broken_reason
-
-    figures = {"top1_agreement": after["top1_agreement"], "bits_per_byte_ratio": after["bits_per_byte"] / after["teacher_bits_per_byte"]}
-    if (reason := broken_reason(figures)) and not accept_lossy:
-        raise QwenforgeError(f"{out}: healed but still broken: {reason}; heal longer (--heal-minutes) or with another --heal method, or pass --accept-lossy (the folder is kept)")
+    console.print(convert_lines(result["metadata"], heal_method), highlight=False)
+    console.print(f"[green]wrote[/green] {out} ({result['metadata']['seconds']}s)")
 
 
 @app.command()
@@ -274,9 +226,8 @@ def compare(
     """
     from qwenforge.compare import compare_files, formats_table, summary_line
 
-    _cap_memory(max_memory)
     with console.status("Measuring ..."):
-        result = compare_files(a, b, text, max_tokens=max_tokens, plot=plot, formats=formats, train_text=train_text)
+        result = compare_files(a, b, text, max_tokens=max_tokens, plot=plot, formats=formats, train_text=train_text, max_memory=max_memory)
     if as_json:
         print_json(result)
         return
@@ -381,7 +332,7 @@ def heal(
 
     Which method: [bold]anchor[/bold] (the default after a conversion that kept the q/k biases) gives up one RoPE pair per layer to a constant that makes q/k-norm a near-fixed scale: real Qwen2.5-Coder-0.5B 96.9% top-1, bits/byte x1.004, in minutes, weights in their normal range (benchmarks/heal_formats.py). [bold]linearize[/bold] is exact in float32/bfloat16 but its ~1e-7 q/k weights break in float16, GGUF and training (those refuse it). The gradient methods keep a normalising q/k-norm and also train transplanted rows, but reach about 70% top-1 in minutes on a CPU (benchmarks/heal_curve.json).
     """
-    from qwenforge.heal import HealOptions
+    from qwenforge.heal import HealOptions, heal_lines
     from qwenforge.heal import heal as run_heal
 
     options = HealOptions(
@@ -393,16 +344,7 @@ def heal(
     if as_json:
         print_json({key: report[key] for key in ("before", "after", "trainable_parameters", "seconds_total")})
         return
-    before, after = report["before"], report["after"]
-    console.print(
-        f"held-out top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}; "
-        f"bits/byte {before['bits_per_byte']:.4f} -> {after['bits_per_byte']:.4f} (source {after['teacher_bits_per_byte']:.4f}); "
-        f"KL {before['kl']:.4f} -> {after['kl']:.4f}"
-    )
-    if report.get("formats"):
-        from qwenforge.compare import formats_table
-
-        console.print(formats_table(report["formats"]), highlight=False)
+    console.print(heal_lines(report), highlight=False)
     console.print(f"[green]wrote[/green] {out} (heal_report.json, heal_kl.png)")
 
 
@@ -435,7 +377,7 @@ def distill_capture(
 
     Example: [bold]qwenforge distill capture teacher --data corpus.txt --out teacher-logits --k 64[/bold]
     """
-    from qwenforge.distill.store import capture
+    from qwenforge.distill.capture import capture
 
     index = capture(teacher, data, out, k=k, encoding=values, compression=compression, engine_name=engine_name, tensor_parallel=tensor_parallel,
                     sequence_length=sequence_length, resume=resume, force=force, console=None if as_json else console)
@@ -465,20 +407,17 @@ def distill_train(
     Example: [bold]qwenforge distill train student --logits teacher-logits --out distilled --steps 500[/bold]
     Several GPUs: [bold]accelerate launch --config_file src/qwenforge/train/accelerate/ddp.yaml -m qwenforge.cli distill train ...[/bold]
     """
-    from qwenforge.distill.train import train_from_store
+    from qwenforge.distill.train import distill_lines, train_from_store
 
     options = _distill_options(steps=steps, budget_minutes=budget_minutes, learning_rate=learning_rate, divergence=divergence,
                                temperature=temperature, ce_weight=ce_weight, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
                                min_coverage=min_coverage)
     from qwenforge.train import ranks
 
-    ranks.join()
-    report = train_from_store(student, logits, out, options, resume=resume, force=force, console=console if ranks.is_main() else None)
+    report = train_from_store(student, logits, out, options, resume=resume, force=force, console=console)
     if not ranks.is_main():  # under `accelerate launch` the main process reports
         return
-    if report["store"].get("student_map"):
-        console.print(f"vocabulary mapped by token string: coverage {report['store']['student_map']['coverage']:.2%} of the teacher's top-k mass")
-    console.print(f"held-out KL {report['before']['kl']:.4f} -> {report['best']['kl']:.4f}; bits/byte {report['before']['bits_per_byte']:.4f} -> {report['best']['bits_per_byte']:.4f}")
+    console.print(distill_lines(report), highlight=False)
     console.print(f"[green]wrote[/green] {out}")
 
 
@@ -503,12 +442,12 @@ def distill_online(
 
     Example: [bold]qwenforge distill online teacher student --data train.txt --heldout eval.txt --out distilled[/bold]
     """
-    from qwenforge.distill.train import train_online
+    from qwenforge.distill.train import distill_lines, train_online
 
     options = _distill_options(steps=steps, budget_minutes=budget_minutes, learning_rate=learning_rate, divergence=divergence,
                                temperature=temperature, ce_weight=ce_weight, lora_rank=lora_rank, memory_gb=memory)
     report = train_online(teacher, student, data, heldout, out, options, force=force, console=console)
-    console.print(f"held-out KL {report['before']['kl']:.4f} -> {report['best']['kl']:.4f}; bits/byte {report['before']['bits_per_byte']:.4f} -> {report['best']['bits_per_byte']:.4f}")
+    console.print(distill_lines(report), highlight=False)
     console.print(f"[green]wrote[/green] {out}")
 
 
@@ -534,6 +473,22 @@ _ENGINE_HELP = "transformers (default), llama.cpp (GGUF models; pip install 'qwe
 
 _MODEL_DEFAULT = "Default: the model's (generation_config.json; Qwen3's preset for the thinking mode)."
 
+# Options chat, generate and serve share: one declaration each.
+Temperature = Annotated[Optional[float], typer.Option(help="0 = greedy. " + _MODEL_DEFAULT)]
+TopP = Annotated[Optional[float], typer.Option(help=_MODEL_DEFAULT)]
+TopK = Annotated[Optional[int], typer.Option(help="0 = off. " + _MODEL_DEFAULT)]
+MinP = Annotated[Optional[float], typer.Option(help=_MODEL_DEFAULT)]
+PresencePenalty = Annotated[Optional[float], typer.Option(help="-2..2; Qwen suggests up to 1.5 against endless repetition.")]
+RepetitionPenalty = Annotated[Optional[float], typer.Option(help=_MODEL_DEFAULT)]
+Think = Annotated[Optional[bool], typer.Option("--think/--no-think", help="Qwen3 reasoning on/off (default: the template's).")]
+Engine = Annotated[str, typer.Option(help=_ENGINE_HELP)]
+Dtype = Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: chosen for this machine).")]
+Quant = Annotated[Optional[str], typer.Option(help="none, nf4, int8 (bitsandbytes) or int8-dynamic (CPU).")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N, mps or auto (offload).")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")]
+MaxContext = Annotated[Optional[int], typer.Option(help="Context limit in tokens (default: the model's).")]
+Revision = Annotated[Optional[str], typer.Option(help=_REVISION_HELP)]
+
 
 def _sampling_options(temperature, top_p, top_k, min_p, presence_penalty, repetition_penalty, max_new_tokens, seed) -> dict:
     return {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "presence_penalty": presence_penalty,
@@ -549,25 +504,25 @@ def _load_options(engine, dtype, quant, device, base, threads, max_context, revi
 def chat(
     model: str = typer.Argument("embedded", help="Checkpoint folder, Hugging Face id (Qwen/Qwen3-8B), PEFT adapter folder, .gguf file, or 'embedded'."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy. " + _MODEL_DEFAULT),
-    top_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
-    top_k: Optional[int] = typer.Option(None, help="0 = off. " + _MODEL_DEFAULT),
-    min_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
-    presence_penalty: Optional[float] = typer.Option(None, help="-2..2; Qwen suggests up to 1.5 against endless repetition."),
-    repetition_penalty: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    min_p: MinP = None,
+    presence_penalty: PresencePenalty = None,
+    repetition_penalty: RepetitionPenalty = None,
     max_new_tokens: int = typer.Option(512),
     seed: Optional[int] = typer.Option(None),
-    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
+    think: Think = None,
     load: Optional[Path] = typer.Option(None, "--load", help="Start from a conversation saved with /save."),
     tools: Optional[Path] = typer.Option(None, "--tools", help="JSON list of OpenAI-style tools the model may call (/tool RESULT answers)."),
-    engine: str = typer.Option("transformers", help=_ENGINE_HELP),
-    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),
-    quant: Optional[str] = typer.Option(None, help="none, nf4, int8 (bitsandbytes) or int8-dynamic (CPU)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps or auto (offload)."),
+    engine: Engine = "transformers",
+    dtype: Dtype = None,
+    quant: Quant = None,
+    device: Device = None,
     base: Optional[str] = typer.Option(None, help="Base model of an adapter folder (default: from adapter_config.json)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
-    max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
-    revision: Optional[str] = typer.Option(None, help=_REVISION_HELP),
+    threads: Threads = None,
+    max_context: MaxContext = None,
+    revision: Revision = None,
 ) -> None:
     """Talk to a model in the terminal: streaming Markdown answers through its own chat template.
 
@@ -592,23 +547,23 @@ def generate(
     input: Path = typer.Option(..., "--input", "-i", help='JSONL: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} per line.'),
     output: Path = typer.Option(..., "--output", "-o", help="JSONL answers; ids already there are skipped (resume)."),
     batch_size: int = typer.Option(8, help="Prompts per batch (left-padded)."),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy. " + _MODEL_DEFAULT),
-    top_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
-    top_k: Optional[int] = typer.Option(None, help="0 = off. " + _MODEL_DEFAULT),
-    min_p: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
-    presence_penalty: Optional[float] = typer.Option(None, help="-2..2; Qwen suggests up to 1.5 against endless repetition."),
-    repetition_penalty: Optional[float] = typer.Option(None, help=_MODEL_DEFAULT),
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    min_p: MinP = None,
+    presence_penalty: PresencePenalty = None,
+    repetition_penalty: RepetitionPenalty = None,
     max_new_tokens: int = typer.Option(256),
     seed: int = typer.Option(0, help="Seeds each prompt from its position, so runs (and resumed runs) repeat."),
-    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 reasoning on/off (default: the template's)."),
-    engine: str = typer.Option("transformers", help=_ENGINE_HELP),
-    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),
-    quant: Optional[str] = typer.Option(None, help="none, nf4, int8 (bitsandbytes) or int8-dynamic (CPU)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps or auto (offload)."),
+    think: Think = None,
+    engine: Engine = "transformers",
+    dtype: Dtype = None,
+    quant: Quant = None,
+    device: Device = None,
     base: Optional[str] = typer.Option(None, help="Base model of an adapter folder."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
-    max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
-    revision: Optional[str] = typer.Option(None, help=_REVISION_HELP),
+    threads: Threads = None,
+    max_context: MaxContext = None,
+    revision: Revision = None,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     force: bool = typer.Option(False, "--force", help="Start OUTPUT over instead of resuming it."),
 ) -> None:
@@ -616,7 +571,7 @@ def generate(
 
     Example: [bold]qwenforge generate embedded -i prompts.jsonl -o answers.jsonl[/bold]
     """
-    from qwenforge.infer.batch import run_generate
+    from qwenforge.infer.generate import run_generate
 
     summary = run_generate(
         console, model, _load_options(engine, dtype, quant, device, base, threads, max_context, revision), input, output,
@@ -639,15 +594,15 @@ def serve(
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1 routes."),
     served_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the model folder's name)."),
-    engine: str = typer.Option("transformers", help=_ENGINE_HELP),
+    engine: Engine = "transformers",
     tensor_parallel: Optional[int] = typer.Option(None, help="GPUs per model (vllm engine; default: the fewest visible GPUs it fits on)."),
-    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: chosen for this machine)."),
-    quant: Optional[str] = typer.Option(None, help="none, nf4, int8 (bitsandbytes) or int8-dynamic (CPU)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps or auto (offload)."),
+    dtype: Dtype = None,
+    quant: Quant = None,
+    device: Device = None,
     base: Optional[str] = typer.Option(None, help="Base model of an adapter folder."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
-    max_context: Optional[int] = typer.Option(None, help="Context limit in tokens (default: the model's)."),
-    revision: Optional[str] = typer.Option(None, help=_REVISION_HELP),
+    threads: Threads = None,
+    max_context: MaxContext = None,
+    revision: Revision = None,
     dry_run: bool = typer.Option(False, "--dry-run", help="vllm engine: print the vllm serve command instead of running it."),
     max_request_bytes: int = typer.Option(4 * 2**20, help="Largest request body; bigger ones get HTTP 413 unread."),
 ) -> None:
@@ -761,8 +716,6 @@ def train_merge(
     """
     from qwenforge.train.merge import merge_run
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise QwenforgeError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     with console.status("merging adapters ..."):
         info = merge_run(run, out, force=force, dtype=dtype)
     console.print(f"[green]wrote[/green] {out} ({len(info['adapters'])} adapter(s) merged)")
@@ -771,6 +724,8 @@ def train_merge(
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
     try:
         app()
     except QwenforgeError as error:

@@ -11,13 +11,18 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from qwenforge.distill import engine
+from qwenforge.fidelity import Fidelity, shared_ids, token_sequences
 from qwenforge.errors import QwenforgeError
 
-Loaded = tuple  # (model, tokenizer)
+class Loaded(NamedTuple):
+    """A model and its tokenizer, loaded once and handed to several measurements (a plain pair works too)."""
+
+    model: object
+    tokenizer: object
 
 
 def check_folder(folder: str | Path) -> Path:
@@ -31,8 +36,8 @@ def check_folder(folder: str | Path) -> Path:
     return folder
 
 
-def load(model: str | Path | Loaded) -> Loaded:
-    """(model, tokenizer) from a checkpoint folder on the CPU (float32, or offloaded when too big); a loaded pair passes through."""
+def load(model: str | Path | Loaded, max_memory: str | int | None = None) -> Loaded:
+    """(model, tokenizer) from a checkpoint folder on the CPU (float32, or offloaded beyond `max_memory`); a loaded pair passes through."""
     if isinstance(model, tuple):
         return model
     from transformers import AutoTokenizer
@@ -41,7 +46,7 @@ def load(model: str | Path | Loaded) -> Loaded:
 
     folder = check_folder(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return load_causal_lm(folder), tokenizer  # layer-offloaded when it does not fit beside another model
+    return Loaded(load_causal_lm(folder, max_memory), tokenizer)  # layer-offloaded when it does not fit beside another model
 
 
 def text_prefix(tokenizer, text: str, max_tokens: int) -> str:
@@ -73,13 +78,6 @@ def _batches(ids: torch.Tensor, window: int):
 def _forward(model, inputs: torch.Tensor, lengths: list[int], hidden: bool = False):
     mask = (torch.arange(inputs.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
     return model(inputs, attention_mask=mask, output_hidden_states=hidden)
-
-
-def shared_ids(tokenizer_a, tokenizer_b, rows_a: int, rows_b: int) -> torch.Tensor:
-    """Ids that name the same token string in both tokenizers (padding rows excluded)."""
-    vocab_a, vocab_b = tokenizer_a.get_vocab(), tokenizer_b.get_vocab()
-    shared = sorted(i for token, i in vocab_a.items() if vocab_b.get(token) == i and i < rows_a and i < rows_b)
-    return torch.tensor(shared, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -139,7 +137,7 @@ def fidelity(
         ref_model.config.hidden_size == cand_model.config.hidden_size
         and ref_model.config.num_hidden_layers == cand_model.config.num_hidden_layers
     )
-    figures = engine.Fidelity()  # the one implementation of KL, agreement, bits per byte (heal and distill use it too)
+    figures = Fidelity()  # the one implementation of KL, agreement, bits per byte (heal and distill use it too)
     cosine_sums = None
     for inputs, targets, lengths in _batches(ref_ids, window):
         ref_out = _forward(ref_model, inputs, lengths, compare_layers)
@@ -198,7 +196,7 @@ def format_fidelity(
             if reference_logprobs is None:
                 reference_logprobs = [torch.log_softmax(_forward(ref_model, inputs, lengths).logits.float(), -1) for inputs, _, lengths in batches]
             placed = in_format(model, name)
-            fidelity = engine.Fidelity()
+            fidelity = Fidelity()
             for (inputs, targets, lengths), teacher in zip(batches, reference_logprobs):
                 logits = _forward(placed, inputs, lengths).logits
                 for row, length in enumerate(lengths):
@@ -225,15 +223,17 @@ def lora_trainability(reference: str | Path | Loaded, candidate: str | Path | Lo
     LoRA fine-tune (q/k/v/o, same seed, data and rate): a converted model must stay trainable."""
     from peft import LoraConfig, get_peft_model
 
+    from qwenforge.arch.spec import ATTENTION_PROJECTIONS
+
     settings = LORA_ARM | arm
     figures = {}
     for role, pair in (("source", reference), ("candidate", candidate)):
         model, tokenizer = load(pair)
         model = copy.deepcopy(model)  # the caller's model stays untouched
-        sequences = engine.token_sequences(tokenizer, train_text, settings["sequence_length"], what="training text")
+        sequences = token_sequences(tokenizer, train_text, settings["sequence_length"], what="training text")
         before = bits_per_byte((model, tokenizer), heldout_text)["bits_per_byte"]
         torch.manual_seed(settings["seed"])
-        config = LoraConfig(r=settings["rank"], lora_alpha=2 * settings["rank"], target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
+        config = LoraConfig(r=settings["rank"], lora_alpha=2 * settings["rank"], target_modules=list(ATTENTION_PROJECTIONS), lora_dropout=0.0)
         peft_model = get_peft_model(model, config)
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings["learning_rate"])
         peft_model.train()
@@ -306,13 +306,18 @@ def plot_layers(result: dict, path: Path, title: str = "hidden-state cosine per 
     return Path(path)
 
 
-def compare_files(a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plot: Path | None = None, formats: str | None = None, train_text: Path | None = None) -> dict:
+def compare_files(
+    a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plot: Path | None = None, formats: str | None = None, train_text: Path | None = None, max_memory: str | int | None = None
+) -> dict:
     """The `compare` verb: read the text file, measure (per format when `formats` names some, e.g.
     "bf16,fp16,q8_0,lora"; lora fine-tunes on `train_text`, default the packaged calibration text), optionally plot."""
     from qwenforge.files import check_writable, read_text
     from qwenforge.formats import parse_formats
 
+    from qwenforge.checkpoint.safetensors_io import parse_memory
+
     text_file = Path(text_file)
+    parse_memory(max_memory)  # a clear error now, not after loading
     if max_tokens < 2:
         raise QwenforgeError(f"--max-tokens {max_tokens}: must be at least 2 (one token predicts the next)")
     text = read_text(text_file, "text file")
@@ -322,13 +327,13 @@ def compare_files(a: Path, b: Path, text_file: Path, max_tokens: int = 1024, plo
     train = read_text(Path(train_text), "training text") if lora and train_text else None
     for model in (a, b):  # both checked before either is loaded
         check_folder(model)
-    pair_a, pair_b = load(a), load(b)
+    pair_a, pair_b = load(a, max_memory), load(b, max_memory)
     result = fidelity(pair_a, pair_b, text, max_tokens=max_tokens)
     result["text"] = str(text_file)
     if names:
         result["formats"] = format_fidelity(pair_a, pair_b, text, names, max_tokens=max_tokens)
     if lora:
-        from qwenforge.convert.run import default_text
+        from qwenforge.files import default_text
 
         train = train if train is not None else default_text("calibration.txt").read_text()
         heldout = text_prefix(pair_a[1], text, max_tokens)

@@ -152,8 +152,8 @@ def step_train(state: DemoState) -> None:
 
 def step_distill(state: DemoState) -> None:
     """Capture the source's top-k log-probabilities once, then distil them into the calibrated conversion (LoRA)."""
-    from qwenforge.convert.run import default_text
-    from qwenforge.distill.store import capture
+    from qwenforge.files import default_text
+    from qwenforge.distill.capture import capture
     from qwenforge.distill.train import DistillOptions, train_from_store
 
     sequences, length = (3, 96) if state.quick else (5, 128)

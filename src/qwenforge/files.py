@@ -30,6 +30,14 @@ def read_text(path: Path, what: str = "text file", allow_empty: bool = False) ->
     return text
 
 
+def default_text(name: str) -> Path:
+    """A text shipped with qwenforge: calibration.txt (fitting, healing) or heldout.txt (evaluation)."""
+    path = Path(__file__).parent / "data" / name
+    if not path.exists():
+        raise QwenforgeError(f"no packaged {name}; pass the text with --text/--heldout")
+    return path
+
+
 def check_writable(path: Path, what: str = "output file") -> None:
     """Refuse, before any work, an output file that is a folder or that cannot be created or written."""
     path = Path(path)

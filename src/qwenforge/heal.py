@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,40 +37,50 @@ import torch
 from qwenforge import __version__
 from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.distill import engine, store
+from qwenforge.distill.teacher import LiveTeacher, Schedule, StoredTeacher, check_heldout, heldout_count, vocabulary
 from qwenforge.errors import QwenforgeError
-from qwenforge.files import read_text
+from qwenforge.fidelity import byte_counts, shared_ids, token_sequences
+from qwenforge.files import default_text, read_text
 
 TRAIN_CHOICES = ("norms", "norms+qk-lora", "attention")
 METHODS = ("anchor", "anchor+global", "global", "layerwise", "layerwise+global", "linearize")
 CLOSED_FORM = ("anchor", "linearize")  # one transformation of the weights, no training
-PACKAGE_DATA = Path(__file__).parent / "data"
 # Files of the converted folder that are the model itself (rewritten) rather than its provenance.
 MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json", ".qwenforge-complete"}
 
 
 @dataclass(frozen=True)
-class HealOptions:
+class HealOptions(engine.LoopOptions):
+    """`heal` options: the loop's (engine.LoopOptions, here per phase) and these, checked when built."""
+
     train: str = "norms+qk-lora"
     method: str | None = None  # default_method: anchor where the conversion kept q/k biases
     steps: int = 300  # per phase
-    budget_minutes: float | None = None
     text: str | None = None  # healing text file; default: the packaged calibration text
     heldout: str | None = None  # evaluation text file; default: the packaged held-out text
-    sequence_length: int = 256
-    batch_size: int = 4
     heal_tokens: int = 16384
     eval_tokens: int = 1024
-    learning_rate: float | None = None  # default per --train choice
+    learning_rate: float | None = None  # default per --train choice (LEARNING_RATES)
     lora_rank: int = 16
-    divergence: str = "forward"
-    temperature: float = 1.0
     eval_every: int = 25
     patience: int = 4
     layerwise_share: float = 0.6  # of the time budget, for layerwise+global
-    threads: int | None = None
-    seed: int = 0
-    memory_gb: float | None = None  # usable memory; default: what this machine has available now
     formats: str | None = "bf16,fp16,q8_0"  # healed vs source, each put in these formats (compare --formats); None skips
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        engine.check_option("--method", self.method, self.method in METHODS, f"choose one of {', '.join(METHODS)}")
+        engine.check_option("--train", self.train, self.train in TRAIN_CHOICES, f"choose one of {', '.join(TRAIN_CHOICES)}")
+        for flag, value in (("--lora-rank", self.lora_rank), ("--heal-tokens", self.heal_tokens), ("--eval-tokens", self.eval_tokens)):
+            engine.check_option(flag, value, value >= 1, "must be at least 1")
+        engine.check_option("--layerwise-share", self.layerwise_share, 0 < self.layerwise_share < 1, "must be between 0 and 1 (both phases get time)")
+        if self.formats is not None:
+            from qwenforge.formats import parse_formats
+
+            parse_formats(self.formats)
+
+
+LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4}
 
 
 def default_method(converted: Path, from_store: bool) -> str:
@@ -78,13 +88,6 @@ def default_method(converted: Path, from_store: bool) -> str:
     if read_config(converted).get("attention_bias"):
         return "anchor"
     return "global" if from_store else "layerwise+global"
-
-
-def default_text(name: str) -> Path:
-    path = PACKAGE_DATA / name
-    if not path.exists():
-        raise QwenforgeError(f"no packaged {name}; pass the text with --text/--heldout")
-    return path
 
 
 # --- what is trained -----------------------------------------------------------------------------
@@ -278,7 +281,7 @@ def anchor_qk_norms(student, ids: torch.Tensor, tolerance: float = ANCHOR_TOLERA
 # --- layer-wise targets ------------------------------------------------------------------------
 
 
-def capture_attention_io(teacher, batch: torch.Tensor) -> list[tuple[dict, torch.Tensor]]:
+def capture_attention_io(teacher, batch: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[tuple[dict, torch.Tensor]]:
     """For each teacher layer: the keyword inputs its attention received and the output it produced."""
     captured: list[tuple[dict, torch.Tensor]] = []
 
@@ -289,7 +292,7 @@ def capture_attention_io(teacher, batch: torch.Tensor) -> list[tuple[dict, torch
     handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in teacher.model.layers]
     try:
         with torch.no_grad():
-            teacher.model(batch)
+            teacher.model(batch, attention_mask=attention_mask)
     finally:
         for handle in handles:
             handle.remove()
@@ -308,48 +311,17 @@ def layerwise_loss(student, targets: list[tuple[dict, torch.Tensor]]) -> torch.T
 # --- the verb ------------------------------------------------------------------------------------
 
 
-def check_same_tokenization(teacher_tokenizer, student_tokenizer, text: str, teacher_dir: Path, student_dir: Path) -> None:
-    """Heal feeds the student's token ids to the teacher, so both must split the text alike (a
-    conversion with another --tokenizer does not yet: refused here in one line)."""
-    sample = text[:20_000]
-    if teacher_tokenizer(sample, add_special_tokens=False)["input_ids"] != student_tokenizer(sample, add_special_tokens=False)["input_ids"]:
-        raise QwenforgeError(
-            f"{student_dir}: its tokenizer splits text unlike the teacher's ({teacher_dir}); healing across vocabularies is not supported yet: "
-            "heal a conversion that keeps the source's tokenizer (convert without --tokenizer)"
-        )
-
-
-def check_healable_tokenizer(source: Path, tokenizer_dir: Path) -> None:
-    """`convert --tokenizer T --heal`: refused before converting when T splits text unlike the source."""
-    from transformers import AutoTokenizer
-
-    for folder in (source, tokenizer_dir):
-        if not Path(folder).is_dir():
-            raise QwenforgeError(f"{folder}: not a folder; give a tokenizer or checkpoint folder")
-    text = read_text(default_text("calibration.txt"), "calibration text")
-    teacher, student = AutoTokenizer.from_pretrained(str(source)), AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    check_same_tokenization(teacher, student, text, Path(source), Path(tokenizer_dir))
-
-
-def _shared_vocabulary(teacher_dir: Path, student_dir: Path, student_tokenizer, teacher_rows: int, student_rows: int):
-    """(shared ids, teacher tokenizer): ids naming the same token in both, below both row counts.
-
-    KL and agreement are measured and trained on these ids only: rows the conversion transplanted
-    (new tokens) or padded have no counterpart in the teacher. Reads tokenizers only, no weights.
-    """
+def _teacher_tokenizer(teacher_dir: Path, student_dir: Path, student_tokenizer):
+    """The teacher's tokenizer: the student's own object when both folders hold the same tokenizer.json
+    (the student's ids then go to the teacher as they are), else the teacher's, mapped by token string."""
     from transformers import AutoTokenizer
 
     from qwenforge.checkpoint.folder import sha256_of
-    from qwenforge.compare import shared_ids
 
     same_file = all((folder / "tokenizer.json").exists() for folder in (teacher_dir, student_dir)) and sha256_of(
         teacher_dir / "tokenizer.json"
     ) == sha256_of(student_dir / "tokenizer.json")
-    teacher_tokenizer = student_tokenizer if same_file else AutoTokenizer.from_pretrained(teacher_dir)
-    shared = shared_ids(student_tokenizer, teacher_tokenizer, student_rows, teacher_rows)
-    if len(shared) == 0:
-        raise QwenforgeError(f"{student_dir} and {teacher_dir} share no vocabulary (no token at the same id); heal needs the converted model's source as --teacher")
-    return shared, teacher_tokenizer
+    return student_tokenizer if same_file else AutoTokenizer.from_pretrained(teacher_dir)
 
 
 def _check_layers(teacher_config: dict, student_config: dict, method: str) -> None:
@@ -361,12 +333,12 @@ def _check_layers(teacher_config: dict, student_config: dict, method: str) -> No
         )
 
 
-def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, store: bool) -> dict:
+def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, from_store: bool) -> dict:
     """Bytes heal holds: both models in float32 (no teacher with a store), held-out teacher
     log-probabilities, and one batch's logits about four times over (teacher, student, softmax, gradient)."""
     vocab = max(int(teacher_config.get("vocab_size", 0)), int(student_config.get("vocab_size", 0)))
     estimate = {
-        "teacher": 0 if store else engine.weights_bytes(teacher_dir),
+        "teacher": 0 if from_store else engine.weights_bytes(teacher_dir),
         "student": engine.weights_bytes(student_dir),
         "working": 4 * vocab * (options.eval_tokens + 4 * options.batch_size * options.sequence_length),
     }
@@ -374,9 +346,9 @@ def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, 
     return estimate
 
 
-def _check_memory(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, store: Path | None) -> dict:
-    estimate = memory_estimate(teacher_dir, teacher_config, student_dir, student_config, options, store is not None)
-    if store is not None:
+def _check_memory(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, teacher_logits: Path | None) -> dict:
+    estimate = memory_estimate(teacher_dir, teacher_config, student_dir, student_config, options, teacher_logits is not None)
+    if teacher_logits is not None:
         return engine.check_fits(estimate, options.memory_gb, f"{student_dir}: the student alone would", "heal it on a machine with more memory")
     return engine.check_fits(
         estimate, options.memory_gb, f"{teacher_dir}: teacher and student together would",
@@ -394,30 +366,47 @@ def _load(folder: Path, what: str):
         raise QwenforgeError(f"{folder}: cannot load the {what} ({str(error).splitlines()[0]}); give a checkpoint folder") from error
 
 
-# --- a stored teacher (`--teacher-logits`) ---------------------------------------------------------
+def _live_teacher(teacher_dir: Path, vocabulary, tokenizer, options: HealOptions) -> tuple[LiveTeacher, dict]:
+    """The source model as teacher on the healing text (in order, never shuffled) and the held-out text."""
+    text_path = Path(options.text) if options.text else default_text("calibration.txt")
+    heldout_path = Path(options.heldout) if options.heldout else default_text("heldout.txt")
+    for path in (text_path, heldout_path):
+        if not path.exists():
+            raise QwenforgeError(f"{path}: text file not found")
+    heal_text, heldout_text = read_text(text_path, "healing text"), read_text(heldout_path, "held-out text")
+    if heal_text.strip() == heldout_text.strip():
+        raise QwenforgeError(f"{text_path} and {heldout_path} are the same text; evaluate on text the model was not healed on")
+    train = token_sequences(tokenizer, heal_text, options.sequence_length, options.heal_tokens, str(text_path))
+    heldout = token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout_path))
+    model = _load(teacher_dir, "teacher")
+    teacher = LiveTeacher(model, vocabulary, train, heldout, byte_counts(tokenizer, heldout), Schedule(len(train), options.batch_size))
+    return teacher, {"text": text_path, "heldout": heldout_path, "heldout_text": heldout_text}
 
 
-def _read_store(folder: Path, teacher_tokenizer, teacher_config: dict, options: HealOptions):
-    """(train ids, train top-k indices, train top-k log-probs, held-out ids, held-out indices, held-out log-probs, index).
-
-    The store's last sequences (--eval-tokens worth) are held out; the rest heals.
-    """
-
+def _stored_teacher(folder: Path, teacher_tokenizer, tokenizer, teacher_config: dict, student_rows: int, options: HealOptions) -> tuple[StoredTeacher, dict]:
+    """A `distill capture` store of the teacher: its last sequences (--eval-tokens worth) held out, the first
+    --heal-tokens of the rest heal. A student of another vocabulary reads it mapped by token string."""
     index = store.open_store(folder)
     if index.get("tokenizer_hash") != store.tokenizer_hash(teacher_tokenizer):
         raise QwenforgeError(f"{folder}: captured with another tokenizer than the teacher's; capture the converted model's source")
     if int(index.get("vocab_size", -1)) != int(teacher_config.get("vocab_size", -2)):
         raise QwenforgeError(f"{folder}: captured from a model with {index.get('vocab_size')} vocabulary rows, the teacher has {teacher_config.get('vocab_size')}; capture this teacher")
-    ids, indices, values = (torch.cat(parts) for parts in zip(*store.iterate_store(folder, index)))
-    held = max(1, math.ceil(options.eval_tokens / (ids.shape[1] - 1)))
-    if options.method in CLOSED_FORM:
-        held = min(held, len(ids))
-    elif len(ids) <= held:
-        raise QwenforgeError(
-            f"{folder}: {len(ids)} sequences of {ids.shape[1] - 1} tokens; heal holds out the last {held} and heals on the rest: capture more text"
-        )
-    split = len(ids) - held
-    return ids[:split], indices[:split], values[:split], ids[split:], indices[split:], values[split:], index
+    teacher_rows, shared = int(index["vocab_size"]), None
+    if teacher_tokenizer is tokenizer:
+        shared = shared_ids(tokenizer, teacher_tokenizer, student_rows, teacher_rows)
+    else:  # entries and input ids in the student's ids (distill/mapping.py); KL on the tokens both hold
+        index = store.open_store(folder, tokenizer)
+        shared = vocabulary(tokenizer, teacher_tokenizer, student_rows, teacher_rows).student_ids
+        teacher_rows = student_rows
+    total, length = sum(shard["sequences"] for shard in index["shards"]), index["sequence_length"]
+    held = heldout_count(total, length, options.eval_tokens)
+    if options.method not in CLOSED_FORM:
+        check_heldout(folder, total, held, length, "heal")
+    count = min(total - held, max(1, options.heal_tokens // length))
+    teacher = StoredTeacher(folder, index, held, Schedule(count, options.batch_size), tokenizer, teacher_rows=teacher_rows, shared=shared)
+    facts = {"store": str(folder), "heldout_kl": "stored top-k plus one tail bucket", "k": index["k"], "values": index["values"], "data": index.get("data"),
+             "sequence_length": length, "student_map": index.get("student_map")}
+    return teacher, facts
 
 
 def _plot(history_by_phase: dict[str, list[dict]], path: Path, before: dict) -> None:
@@ -460,18 +449,14 @@ def heal(
     never loaded: its config and tokenizer are read, the global phase trains on the stored top-k and the
     store's last sequences are the held-out text. `linearize` needs no teacher at all; the store only
     measures it. `layerwise` needs the teacher's hidden states, so it needs the live teacher.
+    A converted model with another tokenizer than its teacher is healed through the teacher's
+    vocabulary mapped by token string (distill/teacher.py).
     """
     from transformers import AutoTokenizer
 
     converted, out, teacher_dir = Path(converted), Path(out), Path(teacher_dir)
     if options.method is None:
-        from dataclasses import replace
-
         options = replace(options, method=default_method(converted, teacher_logits is not None))
-    if options.method not in METHODS:
-        raise QwenforgeError(f"--method {options.method}: choose one of {', '.join(METHODS)}")
-    if options.train not in TRAIN_CHOICES:
-        raise QwenforgeError(f"--train {options.train}: choose one of {', '.join(TRAIN_CHOICES)}")
     refuse_overlap(out, {"teacher": teacher_dir, "teacher logits": teacher_logits})  # OUT may be CONVERTED (healed in place)
     if out.exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
@@ -489,117 +474,37 @@ def heal(
     teacher_config, student_config = read_config(teacher_dir), read_config(converted)
     tokenizer = AutoTokenizer.from_pretrained(converted)
     teacher_rows, student_rows = int(teacher_config.get("vocab_size", 0)), int(student_config.get("vocab_size", 0))
-    shared_vocab, teacher_tokenizer = _shared_vocabulary(teacher_dir, converted, tokenizer, teacher_rows, student_rows)
+    teacher_tokenizer = _teacher_tokenizer(teacher_dir, converted, tokenizer)
+    shared_vocabulary = vocabulary(tokenizer, teacher_tokenizer, student_rows, teacher_rows)
+    if len(shared_vocabulary.student_ids) == 0:
+        raise QwenforgeError(f"{converted} and {teacher_dir} share no vocabulary (no token of the same string); heal needs the converted model's source as --teacher")
     _check_layers(teacher_config, student_config, options.method)
-
-    teacher = None
+    estimate = _check_memory(teacher_dir, teacher_config, converted, student_config, options, teacher_logits)
     if teacher_logits is None:
-        text_path = Path(options.text) if options.text else default_text("calibration.txt")
-        heldout_path = Path(options.heldout) if options.heldout else default_text("heldout.txt")
-        for path in (text_path, heldout_path):
-            if not path.exists():
-                raise QwenforgeError(f"{path}: text file not found")
-        heal_text, heldout_text = read_text(text_path, "healing text"), read_text(heldout_path, "held-out text")
-        if heal_text.strip() == heldout_text.strip():
-            raise QwenforgeError(f"{text_path} and {heldout_path} are the same text; evaluate on text the model was not healed on")
-        check_same_tokenization(teacher_tokenizer, tokenizer, heal_text, teacher_dir, converted)
-        train_sequences = engine.token_sequences(tokenizer, heal_text, options.sequence_length, options.heal_tokens, str(text_path))
-        eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout_path))
-        estimate = _check_memory(teacher_dir, teacher_config, converted, student_config, options, None)
-        teacher = _load(teacher_dir, "teacher")
-        eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
-        store_facts = None
+        teacher, texts = _live_teacher(teacher_dir, shared_vocabulary, tokenizer, options)
+        text_path, heldout_path, store_facts = texts["text"], texts["heldout"], None
     else:
-        estimate = _check_memory(teacher_dir, teacher_config, converted, student_config, options, teacher_logits)
-        train_ids, train_indices, train_values, eval_ids, eval_indices, eval_values, index = _read_store(teacher_logits, teacher_tokenizer, teacher_config, options)
-        train_sequences, eval_sequences = list(train_ids[: max(1, options.heal_tokens // (train_ids.shape[1] - 1))]), list(eval_ids)
+        teacher, store_facts = _stored_teacher(teacher_logits, teacher_tokenizer, tokenizer, teacher_config, student_rows, options)
         text_path = heldout_path = teacher_logits
-        store_facts = {"store": str(teacher_logits), "heldout_kl": "stored top-k plus one tail bucket", "k": index["k"], "values": index["values"], "data": index.get("data"), "sequence_length": index["sequence_length"]}
     student = _load(converted, "converted model")
-    eval_bytes = engine.byte_counts(tokenizer, eval_sequences)
-    shared_mask = torch.zeros(student_rows, dtype=torch.bool)
-    shared_mask[shared_vocab] = True
-    if teacher_logits is None:
-        evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes, shared_vocab)  # noqa: E731
-    else:
-        evaluate = lambda: store.store_fidelity(student, eval_sequences, eval_indices, eval_values, eval_bytes, teacher_rows, shared_vocab)  # noqa: E731
+    evaluate = lambda: teacher.evaluate(student)  # noqa: E731
+    header = _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocabulary, teacher)
 
     before = evaluate()
     in_formats = None
-    if teacher is not None and options.formats and teacher_tokenizer is tokenizer:  # per format needs one tokenization
+    if teacher_logits is None and options.formats and teacher_tokenizer is tokenizer:  # per format needs one tokenization
         from qwenforge.compare import format_fidelity
         from qwenforge.formats import parse_formats
 
-        in_formats = lambda: format_fidelity((teacher, teacher_tokenizer), (student, tokenizer), heldout_text, parse_formats(options.formats)[0], max_tokens=options.eval_tokens)  # noqa: E731
+        in_formats = lambda: format_fidelity((teacher.model, teacher_tokenizer), (student, tokenizer), texts["heldout_text"], parse_formats(options.formats)[0], max_tokens=options.eval_tokens)  # noqa: E731
     if options.method in CLOSED_FORM:
-        return _finish_closed_form(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts, train_sequences, in_formats)
-    anchored = anchor_qk_norms(student, _anchor_ids(train_sequences)) if options.method == "anchor+global" else None
+        return _finish_closed_form(student, converted, out, options, header, before, evaluate, started, force, teacher, in_formats)
+    anchored = anchor_qk_norms(student, _anchor_ids(teacher)) if options.method == "anchor+global" else None
     named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
-    trainable_count = sum(p.numel() for p in named.values())
-    learning_rate = options.learning_rate or {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4}[options.train]
-    starts = [i for i in range(0, len(train_sequences), options.batch_size) if i + options.batch_size <= len(train_sequences)] or [0]
-    batches = [torch.stack(train_sequences[i : i + options.batch_size]) for i in starts]
-    if teacher_logits is not None:
-        targets_topk = store.store_targets(train_indices, train_values, shared_vocab, teacher_rows, student_rows)
-        batch_topk = [(targets_topk[0][i : i + options.batch_size], targets_topk[1][i : i + options.batch_size]) for i in starts]
-    work = _work_folder(out)
+    learning_rate = options.learning_rate or LEARNING_RATES[options.train]
     if not resume:
-        shutil.rmtree(work, ignore_errors=True)
-
-    phases = {"layerwise": ["layerwise"], "global": ["global"], "layerwise+global": ["layerwise", "global"], "anchor+global": ["global"]}[options.method]
-    budget = options.budget_minutes * 60 if options.budget_minutes else None
-    shares = {"layerwise": options.layerwise_share if len(phases) == 2 else 1.0, "global": 1 - options.layerwise_share if len(phases) == 2 else 1.0}
-    results: dict[str, engine.LoopResult] = {}
-    history_by_phase: dict[str, list[dict]] = {}
-    offset_seconds = 0.0
-    for phase in phases:
-        if phase == "layerwise":
-            targets = [capture_attention_io(teacher, batch) for batch in batches]
-            step_loss = lambda step: layerwise_loss(student, targets[step % len(targets)])  # noqa: E731
-        elif teacher_logits is not None:
-            targets = None
-
-            def step_loss(step: int) -> torch.Tensor:
-                batch, (indices, values) = batches[step % len(batches)], batch_topk[step % len(batches)]
-                student_logits = store.shared_logits(student(batch[:, :-1]).logits, shared_mask)
-                return engine.distillation_loss(student_logits, batch[:, 1:], teacher_topk=(indices, values), kind=options.divergence, temperature=options.temperature)
-
-        else:
-            targets = None
-
-            def step_loss(step: int) -> torch.Tensor:
-                batch = batches[step % len(batches)]
-                with torch.no_grad():
-                    teacher_logits_now = teacher(batch[:, :-1]).logits
-                student_logits = student(batch[:, :-1]).logits
-                return engine.distillation_loss(
-                    student_logits[..., shared_vocab], batch[:, 1:], teacher_logits=teacher_logits_now[..., shared_vocab], kind=options.divergence, temperature=options.temperature
-                )
-
-        checkpoint = work / phase  # engine.save_progress's layout, as `distill train` keeps it
-        saved = engine.load_progress(checkpoint, named) if resume else None  # copies the saved weights in
-        if saved and saved["extra"].get("done"):
-            history = saved["history"]
-            results[phase] = engine.LoopResult(history=history, best=min(history, key=lambda r: r["kl"]), steps=saved["start_step"], seconds=saved["elapsed"], stopped="resumed")
-        else:
-            settings = engine.LoopSettings(
-                steps=options.steps,
-                budget_seconds=budget * shares[phase] if budget else None,
-                learning_rate=learning_rate if phase == "global" or options.train != "attention" else learning_rate * 2,
-                eval_every=options.eval_every,
-                patience=options.patience,
-            )
-            resumed = {key: saved[key] for key in ("start_step", "elapsed", "history", "optimizer_state", "best_state")} if saved else {}
-            results[phase] = engine.run_loop(
-                named, step_loss, evaluate, settings, label=f"heal {phase}", console=console,
-                on_checkpoint=lambda state, checkpoint=checkpoint: engine.save_progress(checkpoint, named, state), **resumed,
-            )
-            final = {"step": results[phase].steps, "seconds": results[phase].seconds, "history": results[phase].history,
-                     "optimizer": {"state": {}, "param_groups": []}, "best_state": {name: p.detach() for name, p in named.items()}}
-            engine.save_progress(checkpoint, named, final, {"done": True})
-        history_by_phase[phase] = [{**row, "seconds": row["seconds"] + offset_seconds} for row in results[phase].history]
-        offset_seconds += results[phase].seconds
-        del targets
+        shutil.rmtree(_work_folder(out), ignore_errors=True)
+    results, history_by_phase = _run_phases(student, teacher, named, evaluate, options, learning_rate, _work_folder(out), resume, console)
 
     after = evaluate()
     merge_low_rank(student)
@@ -607,12 +512,13 @@ def heal(
     if abs(merged_check["kl"] - after["kl"]) > 1e-3 * max(after["kl"], 1e-3):
         raise RuntimeError(f"merging the low-rank updates changed held-out KL {after['kl']} -> {merged_check['kl']}")
 
-    report = _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocab) | {
+    schedule = teacher.schedule
+    report = header | {
         "learning_rate": learning_rate,
         "healing_text": str(text_path),
-        "healing_tokens": sum(b.numel() for b in batches),
+        "healing_tokens": min(schedule.count, schedule.per_epoch() * schedule.batch_size) * (options.sequence_length + 1 if teacher_logits is None else teacher.sequence_length + 1),
         "memory_estimate_bytes": estimate,
-        "trainable_parameters": trainable_count,
+        "trainable_parameters": sum(p.numel() for p in named.values()),
         "anchored": anchored,
         "before": before,
         "after": after,
@@ -624,35 +530,83 @@ def heal(
         "formats": in_formats() if in_formats else None,
     }
     _write(student, converted, out, report, history_by_phase, before, force)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(_work_folder(out), ignore_errors=True)
     return report
 
 
-def _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocab) -> dict:
+def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, learning_rate: float, work: Path, resume: bool, console):
+    """The gradient phases of `options.method` in order, each one `engine.run_loop` checkpointed under `work/PHASE`
+    (a finished phase is picked up by --resume); returns (loop result, history on one time axis) per phase."""
+    phases = {"layerwise": ["layerwise"], "global": ["global"], "layerwise+global": ["layerwise", "global"], "anchor+global": ["global"]}[options.method]
+    shares = {"layerwise": options.layerwise_share if len(phases) == 2 else 1.0, "global": 1 - options.layerwise_share if len(phases) == 2 else 1.0}
+    results: dict[str, engine.LoopResult] = {}
+    history_by_phase: dict[str, list[dict]] = {}
+    offset_seconds = 0.0
+    for phase in phases:
+        if phase == "layerwise":  # on the teacher's own input stream: each converted attention gets the source's hidden states
+            targets = [capture_attention_io(teacher.model, *teacher.vocabulary.inputs(teacher.batch(step).ids)[:2]) for step in range(teacher.schedule.per_epoch())]
+            step_loss = lambda step: layerwise_loss(student, targets[step % len(targets)])  # noqa: E731
+        else:
+            targets = None
+
+            def step_loss(step: int) -> torch.Tensor:
+                batch = teacher.batch(step)
+                return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature)
+
+        checkpoint = work / phase  # engine.save_progress's layout, as `distill train` keeps it
+        saved = engine.load_progress(checkpoint, named) if resume else None  # copies the saved weights in
+        if saved and saved["extra"].get("done"):
+            history = saved["history"]
+            results[phase] = engine.LoopResult(history=history, best=min(history, key=lambda r: r["kl"]), steps=saved["start_step"], seconds=saved["elapsed"], stopped="resumed")
+        else:
+            settings = replace(
+                options,
+                budget_minutes=options.budget_minutes * shares[phase] if options.budget_minutes else None,
+                learning_rate=learning_rate if phase == "global" or options.train != "attention" else learning_rate * 2,
+            )
+            resumed = {key: saved[key] for key in ("start_step", "elapsed", "history", "optimizer_state", "best_state")} if saved else {}
+            results[phase] = engine.run_loop(
+                named, step_loss, evaluate, settings, label=f"heal {phase}", console=console,
+                on_checkpoint=lambda state, checkpoint=checkpoint: engine.save_progress(checkpoint, named, state), **resumed,
+            )
+            final = {"step": results[phase].steps, "seconds": results[phase].seconds, "history": results[phase].history,
+                     "optimizer": {"state": {}, "param_groups": []}, "best_state": {name: p.detach() for name, p in named.items()}}
+            engine.save_progress(checkpoint, named, final, {"done": True})
+        history_by_phase[phase] = [{**row, "seconds": row["seconds"] + offset_seconds} for row in results[phase].history]
+        offset_seconds += results[phase].seconds
+        targets = None  # the layer-wise targets go before the next phase
+    return results, history_by_phase
+
+
+def _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocabulary, teacher) -> dict:
     """What every heal report starts with, whichever method ran."""
-    return {
+    header = {
         "qwenforge_version": __version__,
         "converted": str(converted),
         "teacher": str(teacher_dir),
         "teacher_logits": store_facts,
         "options": asdict(options),
         "heldout_text": str(heldout_path),
-        "shared_vocabulary": len(shared_vocab),
+        "shared_vocabulary": len(shared_vocabulary.student_ids),
     }
+    if shared_vocabulary.to_teacher is not None and isinstance(teacher, LiveTeacher):  # another tokenizer: how whole the teacher reads the text
+        header["teacher_reads_whole_tokens"] = shared_vocabulary.whole_share(teacher.train + teacher.heldout)
+    return header
 
 
-def _anchor_ids(sequences: list[torch.Tensor], tokens: int = 2048) -> torch.Tensor:
+def _anchor_ids(teacher, tokens: int = 2048) -> torch.Tensor:
     """The healing text's first `tokens` tokens, where the anchor measures the projections."""
+    sequences = teacher.train if isinstance(teacher, LiveTeacher) else teacher.first_ids(tokens)
     return torch.cat([ids[:-1] for ids in sequences])[:tokens]
 
 
-def _finish_closed_form(student, converted, out, teacher_dir, options, before, evaluate, shared_vocab, heldout_path, started, force, store_facts, sequences, in_formats) -> dict:
+def _finish_closed_form(student, converted, out, options, header, before, evaluate, started, force, teacher, in_formats) -> dict:
     """`anchor` or `linearize`: one transformation of the weights, measured before and after, written."""
     method = options.method
-    scales = anchor_qk_norms(student, _anchor_ids(sequences)) if method == "anchor" else linearize_qk_norms(student)
+    scales = anchor_qk_norms(student, _anchor_ids(teacher)) if method == "anchor" else linearize_qk_norms(student)
     after = evaluate()
     seconds = time.perf_counter() - started
-    report = _report_header(converted, teacher_dir, store_facts, options, heldout_path, shared_vocab) | {
+    report = header | {
         "healing_text": None if method == "linearize" else "first 2,048 tokens (measured, not trained on)",
         "trainable_parameters": 0,
         ("linearized" if method == "linearize" else "anchored"): scales,
@@ -665,6 +619,36 @@ def _finish_closed_form(student, converted, out, teacher_dir, options, before, e
     }
     _write(student, converted, out, report, {method: report["phases"][method]["history"]}, before, force)
     return report
+
+
+def convert_then_heal(source: Path, out: Path, options, healing: HealOptions | None = None, *, force: bool = False, progress=None, console=None) -> dict:
+    """`qwenforge convert SOURCE OUT --heal METHOD`: convert (convert.run.ConvertOptions), then heal OUT in
+    place with the source as teacher (another tokenizer included); the healed model is then what must
+    not be broken. Without `healing`, the conversion alone."""
+    from qwenforge.convert.run import broken_reason, convert
+
+    if healing is None:
+        return convert(source, out, options, force=force, progress=progress)
+    result = convert(source, out, replace(options, accept_lossy=True), force=force, progress=progress)
+    after = heal(out, out, source, healing, force=True, console=console)["after"]  # the healed folder replaces OUT, provenance carried over
+    result["metadata"]["heal"] = after
+    figures = {"top1_agreement": after["top1_agreement"], "bits_per_byte_ratio": after["bits_per_byte"] / after["teacher_bits_per_byte"]}
+    if (reason := broken_reason(figures)) and not options.accept_lossy:
+        raise QwenforgeError(f"{out}: healed but still broken: {reason}; heal longer (--heal-minutes) or with another --heal method, or pass --accept-lossy (the folder is kept)")
+    return result
+
+
+def heal_lines(report: dict) -> str:
+    """Human lines for a heal report (what `qwenforge heal` prints)."""
+    before, after = report["before"], report["after"]
+    line = (f"held-out top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}; "
+            f"bits/byte {before['bits_per_byte']:.4f} -> {after['bits_per_byte']:.4f} (source {after['teacher_bits_per_byte']:.4f}); "
+            f"KL {before['kl']:.4f} -> {after['kl']:.4f}")
+    if report.get("formats"):
+        from qwenforge.compare import formats_table
+
+        line += "\n" + formats_table(report["formats"])
+    return line
 
 
 def _write(student, converted: Path, out: Path, report: dict, history_by_phase: dict, before: dict, force: bool) -> None:

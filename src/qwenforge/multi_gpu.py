@@ -50,12 +50,12 @@ def tensor_parallel_size(spec, count: int) -> list[int]:
 
 def vllm_tensor_parallel(spec, per_gpu_bytes: int, count: int, context: int = 4096) -> int:
     """The fewest GPUs (a size vLLM accepts) whose share of the bf16 model and its KV cache fits `per_gpu_bytes` each."""
-    from qwenforge import plan
+    from qwenforge import memory
     from qwenforge.devices import Device
 
     sizes = tensor_parallel_size(spec, max(count, 1))
     for size in sizes:
         device = Device(f"{size}xGPU", "cuda", per_gpu_bytes, per_gpu_bytes, "free memory per GPU", count=size)
-        if plan.plan_memory(spec, plan.Setup(context=context), device).fits:
+        if memory.plan_memory(spec, memory.Setup(context=context), device).fits:
             return size
     return sizes[-1]  # vLLM itself then says what is short

@@ -1,6 +1,6 @@
 """`qwenforge plan` output: the plan as one dict (for --json), its rich table, and the stacked-bar plot.
 
-The memory model itself is in `qwenforge.plan`; this module only resolves the user's options into a
+The memory model itself is in `qwenforge.memory`; this module only resolves the user's options into a
 `Setup`, runs the plan (and `--fit`), and renders the result.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from qwenforge import plan as memory
+from qwenforge import memory
 from qwenforge.arch.resolve import load_model_config
 from qwenforge.arch.spec import ModelSpec, spec_from_config
 from qwenforge.devices import GIB, Device, custom_device, get_device
@@ -25,14 +25,12 @@ def parse_layers(text: str | None, layers: int) -> list[int] | None:
     """'0-19,60-79' -> [0..19, 60..79]; None means every layer."""
     if not text:
         return None
-    chosen = []
-    for part in text.split(","):
-        try:
-            first, _, last = part.strip().partition("-")
-            chosen += list(range(int(first), int(last or first) + 1))
-        except ValueError as error:
-            raise QwenforgeError(f"--lora-layers {text}: write layer ranges like 0-19,60-79") from error
-    return chosen
+    from qwenforge.arch.spec import layer_ranges
+
+    try:
+        return layer_ranges(text)
+    except ValueError as error:
+        raise QwenforgeError(f"--lora-layers {text}: write layer ranges like 0-19,60-79") from error
 
 
 def zone_targets(zones_file: Path, spec: ModelSpec):

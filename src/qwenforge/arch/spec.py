@@ -16,6 +16,10 @@ FAMILIES = {
     "llama": "LlamaForCausalLM",
 }
 
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS  # every linear module of a decoder layer (the LoRA targets)
+
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
 REQUIRED_KEYS = (
@@ -182,3 +186,14 @@ def module_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
         "up_proj": (spec.hidden, spec.intermediate),
         "down_proj": (spec.intermediate, spec.hidden),
     }
+
+
+def layer_ranges(text: str) -> list[int]:
+    """'0,2,4-7' or '0-19,60-79' -> the layer indices, in order (ValueError when malformed: the caller names its flag)."""
+    chosen: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if dash and not last:
+            raise ValueError(f"an open range {part!r}")
+        chosen += range(int(first), int(last or first) + 1)
+    return chosen

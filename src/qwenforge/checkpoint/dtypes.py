@@ -29,6 +29,18 @@ def code_of(dtype) -> str:
     raise ValueError(f"unsupported tensor dtype {dtype}")
 
 
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # what a written or loaded model's weights may be
+
+
+def weight_dtype(dtype: str | None, flag: str = "--dtype") -> str | None:
+    """The one check of a weight dtype string (None: the caller's default): float32, bfloat16 or float16."""
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        from qwenforge.errors import QwenforgeError
+
+        raise QwenforgeError(f"{flag} {dtype}: choose float32, bfloat16 or float16")
+    return dtype
+
+
 def torch_dtype(dtype):
     import torch
 

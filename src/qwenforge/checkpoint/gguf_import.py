@@ -162,12 +162,13 @@ def import_gguf(gguf_path: Path, out: Path, dtype: str = "float32", force: bool 
     import torch
     from transformers import AutoConfig, GenerationConfig
 
+    from qwenforge.checkpoint.dtypes import weight_dtype
     from qwenforge.checkpoint.folder import atomic_output, read_json, write_json
     from qwenforge.checkpoint.safetensors_io import write_state_dict
 
     gguf_path = Path(gguf_path)
+    torch_dtype = getattr(torch, weight_dtype(dtype))
     parsed = gguf_metadata(gguf_path)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     with atomic_output(out, force=force) as temp:
         config_dict = {k: v for k, v in parsed["config"].items() if k != "_model_name_or_path"}
         config = AutoConfig.for_model(**config_dict)

@@ -4,7 +4,8 @@ A model whose float32 weights do not fit its share of the memory (a 72B source b
 conversion on an ordinary machine) is loaded through transformers' big-model path instead:
 `device_map="auto"` with a CPU cap, so accelerate keeps the layers beyond the cap in their
 safetensors files and reads each one on every forward pass. Same figures, bounded memory,
-slower. `QWENFORGE_MAX_MEMORY` (e.g. `16GiB`) sets the cap per model by hand.
+slower. `max_memory` (`--max-memory`, e.g. `16GiB`) sets the cap per model by hand;
+$QWENFORGE_MAX_MEMORY is the user's default for it.
 """
 
 from __future__ import annotations
@@ -18,21 +19,23 @@ import torch
 
 from qwenforge.arch.spec import parameter_counts, spec_from_config
 from qwenforge.checkpoint.folder import read_config
-from qwenforge.checkpoint.safetensors_io import parse_size
+from qwenforge.checkpoint.safetensors_io import parse_memory
 
 SHARE = 0.4  # of the available memory, per model: measurements hold two models (source and conversion)
 
 
-def memory_cap() -> int:
-    """Bytes one loaded model may take: $QWENFORGE_MAX_MEMORY, else a share of the available memory."""
+def memory_cap(max_memory: str | int | None = None) -> int:
+    """Bytes one loaded model may take: `max_memory`, else $QWENFORGE_MAX_MEMORY (the user's default), else a share of the available memory."""
     from qwenforge.devices import available_memory
 
+    if max_memory is not None:
+        return parse_memory(max_memory)
     if os.environ.get("QWENFORGE_MAX_MEMORY"):
-        return parse_size(os.environ["QWENFORGE_MAX_MEMORY"])
+        return parse_memory(os.environ["QWENFORGE_MAX_MEMORY"])
     return int(available_memory("cpu") * SHARE)
 
 
-def load_causal_lm(folder: Path):
+def load_causal_lm(folder: Path, max_memory: str | int | None = None):
     """The model of `folder` in float32 on the CPU, evaluation mode: in memory when it fits the cap,
     else layer-offloaded (transformers reads offloaded layers from the original safetensors files
     and casts them as they run: no float32 copy is written)."""
@@ -40,7 +43,7 @@ def load_causal_lm(folder: Path):
 
     folder = Path(folder)
     needed = parameter_counts(spec_from_config(read_config(folder), str(folder / "config.json")))["total"] * 4
-    cap = memory_cap()
+    cap = memory_cap(max_memory)
     if needed <= cap:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     offload = tempfile.TemporaryDirectory(prefix="qwenforge-offload-")

@@ -125,6 +125,16 @@ class TensorReader:
             yield name, self.get(name)
 
 
+def parse_memory(max_memory: str | int | None) -> int | None:
+    """Bytes of a --max-memory value (e.g. 16GiB, 500MB, or an int), None kept; one line when it is not a size."""
+    if max_memory is None or isinstance(max_memory, int):
+        return max_memory
+    try:
+        return parse_size(max_memory)
+    except QwenforgeError:
+        raise QwenforgeError(f"--max-memory {max_memory}: not a size; give e.g. 16GiB or 500MB") from None
+
+
 def parse_size(size: str | int) -> int:
     """'5GB' / '500MB' / 1000 -> bytes (decimal units, as transformers' max_shard_size)."""
     if isinstance(size, int):

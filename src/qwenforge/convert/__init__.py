@@ -5,6 +5,6 @@
 Modules in the order a conversion runs: preflight, vocab, plan, qk_norm, run (the verb), provenance.
 """
 
-from qwenforge.convert.run import convert
+from qwenforge.convert.run import ConvertOptions, convert
 
-__all__ = ["convert"]
+__all__ = ["ConvertOptions", "convert"]

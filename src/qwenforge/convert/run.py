@@ -11,10 +11,10 @@ transformers load + generation, fidelity against the source), provenance, rename
 from __future__ import annotations
 
 import errno
-import importlib.resources
 import json
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +30,12 @@ from qwenforge.convert.plan import build_plan, donor_layer_map
 from qwenforge.convert.qk_norm import QK_NORM_METHODS
 from qwenforge.convert.target_config import config_diff, qwen3_config
 from qwenforge.errors import QwenforgeError
-from qwenforge.files import read_text
+from qwenforge.files import default_text, read_text
 
 SMOKE_PROMPT = "What is the capital of France?"
 # Below these a conversion is broken, not lossy (dropped Qwen2.5 biases: top-1 0%, bits/byte x15).
 BROKEN_TOP1 = 0.5
 BROKEN_BITS_PER_BYTE_RATIO = 1.5
-
-
-def default_text(name: str) -> Path:
-    """A text shipped with qwenforge: calibration.txt (fitting) or heldout.txt (evaluation)."""
-    return Path(str(importlib.resources.files("qwenforge").joinpath(f"data/{name}")))
 
 
 def padded_rows(count: int, multiple: int = 128) -> int:
@@ -157,37 +152,63 @@ def _command_line(options: dict) -> str:
     return shlex.join(parts)
 
 
-def convert(
-    source: Path,
-    out: Path,
-    donor: Path | None = None,
-    tokenizer: Path | None = None,
-    keep_bias: bool = True,
-    qk_norm: str | None = None,
-    new_token_init: str | None = None,
-    calibration_text: Path | None = None,
-    fidelity_text: Path | None = None,
-    fidelity_tokens: int = 1024,
-    calibration_tokens: int = 1024,
-    max_shard_size: str | int = "5GB",
-    dry_run: bool = False,
-    strict: bool = False,
-    force: bool = False,
-    allow_pickle: bool = False,
-    measure: bool = True,
-    accept_lossy: bool = False,
-    formats: str | None = "bf16,fp16,q8_0",
-    progress=None,
-) -> dict:
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How `convert` rebuilds a checkpoint (the `qwenforge convert` flags), checked when built."""
+
+    donor: Path | None = None
+    tokenizer: Path | None = None
+    keep_bias: bool = True
+    qk_norm: str | None = None  # default: donor with a donor, else calibrated
+    new_token_init: str | None = None  # default: donor-projected with a donor, else subword
+    calibration_text: Path | None = None
+    fidelity_text: Path | None = None
+    fidelity_tokens: int = 1024
+    calibration_tokens: int = 1024
+    max_shard_size: str | int = "5GB"
+    strict: bool = False
+    allow_pickle: bool = False
+    measure: bool = True
+    accept_lossy: bool = False
+    formats: str | None = "bf16,fp16,q8_0"
+    max_memory: str | int | None = None  # one loaded model's cap while measuring (checkpoint/offload.py)
+
+    def __post_init__(self) -> None:
+        from qwenforge.checkpoint.safetensors_io import parse_memory, parse_size
+
+        if self.qk_norm is not None and self.qk_norm not in QK_NORM_METHODS:
+            raise QwenforgeError(f"--qk-norm {self.qk_norm}: choose one of {', '.join(QK_NORM_METHODS)}")
+        if self.new_token_init is not None and self.new_token_init not in vocab.NEW_TOKEN_METHODS:
+            raise QwenforgeError(f"--new-token-init {self.new_token_init}: choose one of {', '.join(vocab.NEW_TOKEN_METHODS)}")
+        for flag, count in (("--fidelity-tokens", self.fidelity_tokens), ("--calibration-tokens", self.calibration_tokens)):
+            if count < 2:
+                raise QwenforgeError(f"{flag} {count}: must be at least 2")
+        if isinstance(self.max_shard_size, str):
+            parse_size(self.max_shard_size)
+        if self.formats and self.measure:  # only a measurement uses them (and imports torch)
+            from qwenforge.formats import parse_formats
+
+            parse_formats(self.formats)
+        parse_memory(self.max_memory)
+
+
+def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, dry_run: bool = False, force: bool = False, progress=None, **fields) -> dict:
     """Convert SOURCE into a Qwen3 checkpoint at OUT; returns the plan, warnings and (unless dry_run) the metadata.
 
     Streams tensor by tensor: peak memory is about two embedding matrices. q/k-norm calibration
     and the fidelity measurement (`measure`) run the models, layer-offloaded when a model exceeds
-    its memory cap (checkpoint/offload.py). `progress(done, total, name)` is called after each
+    its memory cap (`max_memory`, checkpoint/offload.py). `progress(done, total, name)` is called after each
     tensor is written. A measured broken model (`broken_reason`) raises after OUT is written,
     unless `accept_lossy`; q/k/v biases are kept unless `keep_bias=False` (the card's choice). `formats`
     (compare.format_fidelity; None skips) measures both models in the formats the result will run in.
+    `options` may be given as its fields: `convert(src, out, measure=False)`. Healing right after:
+    `heal.convert_then_heal`.
     """
+    options = options if options is not None else ConvertOptions(**fields)
+    donor, tokenizer, keep_bias, qk_norm, new_token_init = options.donor, options.tokenizer, options.keep_bias, options.qk_norm, options.new_token_init
+    calibration_text, fidelity_text, fidelity_tokens, calibration_tokens = options.calibration_text, options.fidelity_text, options.fidelity_tokens, options.calibration_tokens
+    max_shard_size, strict, allow_pickle, measure, accept_lossy, formats = options.max_shard_size, options.strict, options.allow_pickle, options.measure, options.accept_lossy, options.formats
+    max_memory = options.max_memory
     started = time.time()
     source, out = Path(source), Path(out)
     refuse_overlap(out, {"source": source, "donor": donor, "tokenizer": tokenizer, "calibration text": calibration_text, "fidelity text": fidelity_text})
@@ -203,10 +224,6 @@ def convert(
         donor_spec = spec_from_config(read_config(donor), str(donor / "config.json"))
     qk_norm = qk_norm or ("donor" if donor is not None else "calibrated")
     new_token_init = new_token_init or ("donor-projected" if donor is not None else "subword")
-    if qk_norm not in QK_NORM_METHODS:
-        raise QwenforgeError(f"--qk-norm {qk_norm}: choose one of {', '.join(QK_NORM_METHODS)}")
-    if new_token_init not in vocab.NEW_TOKEN_METHODS:
-        raise QwenforgeError(f"--new-token-init {new_token_init}: choose one of {', '.join(vocab.NEW_TOKEN_METHODS)}")
     warnings = preflight.check_options(spec, donor_spec, qk_norm, new_token_init, keep_bias)
     if donor_spec is not None:
         warnings += preflight.check_donor(spec, donor_spec, donor, qk_norm)
@@ -243,9 +260,6 @@ def convert(
         calibration_file = Path(calibration_text) if calibration_text else default_text("calibration.txt")
         fidelity_file = Path(fidelity_text) if fidelity_text else default_text("heldout.txt")
         texts = {"calibration": read_text(calibration_file, "calibration text"), "fidelity": read_text(fidelity_file, "fidelity text")}
-        for flag, count in (("--fidelity-tokens", fidelity_tokens), ("--calibration-tokens", calibration_tokens)):
-            if count < 2:
-                raise QwenforgeError(f"{flag} {count}: must be at least 2")
         options = {
             "source": str(source), "out": str(out), "donor": str(donor) if donor else None, "tokenizer": str(tokenizer) if tokenizer else None,
             "keep_bias": keep_bias, "qk_norm": qk_norm, "new_token_init": new_token_init,
@@ -264,7 +278,7 @@ def convert(
             from qwenforge import compare
             from qwenforge.convert.qk_norm import calibrate
 
-            source_model = compare.load(source)
+            source_model = compare.load(source, max_memory)
             biases = {name: reader.get(name) for name in reader.tensors if name.endswith(("q_proj.bias", "k_proj.bias"))}
             norms = calibrate(source_model, texts["calibration"], keep_bias, max_tokens=calibration_tokens, biases=biases)
         matrices = [s.name for s in plan["steps"] if s.op == "transplant-rows"]
@@ -320,7 +334,7 @@ def convert(
                 measure_failure = None
                 if measure:
                     try:
-                        extra.update(_measure(temp, source_model or source, texts["fidelity"], fidelity_tokens, formats))
+                        extra.update(_measure(temp, source_model or source, texts["fidelity"], fidelity_tokens, formats, max_memory))
                         extra["fidelity"]["text"] = fidelity_file.name if not fidelity_text else str(fidelity_file)
                         extra["broken"] = broken_reason(extra["fidelity"])
                     except Exception as error:  # noqa: BLE001 - a failed check must not cost the finished conversion
@@ -349,12 +363,30 @@ def convert(
         return result
 
 
-def _measure(folder: Path, source, text: str, fidelity_tokens: int, formats: str | None = None) -> dict:
+def convert_lines(record: dict, heal_method: str | None = None) -> str:
+    """Human lines for a conversion's metadata (what `qwenforge convert` prints)."""
+    from qwenforge.compare import formats_table, summary_line
+
+    lines = [f"[yellow]warning:[/yellow] {warning['message']}" for warning in record["warnings"]]
+    lines.append(f"vocabulary: {record['vocabulary']['summary']}")
+    if record.get("smoke_test"):
+        lines.append(f"smoke test: {record['smoke_test']['prompt']!r} -> {record['smoke_test']['reply']!r}")
+    if record.get("fidelity"):
+        lines.append(f"fidelity vs source: {summary_line(record['fidelity'])}")
+        if record["fidelity"].get("formats"):
+            lines.append(formats_table(record["fidelity"]["formats"]))
+    if record.get("heal"):
+        healed = record["heal"]
+        lines.append(f"healed ({heal_method}): held-out top-1 {healed['top1_agreement']:.1%}, bits/byte {healed['bits_per_byte']:.4f}")
+    return "\n".join(lines)
+
+
+def _measure(folder: Path, source, text: str, fidelity_tokens: int, formats: str | None = None, max_memory: str | int | None = None) -> dict:
     """Smoke test and fidelity (on `text`, and per format in `formats`) of the converted model in `folder` against the source."""
     from qwenforge import compare
 
-    converted = compare.load(folder)
-    reference = compare.load(source)
+    converted = compare.load(folder, max_memory)
+    reference = compare.load(source, max_memory)
     fidelity = compare.fidelity(reference, converted, text, max_tokens=fidelity_tokens)
     if formats and fidelity["same_tokenization"]:
         from qwenforge.formats import parse_formats

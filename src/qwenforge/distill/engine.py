@@ -1,7 +1,8 @@
-"""The distillation engine: divergences, held-out fidelity, and the one training loop.
+"""The distillation engine: divergences, the memory check and the one training loop.
 
 `qwenforge heal` (teacher = the source model) and `qwenforge distill` (teacher = a larger model
-or its stored top-k logits) both call `run_loop`; they differ only in the loss they hand it.
+or its stored top-k logits) both call `run_loop` with a teacher (distill/teacher.py); the
+held-out figures are qwenforge/fidelity.py's.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,105 +109,42 @@ def check_fits(estimate: dict, memory_gb: float | None, what: str, remedy: str) 
     raise QwenforgeError(f"{what} need about {estimate['total'] / GIB:.2f} GiB in float32 ({available / GIB:.2f} GiB available); {remedy}")
 
 
-# --- held-out fidelity ---------------------------------------------------------------------------
-
-
-@dataclass
-class Fidelity:
-    """Sums over evaluated positions; `summary()` turns them into the reported figures."""
-
-    positions: int = 0
-    text_bytes: int = 0
-    kl_sum: float = 0.0
-    agree: int = 0
-    student_nll: float = 0.0
-    teacher_nll: float = 0.0
-
-    def add(self, student_logits, teacher_logprobs, labels, text_bytes: int, shared: torch.Tensor | None = None) -> None:
-        """Add one sequence's positions: logits [T, V], teacher log-probs [T, V] (full), labels [T].
-
-        KL and agreement are taken over the `shared` ids only (both renormalized there), so rows a
-        conversion transplanted or padded do not count; bits per byte use each model's full distribution.
-        """
-        student_full = F.log_softmax(student_logits.float(), -1)
-        teacher_full = teacher_logprobs.float()
-        if shared is None:
-            vocab = min(student_full.shape[-1], teacher_full.shape[-1])
-            shared = torch.arange(vocab)
-        student = F.log_softmax(student_full[..., shared], -1)
-        teacher = F.log_softmax(teacher_full[..., shared], -1)
-        self.positions += labels.numel()
-        self.text_bytes += text_bytes
-        self.kl_sum += float((teacher.exp() * (teacher - student)).sum())
-        self.agree += int((student.argmax(-1) == teacher.argmax(-1)).sum())
-        self.student_nll -= float(student_full.gather(-1, labels[:, None]).sum())
-        self.teacher_nll -= float(teacher_full.gather(-1, labels[:, None]).sum())
-
-    def summary(self) -> dict:
-        if not self.positions:
-            raise QwenforgeError("no held-out positions were evaluated; give a longer held-out text")
-        bits = 1 / math.log(2) / max(self.text_bytes, 1)
-        return {
-            "kl": self.kl_sum / self.positions,
-            "top1_agreement": self.agree / self.positions,
-            "bits_per_byte": self.student_nll * bits,
-            "teacher_bits_per_byte": self.teacher_nll * bits,
-            "perplexity": math.exp(self.student_nll / self.positions),
-            "teacher_perplexity": math.exp(self.teacher_nll / self.positions),
-            "positions": self.positions,
-        }
-
-
-def teacher_logprobs_for(teacher, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The teacher's full next-token log-probabilities per held-out sequence, computed once (no grad)."""
-    with torch.no_grad():
-        return [F.log_softmax(teacher(ids[None]).logits[0, :-1].float(), -1) for ids in sequences]
-
-
-def evaluate_fidelity(student, sequences: list[torch.Tensor], teacher_logprobs: list[torch.Tensor], byte_counts: list[int], shared: torch.Tensor | None = None) -> dict:
-    """Held-out KL(teacher||student), top-1 agreement, bits per byte and perplexity of `student`."""
-    fidelity = Fidelity()
-    was_training = student.training
-    student.eval()
-    with torch.no_grad():
-        for ids, teacher, nbytes in zip(sequences, teacher_logprobs, byte_counts):
-            logits = student(ids[None]).logits[0, :-1]
-            fidelity.add(logits, teacher, ids[1:], nbytes, shared)
-    student.train(was_training)
-    return fidelity.summary()
-
-
-# --- text -> sequences ---------------------------------------------------------------------------
-
-
-def token_sequences(tokenizer, text: str, length: int, limit_tokens: int | None = None, what: str = "text") -> list[torch.Tensor]:
-    """Cut a text's tokens into consecutive sequences of `length` (+1 for the shifted label)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if limit_tokens:
-        ids = ids[:limit_tokens]
-    if len(ids) < min(length, 64) + 1:
-        raise QwenforgeError(f"{what}: only {len(ids)} tokens; give at least {min(length, 64) + 1}")
-    length = min(length, len(ids) - 1)
-    tensor = torch.tensor(ids)
-    return [tensor[start : start + length + 1] for start in range(0, len(ids) - length, length)]
-
-
-def byte_counts(tokenizer, sequences: list[torch.Tensor]) -> list[int]:
-    """UTF-8 bytes of the predicted part of each sequence (for bits per byte)."""
-    return [len(tokenizer.decode(ids[1:].tolist()).encode("utf-8")) for ids in sequences]
-
-
 # --- the loop ------------------------------------------------------------------------------------
 
 
+def check_option(flag: str, value, ok: bool, need: str) -> None:
+    """One line naming the flag when an option's value is unusable (None means "the default": never checked)."""
+    if value is not None and not ok:
+        raise QwenforgeError(f"{flag} {value}: {need}")
+
+
 @dataclass(frozen=True)
-class LoopSettings:
+class LoopOptions:
+    """The options every heal and distill loop shares, checked when built (a bad value fails before any work).
+
+    `HealOptions` and `DistillOptions` add their own fields and defaults; `run_loop` reads these.
+    """
+
     steps: int = 200
-    budget_seconds: float | None = None
-    learning_rate: float = 1e-3
+    budget_minutes: float | None = None
+    learning_rate: float | None = 1e-4
+    batch_size: int = 4
+    sequence_length: int = 256
+    divergence: str = "forward"
+    temperature: float = 1.0
     eval_every: int = 20
     patience: int = 5  # evaluations without a better held-out KL before stopping early
-    weight_decay: float = 0.0
+    threads: int | None = None
+    seed: int = 0
+    memory_gb: float | None = None  # usable memory; default: what this machine has available now
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--sequence-length", self.sequence_length),
+                            ("--eval-every", self.eval_every), ("--patience", self.patience), ("--threads", self.threads)):
+            check_option(flag, value, value is None or value >= 1, "must be at least 1")
+        for flag, value in (("--budget-minutes", self.budget_minutes), ("--lr", self.learning_rate), ("--temperature", self.temperature), ("--memory", self.memory_gb)):
+            check_option(flag, value, value is None or value > 0, "must be above 0")
+        check_option("--divergence", self.divergence, self.divergence in DIVERGENCES, f"choose one of {', '.join(DIVERGENCES)}")
 
 
 @dataclass
@@ -222,7 +160,7 @@ def run_loop(
     named_parameters: dict[str, torch.nn.Parameter],
     step_loss: Callable[[int], torch.Tensor],
     evaluate: Callable[[], dict],
-    settings: LoopSettings,
+    settings: LoopOptions,
     *,
     label: str = "distill",
     console=None,
@@ -243,7 +181,7 @@ def run_loop(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     parameters = list(named_parameters.values())
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     result = LoopResult(history=list(history or []), steps=start_step)
@@ -263,7 +201,7 @@ def run_loop(
         task = progress.add_task(label, total=settings.steps, completed=start_step, status=status())
         loss_value = float("nan")
         for step in range(start_step, settings.steps):
-            if settings.budget_seconds is not None and time.perf_counter() - started > settings.budget_seconds:
+            if settings.budget_minutes is not None and time.perf_counter() - started > settings.budget_minutes * 60:
                 result.stopped = "time"
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -302,17 +240,6 @@ def run_loop(
     return result
 
 
-def batches_forever(sequences: list[torch.Tensor], batch_size: int, seed: int = 0) -> Iterable[torch.Tensor]:
-    """Stacked batches of equal-length sequences, reshuffled every epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    usable = [s for s in sequences if len(s) == len(sequences[0])]
-    while True:
-        order = torch.randperm(len(usable), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            yield torch.stack([usable[i] for i in chunk])
-
-
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -322,10 +249,14 @@ def distillation_loss(
     kind: str = "forward",
     temperature: float = 1.0,
     ce_weight: float = 0.0,
+    student_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean divergence to the teacher (full logits or stored top-k) mixed with cross-entropy on the text."""
+    """Mean divergence to the teacher (full logits or stored top-k) mixed with cross-entropy on the text.
+
+    `student_ids`: the student's columns the teacher's logits stand for (tokens both vocabularies hold).
+    """
     if teacher_logits is not None:
-        divergence = full_divergence(student_logits, teacher_logits, kind, temperature)
+        divergence = full_divergence(student_logits if student_ids is None else student_logits[..., student_ids], teacher_logits, kind, temperature)
     elif teacher_topk is not None:
         divergence = topk_divergence(student_logits, teacher_topk[0], teacher_topk[1], kind, temperature)
     else:

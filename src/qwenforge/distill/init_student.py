@@ -25,14 +25,10 @@ def parse_keep_layers(text: str, layers: int) -> list[int]:
     elif text.startswith("first:"):
         keep = list(range(int(text.split(":", 1)[1])))
     else:
-        keep = []
+        from qwenforge.arch.spec import layer_ranges
+
         try:
-            for part in text.split(","):
-                if "-" in part:
-                    low, high = part.split("-")
-                    keep += range(int(low), int(high) + 1)
-                else:
-                    keep.append(int(part))
+            keep = layer_ranges(text)
         except ValueError as error:
             raise QwenforgeError(f"--keep-layers {text!r}: give 'half', 'first:N' or indices like 0,2,4-7") from error
     if not keep or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= layers:

@@ -1,4 +1,4 @@
-"""`qwenforge distill capture`: a teacher's top-k next-token log-probabilities, stored once on disk.
+"""The top-k logit store: a teacher's next-token log-probabilities on disk (written by distill/capture.py).
 
 Layout of a store folder: `index.json` (teacher, tokenizer hash, k, value encoding, shards,
 `complete`) and `shard-NNNNN.safetensors` files, each holding `input_ids` [S, L+1], `indices`
@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
-import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qwenforge import __version__
-from qwenforge.checkpoint.folder import read_json, write_json
+from qwenforge.checkpoint.folder import read_json
+from qwenforge import fidelity as figures
 from qwenforge.distill import engine
 from qwenforge.errors import QwenforgeError
 
@@ -163,129 +162,6 @@ def bytes_per_token(k: int, vocab_size: int, encoding: str) -> int:
     return k * ((2 if vocab_size <= 1 << 16 else 4) + (2 if encoding == "float16" else 1))
 
 
-ENGINES = ("transformers", "vllm")
-
-
-def _transformers_teacher(teacher_dir: Path):
-    """(vocab size, top_k(ids [S, L+1], k) -> (indices, log-probs) [S, L, k]) of an in-process teacher."""
-    from transformers import AutoModelForCausalLM
-
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-
-    def top_k(ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            logprobs = F.log_softmax(teacher(ids[:, :-1]).logits.float(), -1)
-        values, indices = logprobs.topk(k, dim=-1)
-        return indices, values
-
-    return teacher.config.vocab_size, top_k
-
-
-def capture(
-    teacher_dir: Path,
-    data: Path,
-    out: Path,
-    *,
-    k: int = 64,
-    sequence_length: int = 512,
-    shard_sequences: int = 64,
-    encoding: str = "float16",
-    compression: str = "zlib",
-    engine_name: str = "transformers",
-    tensor_parallel: int = 1,
-    max_tokens: int | None = None,
-    resume: bool = False,
-    force: bool = False,
-    console=None,
-) -> dict:
-    """Run the teacher once over DATA and store its top-k log-probabilities in OUT; returns the index.
-
-    The teacher's tokenizer files are copied to OUT/tokenizer, so a student with another
-    vocabulary can be mapped onto the store later (`open_store`).
-    """
-    from rich.progress import Progress
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
-    from qwenforge.checkpoint.folder import copy_tokenizer_files, read_config, refuse_overlap
-
-    teacher_dir, out = Path(teacher_dir), Path(out)
-    if encoding not in VALUE_ENCODINGS:
-        raise QwenforgeError(f"--values {encoding}: choose one of {', '.join(VALUE_ENCODINGS)}")
-    if compression not in COMPRESSIONS:
-        raise QwenforgeError(f"--compression {compression}: choose one of {', '.join(COMPRESSIONS)}")
-    if engine_name not in ENGINES:
-        raise QwenforgeError(f"--engine {engine_name}: choose one of {', '.join(ENGINES)}")
-    if sequence_length < 1:
-        raise QwenforgeError(f"--sequence-length {sequence_length}: must be at least 1")
-    read_config(teacher_dir)  # a missing teacher is one line here, not the hub's "Repo id" error
-    refuse_overlap(out, {"teacher": teacher_dir})
-    index_path = out / INDEX
-    if out.exists() and not resume:
-        if not force:
-            raise QwenforgeError(f"{out}: already exists; pass --resume to continue a capture or --force to replace it")
-        for item in out.glob("shard-*.safetensors"):
-            item.unlink()
-        index_path.unlink(missing_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    sequences = engine.token_sequences(tokenizer, read_text(data), sequence_length, max_tokens, str(data))
-    if engine_name == "vllm":
-        from qwenforge.distill.vllm_engine import vllm_teacher
-
-        vocab_size, top_k = vllm_teacher(teacher_dir, k, len(sequences[0]), tensor_parallel)
-    else:
-        vocab_size, top_k = _transformers_teacher(teacher_dir)
-    if not 0 < k <= vocab_size:
-        raise QwenforgeError(f"--k {k}: must be between 1 and the vocabulary size {vocab_size}")
-    header = {
-        "qwenforge_version": __version__,
-        "teacher": str(teacher_dir),
-        "engine": engine_name,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "data": str(data),
-        "vocab_size": vocab_size,
-        "k": k,
-        "values": encoding,
-        "compression": compression,
-        "sequence_length": len(sequences[0]) - 1,
-        "sequences": len(sequences),
-        "naive_bytes_per_token": bytes_per_token(k, vocab_size, encoding) + 4,
-    }
-    if resume and index_path.exists():
-        index = read_json(index_path)
-        index.setdefault("compression", "none")
-        changed = [key for key in ("tokenizer_hash", "k", "values", "compression", "sequence_length", "sequences") if index.get(key) != header[key]]
-        if changed:
-            raise QwenforgeError(f"{out}: the existing capture differs in {', '.join(changed)}; capture to a new folder or pass --force")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        index = {**header, "shards": [], "complete": False}
-        write_json(index_path, index)
-    (out / "tokenizer").mkdir(exist_ok=True)
-    copy_tokenizer_files(teacher_dir, out / "tokenizer")
-    done = sum(shard["sequences"] for shard in index["shards"])
-    with Progress(console=console, disable=console is None) as progress:
-        task = progress.add_task("capture", total=len(sequences), completed=done)
-        while done < len(sequences):
-            chunk = sequences[done : done + shard_sequences]
-            ids = torch.stack([s for s in chunk if len(s) == len(chunk[0])])
-            top_indices, top_values = top_k(ids, k)
-            tensors, metadata = encode_shard(ids, top_indices, top_values, vocab_size, encoding, compression)
-            name = f"shard-{len(index['shards']):05d}.safetensors"
-            temporary = out / f".{name}.tmp"
-            save_file(tensors, str(temporary), metadata=metadata or None)
-            os.replace(temporary, out / name)
-            index["shards"].append({"file": name, "sequences": len(ids), "bytes": (out / name).stat().st_size})
-            done += len(chunk)
-            write_json(index_path, index)
-            progress.update(task, completed=done)
-    index["complete"] = True
-    index["tokens"] = sum(shard["sequences"] for shard in index["shards"]) * index["sequence_length"]
-    index["bytes_per_token"] = round(sum(shard["bytes"] for shard in index["shards"]) / max(index["tokens"], 1), 1)  # on disk
-    write_json(index_path, index)
-    return index
-
-
 def open_store(folder: Path, student_tokenizer=None, min_coverage: float = 0.95) -> dict:
     """The index of a complete store, checked against the student's tokenizer.
 
@@ -311,25 +187,31 @@ def iterate_store(folder: Path, index: dict) -> Iterator[tuple[torch.Tensor, tor
     Entries are in rank order (highest first). With an index `open_store` mapped to another
     vocabulary, ids are the student's and tokens it lacks come last with log-probability -inf.
     """
+    for number in range(len(index["shards"])):
+        yield read_shard(folder, index, number)
+
+
+def read_shard(folder: Path, index: dict, number: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shard `number` of the store as `iterate_store` yields it (one shard in memory, not the store)."""
     from safetensors import SafetensorError, safe_open
 
-    for shard in index["shards"]:
-        path = Path(folder) / shard["file"]
-        if not path.exists() or path.stat().st_size != shard["bytes"]:
-            raise QwenforgeError(f"{path}: missing or truncated shard; re-run the capture with --resume after deleting it from {INDEX}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-            decoded = decode_shard(tensors, metadata, index)
-        except (SafetensorError, OSError, zlib.error, lzma.LZMAError, KeyError, RuntimeError) as error:
-            raise QwenforgeError(f"{path}: unreadable shard ({error}); capture again") from error
-        if "_student_ids" in index:
-            from qwenforge.distill import mapping
+    shard = index["shards"][number]
+    path = Path(folder) / shard["file"]
+    if not path.exists() or path.stat().st_size != shard["bytes"]:
+        raise QwenforgeError(f"{path}: missing or truncated shard; re-run the capture with --resume after deleting it from {INDEX}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        decoded = decode_shard(tensors, metadata, index)
+    except (SafetensorError, OSError, zlib.error, lzma.LZMAError, KeyError, RuntimeError) as error:
+        raise QwenforgeError(f"{path}: unreadable shard ({error}); capture again") from error
+    if "_student_ids" in index:
+        from qwenforge.distill import mapping
 
-            table = index["_student_ids"]
-            decoded = (mapping.map_input_ids(table, decoded[0], str(path)), *mapping.map_entries(table, decoded[1], decoded[2]))
-        yield decoded
+        table = index["_student_ids"]
+        decoded = (mapping.map_input_ids(table, decoded[0], str(path)), *mapping.map_entries(table, decoded[1], decoded[2]))
+    return decoded
 
 
 def rebuilt_logprobs(indices: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -364,13 +246,13 @@ def shared_logits(logits: torch.Tensor, shared_mask: torch.Tensor) -> torch.Tens
 
 def store_fidelity(student, sequences, indices, logprobs, byte_counts, teacher_rows: int | None = None, shared: torch.Tensor | None = None) -> dict:
     """Held-out figures against a store, for `distill train` and `heal --teacher-logits`:
-    `engine.Fidelity` on the rebuilt teacher distribution (agreement, bits per byte, perplexity) and
+    `fidelity.Fidelity` on the rebuilt teacher distribution (agreement, bits per byte, perplexity) and
     KL on the stored top-k plus one tail bucket (zero when the student is the teacher).
 
     `shared` (ids both vocabularies hold, after a transplant) keeps KL and agreement to those ids;
     stored entries outside it join the tail. `teacher_rows` defaults to the student's.
     """
-    fidelity, kl = engine.Fidelity(), 0.0
+    fidelity, kl = figures.Fidelity(), 0.0
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device

@@ -17,30 +17,30 @@ import torch
 from qwenforge import __version__
 from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
 from qwenforge.distill import engine, store
+from qwenforge.distill.teacher import LiveTeacher, Schedule, StoredTeacher, Vocabulary
 from qwenforge.errors import QwenforgeError
+from qwenforge.fidelity import byte_counts, token_sequences
 
 
 @dataclass(frozen=True)
-class DistillOptions:
-    steps: int = 200
-    budget_minutes: float | None = None
-    learning_rate: float = 1e-4
-    batch_size: int = 4
-    sequence_length: int = 256
-    divergence: str = "forward"
-    temperature: float = 1.0
+class DistillOptions(engine.LoopOptions):
+    """`distill train` / `distill online` options: the loop's (engine.LoopOptions) and these, checked when built."""
+
     ce_weight: float = 0.0
     lora_rank: int = 0  # 0: full fine-tuning
     gradient_checkpointing: bool = False
-    eval_every: int = 20
-    patience: int = 5
     heldout_sequences: int = 4  # store mode: the store's last sequences, never trained on
     max_tokens: int | None = None
     eval_tokens: int | None = 2048  # online mode: held-out tokens evaluated (full teacher distributions are kept in memory)
     min_coverage: float = 0.95  # store mode, other vocabulary: least share of the teacher's top-k mass the student must have
-    threads: int | None = None
-    seed: int = 0
-    memory_gb: float | None = None  # online mode: usable memory; default: what this machine has available now
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        engine.check_option("--ce-weight", self.ce_weight, 0 <= self.ce_weight <= 1, "must be between 0 and 1")
+        engine.check_option("--lora-rank", self.lora_rank, self.lora_rank >= 0, "must be 0 (full fine-tuning) or more")
+        engine.check_option("--min-coverage", self.min_coverage, 0 < self.min_coverage <= 1, "must be above 0 and at most 1")
+        for flag, value in (("--heldout-sequences", self.heldout_sequences), ("--max-tokens", self.max_tokens), ("--eval-tokens", self.eval_tokens)):
+            engine.check_option(flag, value, value is None or value >= 1, "must be at least 1")
 
 
 def _load_student(folder: Path, options: DistillOptions):
@@ -53,8 +53,9 @@ def _load_student(folder: Path, options: DistillOptions):
     if options.lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(model, LoraConfig(r=options.lora_rank, lora_alpha=2 * options.lora_rank, target_modules=targets, lora_dropout=0.0))
+        from qwenforge.arch.spec import PROJECTIONS
+
+        model = get_peft_model(model, LoraConfig(r=options.lora_rank, lora_alpha=2 * options.lora_rank, target_modules=list(PROJECTIONS), lora_dropout=0.0))
     model.train()
     return model
 
@@ -90,16 +91,6 @@ def _plot(history: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def _settings(options: DistillOptions) -> engine.LoopSettings:
-    return engine.LoopSettings(
-        steps=options.steps,
-        budget_seconds=options.budget_minutes * 60 if options.budget_minutes else None,
-        learning_rate=options.learning_rate,
-        eval_every=options.eval_every,
-        patience=options.patience,
-    )
 
 
 def online_memory(teacher_dir: Path, student_dir: Path, vocab: int, options: DistillOptions) -> dict:
@@ -147,31 +138,25 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
         online_memory(teacher_dir, student_dir, len(tokenizer), options), options.memory_gb, f"{teacher_dir}: teacher and student together would",
         f"capture the teacher once with `qwenforge distill capture {teacher_dir} --data TEXT --out STORE` and run `distill train --logits STORE`",
     )
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    for parameter in teacher.parameters():
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    for parameter in model.parameters():
         parameter.requires_grad_(False)
     student = _load_student(student_dir, options)
     max_positions = getattr(student.config, "max_position_embeddings", None)
     if max_positions and options.sequence_length > max_positions:
         raise QwenforgeError(f"--sequence-length {options.sequence_length} exceeds the student's context of {max_positions} tokens")
-    train_sequences = engine.token_sequences(tokenizer, train_text, options.sequence_length, options.max_tokens, str(data))
-    eval_sequences = engine.token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout))
-    eval_bytes = engine.byte_counts(tokenizer, eval_sequences)
-    eval_teacher = engine.teacher_logprobs_for(teacher, eval_sequences)
-    batches = engine.batches_forever(train_sequences, options.batch_size, options.seed)
+    train_sequences = token_sequences(tokenizer, train_text, options.sequence_length, options.max_tokens, str(data))
+    eval_sequences = token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout))
+    schedule = Schedule(len(train_sequences), options.batch_size, shuffle=True, seed=options.seed)
+    teacher = LiveTeacher(model, Vocabulary.same(len(tokenizer)), train_sequences, eval_sequences, byte_counts(tokenizer, eval_sequences), schedule)
 
     def step_loss(step: int) -> torch.Tensor:
-        batch = next(batches)
-        student_logits = student(batch[:, :-1]).logits
-        teacher_logits = None
-        if options.ce_weight < 1:
-            with torch.no_grad():
-                teacher_logits = teacher(batch[:, :-1]).logits
-        return engine.distillation_loss(student_logits, batch[:, 1:], teacher_logits=teacher_logits, kind=options.divergence, temperature=options.temperature, ce_weight=options.ce_weight)
+        batch = teacher.batch(step)
+        return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, options.ce_weight)
 
-    evaluate = lambda: engine.evaluate_fidelity(student, eval_sequences, eval_teacher, eval_bytes)  # noqa: E731
+    evaluate = lambda: teacher.evaluate(student)  # noqa: E731
     started = time.perf_counter()
-    result = engine.run_loop(_trainable(student), step_loss, evaluate, _settings(options), label="distill online", console=console)
+    result = engine.run_loop(_trainable(student), step_loss, evaluate, options, label="distill online", console=console)
     report = {
         "qwenforge_version": __version__,
         "mode": "online",
@@ -200,6 +185,16 @@ def _outcome(student, result, tokens_per_step: int, started: float) -> dict:
     }
 
 
+def distill_lines(report: dict) -> str:
+    """Human lines for a distill report (what `qwenforge distill train|online` prints)."""
+    lines = []
+    if (report.get("store") or {}).get("student_map"):
+        lines.append(f"vocabulary mapped by token string: coverage {report['store']['student_map']['coverage']:.2%} of the teacher's top-k mass")
+    before, best = report["before"], report["best"]
+    lines.append(f"held-out KL {before['kl']:.4f} -> {best['kl']:.4f}; bits/byte {before['bits_per_byte']:.4f} -> {best['bits_per_byte']:.4f}")
+    return "\n".join(lines)
+
+
 def _fingerprints(trainable: dict, world: int) -> list[float]:
     """Sum of |weights| on every rank (equal when the processes trained in step)."""
     value = float(sum(p.detach().double().abs().sum() for p in trainable.values()))
@@ -223,12 +218,13 @@ def checkpoint_folder(out: Path) -> Path:
 def train_from_store(student_dir: Path, logits: Path, out: Path | None, options: DistillOptions = DistillOptions(), *, resume: bool = False, force: bool = False, console=None) -> dict:
     """Train the student on a captured store; the store's last sequences are the held-out set.
 
-    With OUT, each evaluation checkpoints weights, best weights, optimizer moments, step and the
-    batch sampler's random state beside OUT; `resume` continues from there exactly where it
-    stopped (same batches, same optimizer), and may raise `steps`.
+    The store is read shard by shard (distill/teacher.py: StoredTeacher), each epoch in shuffled
+    shards, so memory holds two shards, never the store. With OUT, each evaluation checkpoints
+    weights, best weights, optimizer moments and step beside OUT; `resume` continues from there
+    exactly where it stopped (the batches are a function of the step), and may raise `steps`.
 
     Under `accelerate launch` (DDP: train/accelerate/ddp.yaml, or `--cpu` with gloo) every process
-    draws the same global batch from one shared generator and trains its slice through the
+    draws the same global batch from the step and trains its slice through the
     prepared (gradient-averaging) model, so all ranks hold the same weights, evaluate alike and stop
     alike; only the main process checkpoints and writes OUT. FSDP / ZeRO-3 sharding is not handled.
     """
@@ -245,10 +241,11 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
 
         rank = dist.get_rank()
 
+    console = console if rank == 0 else None  # under `accelerate launch` the main process shows progress
     student_dir, logits = Path(student_dir), Path(logits)
     if out is not None:
         refuse_overlap(out, {"student": student_dir, "logit store": logits})
-    read_config(student_dir)
+    student_config = read_config(student_dir)
     if out is not None and Path(out).exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
     checkpoint = checkpoint_folder(out) if out is not None else None
@@ -262,14 +259,14 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     index = store.open_store(logits, tokenizer, options.min_coverage)
-    ids, indices, values = (torch.cat(parts) for parts in zip(*store.iterate_store(logits, index)))
-    if len(ids) <= options.heldout_sequences:
-        raise QwenforgeError(f"{logits}: only {len(ids)} sequences; capture more data than --heldout-sequences {options.heldout_sequences}")
-    max_positions = read_config(student_dir).get("max_position_embeddings")
-    if max_positions and ids.shape[1] - 1 > max_positions:
-        raise QwenforgeError(f"{logits}: sequences of {ids.shape[1] - 1} tokens exceed the student's context of {max_positions}")
-    held = slice(len(ids) - options.heldout_sequences, None)
-    eval_bytes = engine.byte_counts(tokenizer, list(ids[held]))
+    sizes = [shard["sequences"] for shard in index["shards"]]
+    if sum(sizes) <= options.heldout_sequences:
+        raise QwenforgeError(f"{logits}: only {sum(sizes)} sequences; capture more data than --heldout-sequences {options.heldout_sequences}")
+    max_positions = student_config.get("max_position_embeddings")
+    if max_positions and index["sequence_length"] > max_positions:
+        raise QwenforgeError(f"{logits}: sequences of {index['sequence_length']} tokens exceed the student's context of {max_positions}")
+    schedule = Schedule(sum(sizes) - options.heldout_sequences, options.batch_size, shuffle=True, seed=options.seed, blocks=tuple(sizes))
+    teacher = StoredTeacher(logits, index, options.heldout_sequences, schedule, tokenizer)
     student = _load_student(student_dir, options)
     forward = student
     if world > 1:
@@ -277,8 +274,6 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
 
         forward = Accelerator(cpu=not torch.cuda.is_available()).prepare_model(student)
     device = next(student.parameters()).device
-    train_count = len(ids) - options.heldout_sequences
-    generator = torch.Generator().manual_seed(options.seed)
     trainable = _trainable(student)
     saved = {}
     if resume:
@@ -287,28 +282,23 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
         changed += ["processes"] if saved["extra"].get("processes", 1) != world else []
         if changed or saved["extra"]["logits"] != str(logits) or saved["extra"]["student"] != str(student_dir):
             raise QwenforgeError(f"{checkpoint}: saved by a run with other {', '.join(changed) or 'student or logits'}; resume with the same settings or pass --force")
-        generator.set_state(torch.tensor(saved.pop("extra")["generator"], dtype=torch.uint8))
+        saved.pop("extra")  # the batches are a function of the step (teacher.Schedule): nothing else to restore
     elif checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
 
     def step_loss(step: int) -> torch.Tensor:
-        chosen = torch.randint(0, train_count, (options.batch_size * world,), generator=generator)[rank * options.batch_size : (rank + 1) * options.batch_size]
-        batch = ids[chosen].to(device)
-        student_logits = forward(batch[:, :-1]).logits
-        return engine.distillation_loss(
-            student_logits, batch[:, 1:], teacher_topk=(indices[chosen].to(device), values[chosen].to(device)),
-            kind=options.divergence, temperature=options.temperature, ce_weight=options.ce_weight,
-        )
+        batch = teacher.batch(step, rank, world).to(device)
+        return teacher.loss(forward(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, options.ce_weight)
 
     def on_checkpoint(state: dict) -> None:
         if rank:
             return
-        extra = {"generator": generator.get_state().tolist(), "options": asdict(options), "logits": str(logits), "student": str(student_dir), "processes": world}
+        extra = {"options": asdict(options), "logits": str(logits), "student": str(student_dir), "processes": world}
         engine.save_progress(checkpoint, trainable, state, extra)
 
-    evaluate = lambda: store.store_fidelity(student, ids[held], indices[held], values[held], eval_bytes)  # noqa: E731
+    evaluate = lambda: teacher.evaluate(student)  # noqa: E731
     started = time.perf_counter()
-    result = engine.run_loop(trainable, step_loss, evaluate, _settings(options), label="distill train", console=console,
+    result = engine.run_loop(trainable, step_loss, evaluate, options, label="distill train", console=console,
                              on_checkpoint=on_checkpoint if checkpoint is not None else None, **saved)
     report = {
         "qwenforge_version": __version__,
@@ -320,7 +310,7 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
         "resumed_from_step": saved.get("start_step"),
         "processes": world,
         "rank_fingerprints": _fingerprints(trainable, world),
-    } | _outcome(student, result, options.batch_size * world * (ids.shape[1] - 1), started)
+    } | _outcome(student, result, options.batch_size * world * index["sequence_length"], started)
     if out is not None and rank == 0:
         _save(student, student_dir, Path(out), report, force)
         shutil.rmtree(checkpoint, ignore_errors=True)

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwenforge.checkpoint.dtypes import weight_dtype
 from qwenforge.errors import QwenforgeError
 
 ENGINES = ("transformers", "llama.cpp", "vllm")
-DTYPES = ("float32", "float16", "bfloat16")
 QUANTS = ("none", "nf4", "int8", "int8-dynamic")
 BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "nf4": 0.56, "int8": 1.06, "int8-dynamic": 1.06}
 
@@ -35,7 +35,7 @@ class Hardware:
 
 
 @dataclass(frozen=True)
-class Setup:
+class LoadSetup:
     """The loader's decision: where the weights live, in what precision, and why."""
 
     device: str  # "cuda" | "cuda:N" | "mps" | "cpu" | "auto" (accelerate offload)
@@ -54,7 +54,7 @@ class LoadedModel:
     name: str
     source: Path  # the HF folder (GGUF imported into the cache) whose tokenizer and config are used
     tokenizer: object
-    setup: Setup
+    setup: LoadSetup
     context_limit: int
     model: object = None  # transformers model (engine transformers)
     llama: object = None  # llama_cpp.Llama (engine llama.cpp)
@@ -103,21 +103,20 @@ def choose_setup(
     device: str | None = None,
     context: int = 4096,
     batch: int = 1,
-) -> Setup:
+) -> LoadSetup:
     """Pick device, dtype and quantization for the model `spec` on `hardware`; overrides win.
 
-    The memory planner (`qwenforge.plan.choose_inference_setup`) picks the most precise weights
+    The memory planner (`qwenforge.memory.choose_inference_setup`) picks the most precise weights
     that fit a `context`-token conversation. Two refinements from measurements here: on an
     AVX-512 CPU fp16 weights decode ~2x faster than fp32 (torch's fp16 matrix-vector kernels;
     `--dtype float32` is exact; batches stay fp32: fp16 matrix-matrix
     kernels are ~4x slower than fp32 on the CPU); on a GPU without fast bf16 (pre-Ampere) bf16 becomes fp16.
     When nothing fits, accelerate offloads layers to CPU/disk as the last resort.
     """
-    from qwenforge import plan
+    from qwenforge import memory
     from qwenforge.arch.spec import parameter_counts
 
-    if dtype is not None and dtype not in DTYPES:
-        raise QwenforgeError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    weight_dtype(dtype)
     if quant is not None and quant not in QUANTS:
         raise QwenforgeError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
     if device is not None and device.split(":")[0] not in ("cpu", "cuda", "mps", "auto"):
@@ -158,15 +157,15 @@ def choose_setup(
         quant = quant or planned_quant
     size = parameters * BYTES[quant if quant != "none" else dtype]
     attention = attention_implementation(kind, dtype)
-    return Setup(device=where, dtype=dtype, quant=quant, reason="; ".join(why + overrides + [f"{size / 2**30:.2f} GiB of weights"]), attention=attention)
+    return LoadSetup(device=where, dtype=dtype, quant=quant, reason="; ".join(why + overrides + [f"{size / 2**30:.2f} GiB of weights"]), attention=attention)
 
 
 def _planned_across_gpus(spec, budget: int, kind: str, context: int, batch: int, gpus: int):
-    """(planned Setup, GPUs used): one GPU when its best choice is as precise as all GPUs' together, else every visible GPU."""
-    from qwenforge import plan
+    """(planned LoadSetup, GPUs used): one GPU when its best choice is as precise as all GPUs' together, else every visible GPU."""
+    from qwenforge import memory
 
     try:
-        single = plan.choose_inference_setup(spec, budget, kind, context=context, batch=batch)
+        single = memory.choose_inference_setup(spec, budget, kind, context=context, batch=batch)
     except QwenforgeError:
         if gpus < 2:
             raise
@@ -174,12 +173,12 @@ def _planned_across_gpus(spec, budget: int, kind: str, context: int, batch: int,
     if gpus < 2 or (single and single.weights == "bf16"):
         return single, 1
     try:
-        together = plan.choose_inference_setup(spec, budget, kind, context=context, batch=batch, count=gpus)
+        together = memory.choose_inference_setup(spec, budget, kind, context=context, batch=batch, count=gpus)
     except QwenforgeError:
         if single is None:
             raise
         return single, 1
-    if single is None or plan.QUALITY_ORDER.index(together.weights) < plan.QUALITY_ORDER.index(single.weights):
+    if single is None or memory.QUALITY_ORDER.index(together.weights) < memory.QUALITY_ORDER.index(single.weights):
         return together, gpus
     return single, 1
 
@@ -307,7 +306,7 @@ def load_model(
     return loaded
 
 
-def _avoid_fragile_float16(setup: Setup, folder: Path, explicit: bool) -> Setup:
+def _avoid_fragile_float16(setup: LoadSetup, folder: Path, explicit: bool) -> LoadSetup:
     """A linearized checkpoint's q/k weights underflow in float16: refuse --dtype float16, else pick another dtype."""
     if setup.dtype != "float16":
         return setup
@@ -318,10 +317,10 @@ def _avoid_fragile_float16(setup: Setup, folder: Path, explicit: bool) -> Setup:
     if explicit:
         raise QwenforgeError(f"--dtype float16: {reason}")
     other = "float32" if setup.device == "cpu" else "bfloat16"
-    return Setup(device=setup.device, dtype=other, quant=setup.quant, reason=f"{setup.reason}; {other}, not float16: q/k weights of a linearized heal underflow in float16")
+    return LoadSetup(device=setup.device, dtype=other, quant=setup.quant, reason=f"{setup.reason}; {other}, not float16: q/k weights of a linearized heal underflow in float16")
 
 
-def _load_transformers(folder: Path, setup: Setup, adapter: Path | None):
+def _load_transformers(folder: Path, setup: LoadSetup, adapter: Path | None):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
@@ -407,7 +406,7 @@ def _load_llama_cpp(source: dict, folder: Path, tokenizer, name: str, context: i
     if yarn:  # llama.cpp's own YaRN: LLAMA_ROPE_SCALING_TYPE_YARN = 2
         scaling = {"rope_scaling_type": 2, "yarn_orig_ctx": yarn["original_max_position_embeddings"], "rope_freq_scale": 1 / yarn["factor"]}
     llama = Llama(model_path=str(runnable), n_ctx=n_ctx, n_threads=threads or None, verbose=False, type_k=0, type_v=0, **scaling)
-    setup = Setup(
+    setup = LoadSetup(
         device="cpu",
         dtype="float32",
         quant="none",

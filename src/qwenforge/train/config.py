@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from qwenforge.arch.spec import PROJECTIONS
 from qwenforge.errors import QwenforgeError
 from qwenforge.files import read_text
 
@@ -23,7 +24,7 @@ LORA_PRESETS = {
     "conservative": {"r": 8, "alpha": 16, "extra_modules": ()},
     "aggressive": {"r": 16, "alpha": 32, "extra_modules": ("k_proj", "gate_proj")},
 }
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULES = PROJECTIONS
 BACKENDS = ("pytorch", "mlx")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("none", "bf16", "fp16")

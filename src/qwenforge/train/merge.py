@@ -39,6 +39,9 @@ def merge_run(run: Path, out: Path, force: bool = False, dtype: str = "float32")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from qwenforge.checkpoint.dtypes import weight_dtype
+
+    weight_dtype(dtype)
     recipe, adapters = adapters_to_merge(run)
     base = Path(recipe["model_folder"])
     refuse_overlap(out, {"run": run, "base model": base})

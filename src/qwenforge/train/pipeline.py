@@ -49,7 +49,7 @@ def resolve_model_folder(model: str) -> Path:
         raise QwenforgeError(f"model: {error}") from None
 
 
-def build_plan(config: TrainConfig, folder: Path) -> ZonePlan:
+def zone_plan(config: TrainConfig, folder: Path) -> ZonePlan:
     from qwenforge.arch.spec import parameter_counts, spec_from_config
     from qwenforge.checkpoint.folder import read_config
 
@@ -228,7 +228,7 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, consol
     curriculum = load_curriculum(config.curriculum)  # every data problem stops the run here
     folder = resolve_model_folder(config.model)
     refuse_fragile(folder, "train")
-    plan = build_plan(config, folder)
+    plan = zone_plan(config, folder)
     out = Path(config.output)
     ranks.on_main(_prepare_output, config, out, resume, force)
     recipe = ranks.on_main(_write_recipe, config, out, plan, folder, curriculum)
@@ -441,7 +441,7 @@ def sft_trial(model: str | Path, work_dir: Path, topic: str = "tokens", steps: i
     records = sft_records(chosen)[:examples]
     folder = resolve_model_folder(config.model)
     refuse_fragile(folder, "train")
-    plan = build_plan(config, folder)
+    plan = zone_plan(config, folder)
     backend = create_backend("pytorch")
     backend.load(folder, plan)
     backend.start_adapter()

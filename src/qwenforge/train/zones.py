@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from qwenforge.arch.spec import ModelSpec, module_shapes
+from qwenforge.arch.spec import ATTENTION_PROJECTIONS, ModelSpec, module_shapes
 from qwenforge.errors import QwenforgeError
 from qwenforge.train.config import LORA_PRESETS, TrainConfig, ZoneConfig
 
@@ -28,7 +28,7 @@ ZONE_LAYER_TABLE = {
     80: {"lexicon": (0, 19), "reasoning": (20, 59), "voice": (60, 79)},  # Qwen2.5-72B, Qwen3-72B
     28: {"lexicon": (0, 6), "reasoning": (7, 20), "voice": (21, 27)},  # Qwen2.5-7B
 }
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION = ATTENTION_PROJECTIONS
 
 
 @dataclass(frozen=True)

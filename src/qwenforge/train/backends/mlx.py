@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from qwenforge.arch.spec import ATTENTION_PROJECTIONS
 from qwenforge.errors import QwenforgeError
 from qwenforge.train.config import DpoSettings, OptimizerSettings, SftSettings
 from qwenforge.train.schedule import learning_rate_at
@@ -129,7 +130,7 @@ class MlxBackend:
 
     def _module(self, layer: int, name: str):
         block = self.model.layers[layer]
-        parent = block.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
+        parent = block.self_attn if name in ATTENTION_PROJECTIONS else block.mlp
         return parent, getattr(parent, name)
 
     def has_adapter(self) -> bool:
@@ -156,7 +157,7 @@ class MlxBackend:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
 
     def _peft_key(self, layer: int, name: str, which: str) -> str:
-        group = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        group = "self_attn" if name in ATTENTION_PROJECTIONS else "mlp"
         return f"{PEFT_PREFIX}.{layer}.{group}.{name}.lora_{which}.weight"
 
     def save_adapter(self, folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""`qwenforge plan`: how much memory a model needs to run or train, line by line, and what fits a device.
+"""The memory model behind `qwenforge plan` (plan_report.py renders it): how much memory a model needs to run or train, line by line, and what fits a device.
 
     qwenforge plan Qwen2.5-72B-Instruct --mode qlora --context 4096 --device M2-Ultra-64GB
     qwenforge plan Qwen3-32B --fit H100-80GB
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from qwenforge.arch.spec import ModelSpec, module_shapes, parameter_counts
+from qwenforge.arch.spec import PROJECTIONS, ModelSpec, module_shapes, parameter_counts
 from qwenforge.devices import GIB, Device
 from qwenforge.errors import QwenforgeError
 
 MODES = ("infer", "lora", "qlora", "full")
 KV_DTYPES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "q8_0": 34 / 32}
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged")
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = PROJECTIONS
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 LLAMA_CPP_UBATCH = 512  # llama.cpp's default n_ubatch: prompt tokens processed per compute step
 
