@@ -86,7 +86,8 @@ def test_ctrl_c_stops_the_answer_not_the_session(tiny_qwen3):
     child = _spawn(str(tiny_qwen3), "--temperature", "1", "--max-new-tokens", "2000")
     try:
         child.sendline("Write a very long story.")
-        time.sleep(3)
+        child.expect_exact("\x1b[?25l")  # the live answer view has started (rich hides the cursor); a loaded CPU can take seconds
+        time.sleep(1)
         started = time.time()
         child.sendintr()
         child.expect_exact("[stopped]")
