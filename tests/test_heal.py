@@ -346,6 +346,15 @@ def sharp_qwen2_converted(tmp_path_factory, sharp_qwen2) -> Path:
     return out
 
 
+def test_a_transplant_that_only_adds_tokens_is_measured_per_format(sharp_qwen2, qwen3_tokenizer_dir, tmp_path):
+    """Qwen2.5 -> the Qwen3 tokenizer (4 new tokens, the same ids for every text): heal still measures each format."""
+    from qwenforge.convert.run import convert
+
+    convert(sharp_qwen2, tmp_path / "converted", measure=False, tokenizer=qwen3_tokenizer_dir)
+    report = heal(tmp_path / "converted", tmp_path / "anchored", sharp_qwen2, _quick())
+    assert set(report["formats"]) == {"bf16", "fp16", "q8_0"}
+
+
 def test_anchor_heals_in_closed_form_with_weights_in_a_normal_range(sharp_qwen2, sharp_qwen2_converted, tmp_path):
     from safetensors.torch import load_file
 

@@ -324,6 +324,13 @@ def _teacher_tokenizer(teacher_dir: Path, student_dir: Path, student_tokenizer):
     return student_tokenizer if same_file else AutoTokenizer.from_pretrained(teacher_dir)
 
 
+def _same_ids(teacher_tokenizer, student_tokenizer, text: str) -> bool:
+    """Whether both tokenizers give `text` the same ids (a transplant that only adds tokens, e.g. Qwen2.5 -> Qwen3)."""
+    if teacher_tokenizer is student_tokenizer:
+        return True
+    return teacher_tokenizer(text, add_special_tokens=False)["input_ids"] == student_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _check_layers(teacher_config: dict, student_config: dict, method: str) -> None:
     teacher_layers, student_layers = teacher_config.get("num_hidden_layers"), student_config.get("num_hidden_layers")
     if "layerwise" in method and teacher_layers != student_layers:
@@ -492,7 +499,7 @@ def heal(
 
     before = evaluate()
     in_formats = None
-    if teacher_logits is None and options.formats and teacher_tokenizer is tokenizer:  # per format needs one tokenization
+    if teacher_logits is None and options.formats and _same_ids(teacher_tokenizer, tokenizer, texts["heldout_text"]):  # per format needs one tokenization
         from qwenforge.compare import format_fidelity
         from qwenforge.formats import parse_formats
 
