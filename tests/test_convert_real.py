@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
+from llama_cpp_agreement import hf_argmax, llama_cpp_agreement, needs_llama_cpp
 
 from qwenforge import compare
 from qwenforge.convert import convert
@@ -77,44 +77,15 @@ def test_real_qwen25_healed_answers_as_its_source(healed, embedded_model_dir):
     assert "Paris" in answers[0] and answers[1] == answers[0]
 
 
-LLAMA_CPP = pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None, reason="llama.cpp engine not installed (pip install 'qwenforge[xllamacpp]')")
-
-
-def _hf_argmax(folder) -> tuple[list[int], list[int]]:
-    """(held-out token ids, the HF checkpoint's greedy next token after each prefix)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ids = AutoTokenizer.from_pretrained(str(folder))(default_text("heldout.txt").read_text())["input_ids"][:256]
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    with torch.no_grad():
-        return ids, model(torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
-
-
-def _llama_cpp_agreement(folder, reference, gguf, export_type: str, ask: bool = False) -> float:
-    from qwenforge.export.gguf import export
-    from qwenforge.export.llama_cpp import chat_reply, greedy_next_tokens, llama_cpp_server
-
-    export(folder, gguf, export_type)
-    ids, predicted = reference
-    with llama_cpp_server(gguf, context=320, threads=2) as server:
-        if ask:
-            assert "Paris" in chat_reply(server, "What is the capital of France?")
-        chosen = greedy_next_tokens(server, ids)
-    gguf.unlink()
-    agreement = sum(a == b for a, b in zip(chosen, predicted)) / len(predicted)
-    print(f"{folder.name} {export_type}: llama.cpp top-1 agreement with the HF checkpoint over {len(predicted)} tokens: {agreement:.1%}")
-    return agreement
-
-
-@LLAMA_CPP
+@needs_llama_cpp
 def test_real_conversion_exported_runs_in_llama_cpp(healed, embedded_model_dir, tmp_path):
     """The Qwen3 conversion of the real model, exported, loads in llama.cpp, answers through its chat
     template, and takes the HF checkpoint's greedy next token over held-out text: f16 >= 99%, Q8_0 >= 97%,
     Q4_K_M no worse than the source exported the same way (within 2 points)."""
     target, _ = healed
-    reference = _hf_argmax(target)
-    assert _llama_cpp_agreement(target, reference, tmp_path / "healed-f16.gguf", "f16", ask=True) >= 0.99
-    assert _llama_cpp_agreement(target, reference, tmp_path / "healed-q8_0.gguf", "q8_0") >= 0.97
-    converted_q4 = _llama_cpp_agreement(target, reference, tmp_path / "healed-q4_k_m.gguf", "q4_k_m")
-    source_q4 = _llama_cpp_agreement(embedded_model_dir, _hf_argmax(embedded_model_dir), tmp_path / "source-q4_k_m.gguf", "q4_k_m")
+    reference = hf_argmax(target)
+    assert llama_cpp_agreement(target, reference, tmp_path / "healed-f16.gguf", "f16", ask=True) >= 0.99
+    assert llama_cpp_agreement(target, reference, tmp_path / "healed-q8_0.gguf", "q8_0") >= 0.97
+    converted_q4 = llama_cpp_agreement(target, reference, tmp_path / "healed-q4_k_m.gguf", "q4_k_m")
+    source_q4 = llama_cpp_agreement(embedded_model_dir, hf_argmax(embedded_model_dir), tmp_path / "source-q4_k_m.gguf", "q4_k_m")
     assert converted_q4 >= source_q4 - 0.02

@@ -1,0 +1,42 @@
+"""Shared by the real-model llama.cpp tests: an exported GGUF's greedy next token against its HF checkpoint's."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenforge.files import default_text
+
+HELDOUT_TOKENS = 256
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None, reason="llama.cpp engine not installed (pip install 'qwenforge[xllamacpp]')")
+
+
+def hf_argmax(folder) -> tuple[list[int], list[int]]:
+    """(held-out token ids, the HF checkpoint's greedy next token after each prefix)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(folder))(default_text("heldout.txt").read_text())["input_ids"][:HELDOUT_TOKENS]
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+        return ids, model(torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
+
+
+def llama_cpp_agreement(folder: Path, reference, gguf: Path, export_type: str, ask: bool = False) -> float:
+    """Export `folder` to `gguf`, run it in llama.cpp (asking the test question if `ask`), return top-1 agreement."""
+    from qwenforge.export.gguf import export
+    from qwenforge.export.llama_cpp import chat_reply, greedy_next_tokens, llama_cpp_server
+
+    export(folder, gguf, export_type)
+    ids, predicted = reference
+    with llama_cpp_server(gguf, context=HELDOUT_TOKENS + 64, threads=2) as server:
+        if ask:
+            reply = chat_reply(server, "What is the capital of France?")
+            assert "Paris" in reply, reply
+        chosen = greedy_next_tokens(server, ids)
+    gguf.unlink()
+    agreement = sum(a == b for a, b in zip(chosen, predicted)) / len(predicted)
+    print(f"{Path(folder).name} {export_type}: llama.cpp top-1 agreement with the HF checkpoint over {len(predicted)} tokens: {agreement:.1%}")
+    return agreement
