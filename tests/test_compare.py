@@ -133,7 +133,7 @@ def test_each_format_measures_both_models_in_it(tiny_llama, tmp_path):
     """A linearized model equals its source in float32 and falls apart in float16 and Q8_0, where the source holds."""
     from qwenforge.convert.run import convert
     from qwenforge.fixtures.tiny import build_tiny_checkpoint
-    from qwenforge.formats import in_format
+    from qwenforge.formats import formatted, put
     from qwenforge.heal import linearize_qk_norms
 
     sharp = build_tiny_checkpoint("llama", tmp_path / "sharp", tiny_llama, initializer_range=0.2)
@@ -147,10 +147,19 @@ def test_each_format_measures_both_models_in_it(tiny_llama, tmp_path):
     # a tiny random model's output barely depends on attention: Q8_0's flushed blocks still show in KL, and the weights show the rest
     assert result["q8_0"]["kl"] > 100 * result["fp32"]["kl"] and result["fp16"]["source_top1"] > 0.9, result
     weight = candidate[0].model.layers[0].self_attn.q_proj.weight
-    placed = in_format(candidate[0], "fp16").model.layers[0].self_attn.q_proj.weight
-    assert torch.equal(placed, weight.half().float()) and not torch.equal(placed, weight)
-    assert (in_format(candidate[0], "q8_0").model.layers[0].self_attn.q_proj.weight == 0).float().mean() > (
-        in_format(source[0], "q8_0").model.layers[0].self_attn.q_proj.weight == 0).float().mean()
+    original = weight.detach().clone()
+    seen = {}
+
+    def look(module, inputs, output):
+        seen["fp16"] = module.weight.detach().clone()
+
+    probe = candidate[0].model.layers[0].self_attn.q_proj.register_forward_hook(look)
+    with torch.no_grad(), formatted(candidate[0], "fp16"):
+        candidate[0](torch.arange(8).unsqueeze(0))
+    probe.remove()
+    assert torch.equal(seen["fp16"], original.half().float()) and not torch.equal(seen["fp16"], original)
+    assert torch.equal(weight, original)  # restored after the block
+    assert (put(original, "q8_0") == 0).float().mean() > (put(source[0].model.layers[0].self_attn.q_proj.weight.detach(), "q8_0") == 0).float().mean()
     table = compare.formats_table(result)
     assert table.count("\n") == 3 and "q8_0" in table
 
@@ -160,3 +169,20 @@ def test_lora_arm_is_the_same_run_for_both(tiny):
     assert arm["source_before"] == pytest.approx(arm["candidate_before"])
     assert arm["source_after"] == pytest.approx(arm["candidate_after"], rel=1e-5) and arm["source_after"] != arm["source_before"]
     assert arm["ratio_after"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_formats_of_an_offloaded_model_match_the_model_in_memory(tiny_qwen2, monkeypatch):
+    """A model offloaded beyond --max-memory is measured in every format (its layers read through the format), with the same figures."""
+    from qwenforge.checkpoint.offload import is_offloaded
+
+    text = default_text("heldout.txt").read_text()
+    formats = ["bf16", "fp16", "q8_0", "q4_0"]
+    in_memory = compare.format_fidelity(tiny_qwen2, tiny_qwen2, text, formats, max_tokens=128)
+    monkeypatch.setenv("QWENFORGE_MAX_MEMORY", "1KiB")
+    offloaded = compare.load(tiny_qwen2)
+    assert is_offloaded(offloaded[0])
+    bounded = compare.format_fidelity(offloaded, tiny_qwen2, text, formats, max_tokens=128)
+    for name in formats:
+        assert bounded[name]["source_top1"] == pytest.approx(in_memory[name]["source_top1"]) and bounded[name]["top1"] == pytest.approx(in_memory[name]["top1"])
+        assert bounded[name]["source_bits_per_byte"] == pytest.approx(in_memory[name]["source_bits_per_byte"], rel=1e-5)
+    assert in_memory["q4_0"]["source_bits_per_byte"] != in_memory["bf16"]["source_bits_per_byte"]  # the formats differ

@@ -30,7 +30,7 @@ def test_offloaded_model_computes_the_same_logits(tiny_qwen2, monkeypatch):
 
 
 def test_calibration_and_fidelity_in_bounded_memory_match(tmp_path, tiny_qwen2, monkeypatch):
-    options = dict(qk_norm="calibrated", calibration_tokens=128, fidelity_tokens=128, accept_lossy=True, formats=None)  # a random tiny model is "broken" by design
+    options = dict(qk_norm="calibrated", calibration_tokens=128, fidelity_tokens=128, accept_lossy=True, formats="fp16,q8_0")  # a random tiny model is "broken" by design
     free = convert(tiny_qwen2, tmp_path / "free", **options)["metadata"]
     monkeypatch.setenv("QWENFORGE_MAX_MEMORY", "1KiB")
     bounded = convert(tiny_qwen2, tmp_path / "bounded", **options)["metadata"]
@@ -41,6 +41,9 @@ def test_calibration_and_fidelity_in_bounded_memory_match(tmp_path, tiny_qwen2, 
     assert bounded["fidelity"]["kl"] == pytest.approx(free["fidelity"]["kl"], rel=1e-4, abs=1e-7)
     assert bounded["fidelity"]["top1_agreement"] == free["fidelity"]["top1_agreement"]
     assert bounded["smoke_test"]["reply"] == free["smoke_test"]["reply"]
+    for name in ("fp16", "q8_0"):  # offloaded layers are measured in each format too
+        assert bounded["fidelity"]["formats"][name]["top1"] == free["fidelity"]["formats"][name]["top1"]
+        assert bounded["fidelity"]["formats"][name]["kl"] == pytest.approx(free["fidelity"]["formats"][name]["kl"], rel=1e-4, abs=1e-7)
     model, _ = compare.load(tmp_path / "bounded")
     assert is_offloaded(model)
 

@@ -173,7 +173,7 @@ def format_fidelity(
     tokenizer only: a per-format figure of a vocabulary transplant would be bits per byte alone.
     `cache` (a dict kept by the caller) keeps the source's figures when one source meets many candidates.
     """
-    from qwenforge.formats import in_format
+    from qwenforge.formats import formatted
 
     ref_model, ref_tok = load(reference)
     cand_model, cand_tok = load(candidate)
@@ -195,17 +195,16 @@ def format_fidelity(
                 continue
             if reference_logprobs is None:
                 reference_logprobs = [torch.log_softmax(_forward(ref_model, inputs, lengths).logits.float(), -1) for inputs, _, lengths in batches]
-            placed = in_format(model, name)
             fidelity = Fidelity()
-            for (inputs, targets, lengths), teacher in zip(batches, reference_logprobs):
-                logits = _forward(placed, inputs, lengths).logits
-                for row, length in enumerate(lengths):
-                    fidelity.add(logits[row, :length], teacher[row, :length], targets[row, :length], 0, shared)
+            with formatted(model, name):
+                for (inputs, targets, lengths), teacher in zip(batches, reference_logprobs):
+                    logits = _forward(model, inputs, lengths).logits
+                    for row, length in enumerate(lengths):
+                        fidelity.add(logits[row, :length], teacher[row, :length], targets[row, :length], 0, shared)
             fidelity.text_bytes = predicted_bytes
             figures[role] = fidelity.summary()
             if role == "source":
                 cache[(name, text)] = figures[role]
-            del placed
         source, cand = figures["source"], figures["candidate"]
         results[name] = {
             "source_top1": source["top1_agreement"], "top1": cand["top1_agreement"], "kl": max(cand["kl"], 0.0),

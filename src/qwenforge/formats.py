@@ -13,7 +13,8 @@ Q4_K_M keeps more precision), named as such.
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -46,6 +47,16 @@ def gguf_round_trip(weight: torch.Tensor, name: str) -> torch.Tensor:
     return torch.from_numpy(dequantize(quantize(array, kind), kind).reshape(array.shape).copy())
 
 
+def put(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """One parameter in format `name`: float formats round every float tensor; GGUF types quantize
+    2-D weights whose rows split into 32-value blocks and keep the rest (llama.cpp's F32 norms and biases)."""
+    if name in FLOAT_FORMATS:
+        return tensor.to(FLOAT_FORMATS[name]).float() if tensor.is_floating_point() else tensor
+    if tensor.dim() == 2 and tensor.shape[1] % GGUF_BLOCK == 0:
+        return gguf_round_trip(tensor, name)
+    return tensor
+
+
 def _round_outputs(dtype: torch.dtype):
     def hook(module, inputs, output):
         if isinstance(output, torch.Tensor) and output.is_floating_point():
@@ -57,24 +68,65 @@ def _round_outputs(dtype: torch.dtype):
     return hook
 
 
-@torch.no_grad()
-def in_format(model, name: str):
-    """A copy of the float32 `model` in format `name` (see the module docstring); the original is untouched."""
+class _FormattedWeights(Mapping):
+    """An offloaded module's weights map (accelerate reads each weight from it as the module runs), read in the format."""
+
+    def __init__(self, weights: Mapping, parameters: set[str], name: str):
+        self.weights, self.parameters, self.name = weights, parameters, name
+
+    def __getitem__(self, key):
+        value = self.weights[key]
+        return put(value, self.name) if key in self.parameters else value
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self):
+        return len(self.weights)
+
+
+def _swap(parameters: dict, name: str):
+    """Hooks that put a module's own parameters in the format while it runs, and restore them after."""
+    kept = {}
+
+    def before(module, inputs):
+        for key, parameter in parameters.items():
+            kept[key] = parameter.data
+            parameter.data = put(parameter.data, name)
+
+    def after(module, inputs, output):
+        for key, parameter in parameters.items():
+            parameter.data = kept.pop(key)
+
+    return before, after
+
+
+@contextmanager
+def formatted(model, name: str):
+    """`model` computing in format `name` inside the block (see the module docstring).
+
+    Each module's own parameters are put in the format as it runs and restored after it, so the
+    extra memory is one module's weights, not a second model (a measurement already holds two); a
+    layer offloaded to disk (checkpoint/offload.py) is read through the format by accelerate's hook.
+    """
     if name not in FORMATS:
         raise QwenforgeError(f"format {name}: choose one of {', '.join(FORMATS)}")
-    copied = copy.deepcopy(model)
-    if name == "fp32":
-        return copied
-    if name in FLOAT_FORMATS:
-        dtype = FLOAT_FORMATS[name]
-        for parameter in copied.parameters():
-            parameter.copy_(parameter.to(dtype).float())
-        for module in copied.modules():
-            module.register_forward_hook(_round_outputs(dtype))
-        return copied
-    seen = set()
-    for parameter in copied.parameters():
-        if parameter.dim() == 2 and parameter.shape[1] % GGUF_BLOCK == 0 and id(parameter) not in seen:
-            seen.add(id(parameter))  # a tied embedding is one tensor, quantized once
-            parameter.copy_(gguf_round_trip(parameter, name))
-    return copied
+    handles, maps = [], []
+    try:
+        for module in model.modules() if name != "fp32" else ():
+            parameters = dict(module.named_parameters(recurse=False))
+            hook = getattr(module, "_hf_hook", None)
+            if parameters and getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+                maps.append((hook, hook.weights_map))
+                hook.weights_map = _FormattedWeights(hook.weights_map, set(parameters), name)
+            elif parameters:
+                before, after = _swap(parameters, name)
+                handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+            if name in FLOAT_FORMATS:
+                handles.append(module.register_forward_hook(_round_outputs(FLOAT_FORMATS[name])))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for hook, weights in maps:
+            hook.weights_map = weights
