@@ -1,6 +1,6 @@
 """Logit store size and fidelity: bytes per token at k = 32/64/128 for each layout, and reconstruction KL.
 
-Teacher: the embedded SmolLM2-135M-Instruct (vocabulary 49,152: ids fit 16 bits). Each store is
+Teacher: the embedded Qwen2.5-Coder-0.5B-Instruct (151,936 rows: ids need more than 16 bits). Each store is
 written by `capture.capture` (the real code path) over the held-out text, for every value encoding
 (float16, uint8) and compression (none = the plain layout, zlib, lzma); bytes per token are the
 shard files on disk (input ids included) divided by the stored positions. The baseline is the naive

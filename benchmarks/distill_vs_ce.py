@@ -1,7 +1,7 @@
 """Distillation versus plain cross-entropy at the same token budget (the store's size: benchmarks/distill_store.py).
 
-Teacher: the embedded SmolLM2-135M-Instruct (30 layers). Student: the teacher with half its
-layers (`distill init-student --keep-layers half`, 16 layers). Two arms train the same student
+Teacher: the embedded Qwen2.5-Coder-0.5B-Instruct (24 layers). Student: the teacher with half its
+layers (`distill init-student --keep-layers half`, 12 layers). Two arms train the same student
 on the same text for the same steps and tokens: forward-KL distillation online (ce_weight 0)
 and cross-entropy on the text (ce_weight 1, the baseline). Held-out bits per byte and KL to
 the teacher on data/heldout.txt; each arm's curve goes to distill_vs_ce.json.

@@ -1,12 +1,14 @@
-"""Fidelity of the healed SmolLM2 -> Qwen3 conversion against healing time, per --train choice.
+"""Fidelity of the healed Qwen2.5 -> Qwen3 conversion against healing time, per heal method.
 
-Converts the embedded SmolLM2-135M-Instruct with calibrated q/k norms (`qwenforge convert`),
-then heals it with each `--train` choice (layer-wise then global, equal time budgets) and with
-the closed-form `--method linearize`; heals on data/calibration.txt, evaluates on
-data/heldout.txt. Prints each arm's held-out top-1 agreement and bits-per-byte ratio against the
-source (the baseline, measured in the same run) and writes every curve to heal_curve.json, with the
-load average around each arm. The linearize output is also measured loaded in bfloat16 (as users load
-it) against the float32 source, next to the source's own bfloat16 copy (the floor bf16 allows).
+Converts the embedded Qwen2.5-Coder-0.5B-Instruct with calibrated q/k norms (`qwenforge convert`,
+q/k/v biases kept), then heals it with each arm: the closed forms (`--method anchor`, the default,
+and `--method linearize`) and gradient healing (`METHOD:TRAIN`, e.g. `layerwise+global:norms`,
+equal time budgets); heals on data/calibration.txt, evaluates on data/heldout.txt. Prints each
+arm's held-out top-1 agreement and bits-per-byte ratio against the source (the baseline, measured
+in the same run) and writes every curve to heal_curve.json, with the load average around each arm.
+The linearize output is also measured loaded in bfloat16 (as users load it) against the float32
+source, next to the source's own bfloat16 copy (the floor bf16 allows); per-format figures of the
+default are benchmarks/heal_formats.py's.
 
     python benchmarks/heal_curve.py [--minutes 5] [--threads 1] [--out benchmarks/heal_curve.json]
 """
@@ -49,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=5.0, help="healing budget per --train choice")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--arms", default="linearize,norms,norms+qk-lora,attention")
+    parser.add_argument("--arms", default="anchor,linearize,layerwise+global:norms,layerwise+global:norms+qk-lora")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,10 +62,10 @@ def main() -> None:
     convert(source, work / "converted", measure=False)
     results = {"source": str(source), "threads": args.threads, "minutes_per_arm": args.minutes, "conversion_seconds": time.perf_counter() - started, "arms": {}}
     for arm in args.arms.split(","):
-        method = "linearize" if arm == "linearize" else "layerwise+global"
-        options = HealOptions(train="norms" if arm == "linearize" else arm, method=method, steps=1000, budget_minutes=args.minutes, eval_every=10, patience=6, threads=args.threads)
+        method, _, train = arm.partition(":")
+        options = HealOptions(train=train or "norms", method=method, steps=1000, budget_minutes=args.minutes, eval_every=10, patience=6, threads=args.threads, formats=None)
         arm_started, load_before = time.perf_counter(), os.getloadavg()
-        healed = work / f"healed-{arm.replace('+', '-')}"
+        healed = work / f"healed-{arm.replace('+', '-').replace(':', '-')}"
         report = heal(work / "converted", healed, source, options, console=console)
         report["wall_seconds"] = time.perf_counter() - arm_started
         report["load_average_before_after"] = [load_before, os.getloadavg()]

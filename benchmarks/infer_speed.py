@@ -1,6 +1,6 @@
 """Decode speed and time to first token: qwenforge's default path vs plain transformers, same weights, one run.
 
-    python benchmarks/infer_speed.py                    # embedded SmolLM2-135M, 1 thread
+    python benchmarks/infer_speed.py                    # embedded Qwen2.5-Coder-0.5B-Instruct, 1 thread
     python benchmarks/infer_speed.py --server --memory-requests 200
 
 Baseline: `AutoModelForCausalLM.from_pretrained(folder)` + `generate()` with default settings

@@ -14,7 +14,7 @@ cuts the answers to lengths spread from 15% to 100% (the same records for both v
 packing is for. On CPU qwenforge packs into one row of max_length per micro-step (see
 PyTorchBackend.sft), which also keeps each step's working set small.
 
-    python benchmarks/train_speed.py                     # embedded SmolLM2-135M, 16 examples
+    python benchmarks/train_speed.py                     # embedded Qwen2.5-Coder-0.5B-Instruct, 16 examples
     python benchmarks/train_speed.py --examples 32 --spread
 """
 
