@@ -4,8 +4,8 @@
 
 The converted model is `qwenforge convert SOURCE OUT` (q/k/v biases kept, calibrated q/k-norm: the
 default); each method is applied to it in memory (anchor, linearize) and measured with
-compare.format_fidelity (formats.py: bf16/fp16 emulated, GGUF blocks by gguf-py's llama.cpp rules;
-q4_0 stands for Q4_K_M, which gguf-py cannot quantize). The fine-tune arm is compare.lora_trainability
+compare.format_fidelity (formats.py: bf16/fp16 emulated; GGUF types per tensor as `export --type`
+gives them, Q4_K_M's K-quants by llama.cpp's own quantizer from the xllamacpp extra). The fine-tune arm is compare.lora_trainability
 (same seed, data and rate for every model). Prints a table per method and writes heal_formats.json.
 """
 
@@ -23,7 +23,7 @@ from qwenforge import compare
 from qwenforge.files import default_text
 from qwenforge.heal import anchor_qk_norms, linearize_qk_norms
 
-FORMATS = ["fp32", "bf16", "fp16", "q8_0", "q4_0"]
+FORMATS = ["fp32", "bf16", "fp16", "q8_0", "q4_k_m"]
 
 
 def main() -> None:

@@ -119,21 +119,43 @@ def test_gguf_blocks_follow_llama_cpp_rules_and_tiny_weights_vanish():
     assert (gguf_round_trip(weight, "q4_0") - weight).abs().mean() > (restored - weight).abs().mean()
 
 
-def test_formats_parse_and_q4_k_m_is_measured_as_q4_0():
+def test_formats_parse_and_q4_k_m_needs_llama_cpps_quantizer(monkeypatch):
     from qwenforge.errors import QwenforgeError
+    from qwenforge.export import llama_quant
     from qwenforge.formats import DEFAULT_FORMATS, parse_formats
 
     assert parse_formats(None) == (list(DEFAULT_FORMATS), False)
-    assert parse_formats("bf16,q4_k_m,lora") == (["bf16", "q4_0"], True)
+    assert parse_formats("bf16,q4_k_m,lora") == (["bf16", "q4_k_m"], True)
     with pytest.raises(QwenforgeError, match="--formats int3"):
         parse_formats("int3")
+    monkeypatch.setattr(llama_quant, "engine_available", lambda: False)
+    with pytest.raises(QwenforgeError, match=r"q4_k_m needs llama.cpp's quantizer: pip install 'qwenforge\[xllamacpp\]'"):
+        parse_formats("q4_k_m")
+
+
+def test_q4_k_m_gives_each_weight_the_exporters_type(tiny_qwen2):
+    """The emulated Q4_K_M is the exported one: per-tensor types from export/gguf.tensor_type, K-quants by llama.cpp."""
+    from gguf import GGMLQuantizationType as Q
+
+    from qwenforge.export.gguf import tensor_type
+    from qwenforge.formats import gguf_round_trip, gguf_types
+
+    model, _ = compare.load(tiny_qwen2)
+    types = gguf_types(model, "q4_k_m")
+    layers, tied = model.config.num_hidden_layers, model.config.tie_word_embeddings
+    assert types["model.layers.0.self_attn.q_proj.bias"] == Q.F32 and types["model.norm.weight"] == Q.F32
+    v = model.model.layers[0].self_attn.v_proj.weight
+    assert types["model.layers.0.self_attn.v_proj.weight"] == tensor_type("blk.0.attn_v.weight", tuple(v.shape), "q4_k_m", layers, tied)
+    wide = torch.randn(4, 512)
+    k4, k6 = gguf_round_trip(wide, Q.Q4_K), gguf_round_trip(wide, Q.Q6_K)
+    assert 0 < (k6 - wide).abs().mean() < (k4 - wide).abs().mean() < 0.1 * wide.abs().mean()
 
 
 def test_each_format_measures_both_models_in_it(tiny_llama, tmp_path):
     """A linearized model equals its source in float32 and falls apart in float16 and Q8_0, where the source holds."""
     from qwenforge.convert.run import convert
     from qwenforge.fixtures.tiny import build_tiny_checkpoint
-    from qwenforge.formats import formatted, put
+    from qwenforge.formats import formatted, gguf_types, put
     from qwenforge.heal import linearize_qk_norms
 
     sharp = build_tiny_checkpoint("llama", tmp_path / "sharp", tiny_llama, initializer_range=0.2)
@@ -159,7 +181,8 @@ def test_each_format_measures_both_models_in_it(tiny_llama, tmp_path):
     probe.remove()
     assert torch.equal(seen["fp16"], original.half().float()) and not torch.equal(seen["fp16"], original)
     assert torch.equal(weight, original)  # restored after the block
-    assert (put(original, "q8_0") == 0).float().mean() > (put(source[0].model.layers[0].self_attn.q_proj.weight.detach(), "q8_0") == 0).float().mean()
+    q8 = dict(name="q8_0", qtype=gguf_types(candidate[0], "q8_0")["model.layers.0.self_attn.q_proj.weight"])
+    assert (put(original, **q8) == 0).float().mean() > (put(source[0].model.layers[0].self_attn.q_proj.weight.detach(), **q8) == 0).float().mean()
     table = compare.formats_table(result)
     assert table.count("\n") == 3 and "q8_0" in table
 
@@ -176,7 +199,7 @@ def test_formats_of_an_offloaded_model_match_the_model_in_memory(tiny_qwen2, mon
     from qwenforge.checkpoint.offload import is_offloaded
 
     text = default_text("heldout.txt").read_text()
-    formats = ["bf16", "fp16", "q8_0", "q4_0"]
+    formats = ["bf16", "fp16", "q8_0", "q4_k_m"]
     in_memory = compare.format_fidelity(tiny_qwen2, tiny_qwen2, text, formats, max_tokens=128)
     monkeypatch.setenv("QWENFORGE_MAX_MEMORY", "1KiB")
     offloaded = compare.load(tiny_qwen2)
@@ -185,4 +208,4 @@ def test_formats_of_an_offloaded_model_match_the_model_in_memory(tiny_qwen2, mon
     for name in formats:
         assert bounded[name]["source_top1"] == pytest.approx(in_memory[name]["source_top1"]) and bounded[name]["top1"] == pytest.approx(in_memory[name]["top1"])
         assert bounded[name]["source_bits_per_byte"] == pytest.approx(in_memory[name]["source_bits_per_byte"], rel=1e-5)
-    assert in_memory["q4_0"]["source_bits_per_byte"] != in_memory["bf16"]["source_bits_per_byte"]  # the formats differ
+    assert in_memory["q4_k_m"]["source_bits_per_byte"] != in_memory["bf16"]["source_bits_per_byte"]  # the formats differ

@@ -215,7 +215,7 @@ def compare(
     text: Path = typer.Option(..., "--text", help="Plain-text file to measure on."),
     max_tokens: int = typer.Option(1024, help="Use the first N tokens of the text (reference tokenization)."),
     plot: Optional[Path] = typer.Option(None, help="Write a per-layer hidden-state cosine plot (PNG)."),
-    formats: Optional[str] = typer.Option(None, "--formats", help="Also measure with both models put in these formats: bf16,fp16,q8_0,q4_0 (q4_k_m is measured as q4_0), and lora (a 50-step LoRA fine-tune of each; minutes). E.g. bf16,fp16,q8_0."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Also measure with both models put in these formats: bf16,fp16,q8_0,q4_0,q4_k_m (GGUF types as `export --type` gives them; q4_k_m needs the xllamacpp extra), and lora (a 50-step LoRA fine-tune of each; minutes). E.g. bf16,fp16,q8_0."),
     train_text: Optional[Path] = typer.Option(None, "--train-text", help="Text the lora arm fine-tunes on (default: qwenforge's calibration.txt)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory one loaded model may take while measuring (e.g. 16GiB); layers beyond it are read from disk as they run (default: 40% of available memory; env QWENFORGE_MAX_MEMORY)."),

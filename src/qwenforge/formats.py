@@ -1,14 +1,14 @@
-"""A model put in a format it will be run in: bf16/fp16 on GPUs, GGUF Q8_0/Q4_0 in llama.cpp.
+"""A model put in a format it will be run in: bf16/fp16 on GPUs, GGUF Q8_0/Q4_0/Q4_K_M in llama.cpp.
 
 Emulated on the CPU, where 16-bit matmuls are ~20x slower than float32: every weight is rounded to
 the format and every module's output is rounded to the activation dtype, while arithmetic stays in
 float32 (GPU tensor cores also accumulate in float32). A q/k weight below float16's range becomes 0
-here as it does there; an activation above it becomes inf. GGUF types quantize every 2-D weight
-whose rows split into 32-value blocks (linear layers and embeddings; llama.cpp keeps norms and
-biases in F32) with the `gguf` package's reference implementation of llama.cpp's block rules,
-round trip, activations in float32 as llama.cpp's CPU path keeps them. gguf-py has no Q4_K
-quantizer (only its dequantizer), so the 4-bit format is Q4_0 (llama.cpp's plainer 4-bit blocks;
-Q4_K_M keeps more precision), named as such.
+here as it does there; an activation above it becomes inf. GGUF types quantize each weight to the
+type the exporter gives it (export/gguf.tensor_type: llama.cpp's rules, e.g. Q4_K_M keeps the
+output and some attn_v/ffn_down layers at Q6_K and falls back to Q5_0 where rows are not a multiple
+of 256) and back, with gguf-py's block code, and llama.cpp's own quantizer for K-quants (the
+`xllamacpp` extra); norms and biases stay F32, activations float32 as llama.cpp's CPU path keeps
+them between its 8-bit dot products.
 """
 
 from __future__ import annotations
@@ -21,40 +21,64 @@ import torch
 from qwenforge.errors import QwenforgeError
 
 FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GGUF_FORMATS = ("q8_0", "q4_0")
+GGUF_FORMATS = ("q8_0", "q4_0", "q4_k_m")  # export --type names
 FORMATS = (*FLOAT_FORMATS, *GGUF_FORMATS)
 DEFAULT_FORMATS = ("bf16", "fp16", "q8_0")
-GGUF_BLOCK = 32
 
 
 def parse_formats(text: str | None) -> tuple[list[str], bool]:
-    """(formats, lora requested) from `bf16,fp16,q8_0,lora`; q4_k_m is measured as q4_0 (see module docstring)."""
+    """(formats, lora requested) from `bf16,fp16,q8_0,lora`; q4_k_m needs llama.cpp's quantizer (checked now)."""
     names = [n.strip().lower() for n in (text or ",".join(DEFAULT_FORMATS)).split(",") if n.strip()]
-    names = ["q4_0" if n in ("q4_k_m", "q4_k", "q4") else n for n in names]
     unknown = [n for n in names if n not in FORMATS and n != "lora"]
     if unknown:
         raise QwenforgeError(f"--formats {','.join(unknown)}: choose from {', '.join(FORMATS)}, lora")
+    if "q4_k_m" in names:
+        from qwenforge.export.llama_quant import engine_available
+
+        if not engine_available():
+            raise QwenforgeError("--formats q4_k_m needs llama.cpp's quantizer: pip install 'qwenforge[xllamacpp]' (or measure q4_0)")
     return [n for n in dict.fromkeys(names) if n != "lora"], "lora" in names
 
 
-def gguf_round_trip(weight: torch.Tensor, name: str) -> torch.Tensor:
-    """`weight` quantized and dequantized with llama.cpp's block rules for `name` (q8_0 | q4_0)."""
+def gguf_round_trip(weight: torch.Tensor, qtype) -> torch.Tensor:
+    """`weight` (2-D) quantized to `qtype` (a GGMLQuantizationType, or an export type name) and back."""
     from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
+    from gguf.quants import dequantize
 
-    kind = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}[name]
+    from qwenforge.export.gguf import EXPORT_TYPES, encode
+
+    qtype = EXPORT_TYPES[qtype][1] if isinstance(qtype, str) else qtype
+    if qtype == GGMLQuantizationType.F32:
+        return weight
     array = weight.detach().float().numpy()
-    return torch.from_numpy(dequantize(quantize(array, kind), kind).reshape(array.shape).copy())
+    return torch.from_numpy(dequantize(encode(array, qtype), qtype).reshape(array.shape).astype("float32"))
 
 
-def put(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """One parameter in format `name`: float formats round every float tensor; GGUF types quantize
-    2-D weights whose rows split into 32-value blocks and keep the rest (llama.cpp's F32 norms and biases)."""
+def gguf_types(model, name: str) -> dict[str, object]:
+    """{parameter name: GGMLQuantizationType} that `export --type name` would give each weight of `model`."""
+    import gguf
+
+    from qwenforge.export.gguf import ARCHITECTURES, tensor_type
+
+    config = model.config
+    if config.model_type not in ARCHITECTURES:
+        raise QwenforgeError(f"--formats {name}: model_type {config.model_type!r} has no GGUF layout; qwenforge exports {', '.join(ARCHITECTURES)}")
+    layers = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(ARCHITECTURES[config.model_type], layers)
+    types = {}
+    for parameter_name, parameter in model.named_parameters(remove_duplicate=False):
+        target = names.get_name(parameter_name, try_suffixes=(".weight", ".bias"))
+        if target is not None:
+            types[parameter_name] = tensor_type(target, tuple(parameter.shape), name, layers, bool(config.tie_word_embeddings))
+    return types
+
+
+def put(tensor: torch.Tensor, name: str, qtype=None) -> torch.Tensor:
+    """One parameter in format `name`: float formats round every float tensor; a GGUF format
+    quantizes a weight to `qtype` (its type in that format, see gguf_types) and keeps the rest."""
     if name in FLOAT_FORMATS:
         return tensor.to(FLOAT_FORMATS[name]).float() if tensor.is_floating_point() else tensor
-    if tensor.dim() == 2 and tensor.shape[1] % GGUF_BLOCK == 0:
-        return gguf_round_trip(tensor, name)
-    return tensor
+    return tensor if qtype is None else gguf_round_trip(tensor, qtype)
 
 
 def _round_outputs(dtype: torch.dtype):
@@ -71,12 +95,12 @@ def _round_outputs(dtype: torch.dtype):
 class _FormattedWeights(Mapping):
     """An offloaded module's weights map (accelerate reads each weight from it as the module runs), read in the format."""
 
-    def __init__(self, weights: Mapping, parameters: set[str], name: str):
-        self.weights, self.parameters, self.name = weights, parameters, name
+    def __init__(self, weights: Mapping, parameters: dict, name: str):
+        self.weights, self.parameters, self.name = weights, parameters, name  # parameters: {name: GGUF type or None}
 
     def __getitem__(self, key):
         value = self.weights[key]
-        return put(value, self.name) if key in self.parameters else value
+        return put(value, self.name, self.parameters[key]) if key in self.parameters else value
 
     def __iter__(self):
         return iter(self.weights)
@@ -85,14 +109,14 @@ class _FormattedWeights(Mapping):
         return len(self.weights)
 
 
-def _swap(parameters: dict, name: str):
+def _swap(parameters: dict, name: str, types: dict):
     """Hooks that put a module's own parameters in the format while it runs, and restore them after."""
     kept = {}
 
     def before(module, inputs):
         for key, parameter in parameters.items():
             kept[key] = parameter.data
-            parameter.data = put(parameter.data, name)
+            parameter.data = put(parameter.data, name, types.get(key))
 
     def after(module, inputs, output):
         for key, parameter in parameters.items():
@@ -112,15 +136,17 @@ def formatted(model, name: str):
     if name not in FORMATS:
         raise QwenforgeError(f"format {name}: choose one of {', '.join(FORMATS)}")
     handles, maps = [], []
+    qtypes = gguf_types(model, name) if name in GGUF_FORMATS else {}
     try:
-        for module in model.modules() if name != "fp32" else ():
+        for prefix, module in model.named_modules() if name != "fp32" else ():
             parameters = dict(module.named_parameters(recurse=False))
+            types = {key: qtypes.get(f"{prefix}.{key}" if prefix else key) for key in parameters}
             hook = getattr(module, "_hf_hook", None)
             if parameters and getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
                 maps.append((hook, hook.weights_map))
-                hook.weights_map = _FormattedWeights(hook.weights_map, set(parameters), name)
+                hook.weights_map = _FormattedWeights(hook.weights_map, types, name)
             elif parameters:
-                before, after = _swap(parameters, name)
+                before, after = _swap(parameters, name, types)
                 handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
             if name in FLOAT_FORMATS:
                 handles.append(module.register_forward_hook(_round_outputs(FLOAT_FORMATS[name])))

@@ -147,7 +147,7 @@ def _permute_for_llama(values: np.ndarray, heads: int) -> np.ndarray:
     return values.reshape(heads, 2, values.shape[0] // heads // 2, *values.shape[1:]).swapaxes(1, 2).reshape(values.shape)
 
 
-def _encode(values: np.ndarray, qtype: Q) -> np.ndarray:
+def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
     """float32 values (rows) in the stored form of `qtype`."""
     if qtype in (Q.F32, Q.F16):
         return values.astype(np.float16 if qtype == Q.F16 else np.float32)
@@ -170,13 +170,13 @@ def tensor_data(reader: MappedReader, plan: TensorPlan, config: dict) -> np.ndar
         heads = config["num_attention_heads"] if "q_proj" in plan.source else config.get("num_key_value_heads", config["num_attention_heads"])
         values, stored = _permute_for_llama(to_float32(raw, info.dtype), heads), "F32"
     if len(plan.shape) < 2:
-        return _encode(to_float32(values, stored), plan.qtype)
+        return encode(to_float32(values, stored), plan.qtype)
     rows_per_chunk = max(1, CHUNK_VALUES // plan.shape[-1])
-    first = _encode(to_float32(values[:1], stored), plan.qtype)
+    first = encode(to_float32(values[:1], stored), plan.qtype)
     out = np.empty((plan.shape[0], first.shape[-1]), dtype=first.dtype)
     for start in range(0, plan.shape[0], rows_per_chunk):
         rows = values[start : start + rows_per_chunk]
-        out[start : start + len(rows)] = _encode(to_float32(rows, stored), plan.qtype)
+        out[start : start + len(rows)] = encode(to_float32(rows, stored), plan.qtype)
     return out
 
 
