@@ -1,6 +1,7 @@
-"""Conversion speed and memory against `cp` and mergekit, on synthetic Qwen2-shaped checkpoints.
+"""Conversion speed and memory against `cp` and mergekit, on synthetic Qwen2-shaped checkpoints or a real one.
 
-    /work/venv/bin/python benchmarks/convert_speed.py [--layers 6 14] [--mergekit /tmp/mergekit-venv/bin/mergekit-yaml]
+    python benchmarks/convert_speed.py [--layers 6 14] [--mergekit /tmp/mergekit-venv/bin/mergekit-yaml]
+    python benchmarks/convert_speed.py --source ~/.cache/qwenforge/models/Qwen2.5-Coder-0.5B-Instruct  # the embedded model
 
 Builds each checkpoint (Qwen2.5-3B-like widths, bf16, untied head, several shards, random
 values; the 6-layer one is 2.2 GB, 187 layers is 30 GB: more than this machine's page cache, so
@@ -74,6 +75,22 @@ def entries(layers: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     return out
 
 
+def real_checkpoint(folder: Path) -> tuple[int, int, int]:
+    """(bytes of its files, bytes of its largest tensor, layers) of a checkpoint folder, from the safetensors headers."""
+    from qwenforge.checkpoint.mapped_reader import MappedReader
+
+    reader = MappedReader(folder)
+    largest = max(reader.span(name)[2] for name in reader.names())
+    size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+    return size, largest, json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+
+
+def dtype_of(folder: Path) -> str:
+    """The checkpoint's own dtype, so mergekit writes what convert writes (synthetic ones are bfloat16)."""
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+
+
 def build_checkpoint(folder: Path, layers: int, tokenizer: Path) -> int:
     """Write a random Qwen2-shaped checkpoint tensor by tensor (never the whole model in memory)."""
     folder.mkdir(parents=True)
@@ -144,6 +161,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds (each job once per round); the fastest counts, and the median of each round's job/cp")
     parser.add_argument("--mergekit", default="/tmp/mergekit-venv/bin/mergekit-yaml", help="mergekit-yaml in its own venv")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder, removed)")
+    parser.add_argument("--source", type=Path, default=None, help="a real checkpoint folder instead of the synthetic ones (e.g. the embedded Qwen2.5's import)")
     args = parser.parse_args()
 
     qwenforge = str(Path(sys.executable).with_name("qwenforge"))
@@ -155,11 +173,14 @@ def main() -> None:
     _, baseline = measure([sys.executable, "-c", "import numpy, tokenizers, qwenforge.cli, qwenforge.convert.run"])
     rows = []
     try:
-        for layers in args.layers:
-            source = scratch / f"qwen2-{layers}L"
-            print(f"building a {layers}-layer checkpoint ...", flush=True)
-            size = build_checkpoint(source, layers, source_tokenizer)
-            largest = max(torch.Size(shape).numel() * 2 for _, shape, _ in entries(layers))
+        for layers in [None] if args.source else args.layers:
+            if args.source:  # a real checkpoint, read in place
+                source, (size, largest, layers) = args.source, real_checkpoint(args.source)
+            else:
+                source = scratch / f"qwen2-{layers}L"
+                print(f"building a {layers}-layer checkpoint ...", flush=True)
+                size = build_checkpoint(source, layers, source_tokenizer)
+                largest = max(torch.Size(shape).numel() * 2 for _, shape, _ in entries(layers))
             out = scratch / "out"
             copy_files = [p for p in source.iterdir()]
             row = {"layers": layers, "bytes": size, "shards": len(list(source.glob("*.safetensors"))), "largest_tensor": largest}
@@ -169,7 +190,7 @@ def main() -> None:
                 config = scratch / "passthrough.yml"
                 config.write_text(
                     f"slices:\n  - sources:\n      - model: {source}\n        layer_range: [0, {layers}]\n"
-                    "merge_method: passthrough\ndtype: bfloat16\n"
+                    f"merge_method: passthrough\ndtype: {dtype_of(source)}\n"
                 )
                 jobs["mergekit"] = [args.mergekit, str(config), str(out), "--lazy-unpickle", "--quiet"]
             runs = rounds(args.repeats, jobs, out, source, scratch)
@@ -177,7 +198,8 @@ def main() -> None:
             for job, measured in runs.items():  # fastest wall time, largest peak RSS
                 row[job] = (min(m[0] for m in measured), max(m[1] for m in measured))
             shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(source)
+            if not args.source:
+                shutil.rmtree(source)
             rows.append(row)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

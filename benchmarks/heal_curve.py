@@ -3,7 +3,8 @@
 Converts the embedded Qwen2.5-Coder-0.5B-Instruct with calibrated q/k norms (`qwenforge convert`,
 q/k/v biases kept), then heals it with each arm: the closed forms (`--method anchor`, the default,
 and `--method linearize`) and gradient healing (`METHOD:TRAIN`, e.g. `layerwise+global:norms`,
-equal time budgets); heals on data/calibration.txt, evaluates on data/heldout.txt. Prints each
+equal time budgets; `drop-bias/METHOD:TRAIN` heals the conversion without q/k/v biases, the model
+card's choice); heals on data/calibration.txt, evaluates on data/heldout.txt. Prints each
 arm's held-out top-1 agreement and bits-per-byte ratio against the source (the baseline, measured
 in the same run) and writes every curve to heal_curve.json, with the load average around each arm.
 The linearize output is also measured loaded in bfloat16 (as users load it) against the float32
@@ -62,11 +63,16 @@ def main() -> None:
     convert(source, work / "converted", measure=False)
     results = {"source": str(source), "threads": args.threads, "minutes_per_arm": args.minutes, "conversion_seconds": time.perf_counter() - started, "arms": {}}
     for arm in args.arms.split(","):
-        method, _, train = arm.partition(":")
+        converted = work / "converted"
+        if arm.startswith("drop-bias/"):  # the model card's choice: q/k/v biases dropped, healed by gradient
+            converted = work / "converted-drop-bias"
+            if not converted.exists():
+                convert(source, converted, measure=False, keep_bias=False)
+        method, _, train = arm.removeprefix("drop-bias/").partition(":")
         options = HealOptions(train=train or "norms", method=method, steps=1000, budget_minutes=args.minutes, eval_every=10, patience=6, threads=args.threads, formats=None)
         arm_started, load_before = time.perf_counter(), os.getloadavg()
-        healed = work / f"healed-{arm.replace('+', '-').replace(':', '-')}"
-        report = heal(work / "converted", healed, source, options, console=console)
+        healed = work / f"healed-{arm.replace('+', '-').replace(':', '-').replace('/', '-')}"
+        report = heal(converted, healed, source, options, console=console)
         report["wall_seconds"] = time.perf_counter() - arm_started
         report["load_average_before_after"] = [load_before, os.getloadavg()]
         if arm == "linearize":
