@@ -101,8 +101,9 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
             f"{student_dir} and {teacher_dir} have different tokenizers; online distillation needs one vocabulary: "
             "run `qwenforge distill capture` on the teacher and `distill train --logits`, which maps vocabularies by token string"
         )
+    estimate = engine.memory_estimate(teacher_dir, student_dir, len(tokenizer), options.eval_tokens or 0, options, full_student=options.lora_rank == 0)
     engine.check_fits(
-        engine.memory_estimate(teacher_dir, student_dir, len(tokenizer), options.eval_tokens or 0, options, full_student=options.lora_rank == 0), options.memory_gb, f"{teacher_dir}: teacher and student together would",
+        estimate, options.memory_gb, f"{teacher_dir}: teacher and student together would",
         f"capture the teacher once with `qwenforge distill capture {teacher_dir} --data TEXT --out STORE` and run `distill train --logits STORE`",
     )
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
