@@ -39,7 +39,7 @@ def worker(variant: str, args) -> dict:
     torch.set_num_threads(args.threads)
     from qwenforge.train.backends.pytorch import PyTorchBackend
     from qwenforge.train.config import TrainConfig
-    from qwenforge.train.pipeline import build_plan, resolve_model_folder
+    from qwenforge.train.pipeline import zone_plan, resolve_model_folder
 
     config = TrainConfig(model=args.model, output="unused")
     settings = dataclasses.replace(
@@ -48,7 +48,7 @@ def worker(variant: str, args) -> dict:
     records = benchmark_records(args)
     folder = resolve_model_folder(args.model)
     backend = PyTorchBackend()
-    backend.load(folder, build_plan(config, folder))
+    backend.load(folder, zone_plan(config, folder))
     backend.start_adapter()
     tokenizer = backend.tokenizer
     lengths = [

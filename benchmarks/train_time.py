@@ -31,14 +31,14 @@ def main() -> None:
     from qwenforge.train.backends import create_backend
     from qwenforge.train.config import TrainConfig
     from qwenforge.train.curriculum import load_curriculum, sft_records
-    from qwenforge.train.pipeline import build_plan, resolve_model_folder, torch_threads
+    from qwenforge.train.pipeline import zone_plan, resolve_model_folder, torch_threads
 
     folder = resolve_model_folder("embedded")
     config = TrainConfig(model=str(folder), output="unused")
     sft = dataclasses.replace(config.sft, max_steps=args.steps, batch_size=args.batch, max_seq_length=args.max_seq_length, save_steps=1000)
     records = [r for topic in load_curriculum("sample").topics for r in sft_records(topic)][: args.steps * args.batch]
     backend = create_backend("pytorch")
-    backend.load(folder, build_plan(config, folder))
+    backend.load(folder, zone_plan(config, folder))
     backend.start_adapter()
     logs = []
     with tempfile.TemporaryDirectory() as work, torch_threads(config) as threads:

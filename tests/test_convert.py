@@ -14,7 +14,7 @@ from qwenforge.checkpoint.folder import sha256_of
 from qwenforge.checkpoint.safetensors_io import TensorReader
 from qwenforge.convert.vocab import padding_sample
 from qwenforge.convert import convert
-from qwenforge.convert.plan import format_plan
+from qwenforge.convert.tensor_map import format_tensor_map
 from qwenforge.fixtures.tiny import build_tiny_checkpoint
 
 QWEN25_TOKENS = 151_665
@@ -69,7 +69,7 @@ def test_plan_matches_stock_qwen3_exactly(kind, keep_bias, request, tmp_path, qw
     has_bias = kind.startswith("tiny_qwen2")
     assert ("model.layers.0.self_attn.q_proj.bias" in dropped) == (has_bias and not keep_bias)
     assert config["attention_bias"] == (has_bias and keep_bias)
-    assert "model.layers.0.self_attn.k_norm.weight" in format_plan(result["plan"])
+    assert "model.layers.0.self_attn.k_norm.weight" in format_tensor_map(result["plan"])
 
 
 def test_sliding_window_settings_kept_and_load_cleanly(tmp_path, qwen25_tokenizer_dir):
@@ -212,7 +212,7 @@ def test_biases_are_kept_by_default(tmp_path, tiny_qwen2):
 
 def test_donor_of_another_depth_maps_norms_by_relative_depth(tmp_path, tiny_qwen2, qwen3_tokenizer_dir):
     """The seed's case (Qwen2.5-72B, 80 layers; Qwen3-32B donor, 64): norms come from the same relative depth, recorded."""
-    from qwenforge.convert.plan import donor_layer_map
+    from qwenforge.convert.tensor_map import donor_layer_map
 
     assert donor_layer_map(80, 64)[:3] == [0, 1, 2] and donor_layer_map(80, 64)[-1] == 63 and donor_layer_map(80, 64)[40] == 32
     deep = build_tiny_checkpoint("qwen3-untied", tmp_path / "deep", qwen3_tokenizer_dir, seed=4, head_dim=16, num_hidden_layers=5)

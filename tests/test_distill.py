@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qwenforge.distill import engine, store, train
+from qwenforge.distill import engine, store
 from qwenforge.distill.capture import capture
 from qwenforge.distill.init_student import init_student, parse_keep_layers
 from qwenforge.distill.train import DistillOptions, train_from_store, train_online
@@ -119,7 +119,7 @@ def test_train_from_store_lowers_heldout_kl(student, captured, tmp_path):
     assert report["best"]["kl"] < report["before"]["kl"]
     assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors", "distill_report.json", "distill_curve.png",
                                                "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
-    assert not train.checkpoint_folder(out).exists()  # the resume state goes once OUT is written
+    assert not engine.progress_folder(out, "distill").exists()  # the resume state goes once OUT is written
 
 
 def test_online_distillation_beats_cross_entropy_on_kl(teacher, student):
@@ -177,7 +177,7 @@ def test_train_resume_continues_from_the_saved_step(student, captured, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         train_from_store(student, captured, tmp_path / "parts", options)
     monkeypatch.setattr(engine, "distillation_loss", real)
-    assert json.loads((train.checkpoint_folder(tmp_path / "parts") / "state.json").read_text())["step"] == 4
+    assert json.loads((engine.progress_folder(tmp_path / "parts", "distill") / "state.json").read_text())["step"] == 4
     with pytest.raises(QwenforgeError, match="--resume"):
         train_from_store(student, captured, tmp_path / "parts", options)
     resumed = train_from_store(student, captured, tmp_path / "parts", options, resume=True)
@@ -294,7 +294,7 @@ def test_distill_train_under_accelerate_launch_two_gloo_processes(student, captu
     assert report["processes"] == 2 and report["tokens_trained"] == 4 * 4 * 2 * 64  # steps x batch x processes x length
     first, second = report["rank_fingerprints"]
     assert first == second  # both ranks hold the same weights
-    assert report["best"]["kl"] < report["before"]["kl"] and not train.checkpoint_folder(out).exists()
+    assert report["best"]["kl"] < report["before"]["kl"] and not engine.progress_folder(out, "distill").exists()
 
 
 def test_cli_distill_train_resume_without_checkpoint_is_one_line(student, captured, tmp_path):
@@ -313,10 +313,8 @@ def test_online_with_another_vocabulary_points_to_the_store(teacher, tiny_qwen2)
 
 def test_online_teacher_that_does_not_fit_is_refused_with_the_way_out(teacher, student):
     from qwenforge.devices import GIB
-    from qwenforge.distill.train import online_memory
-
     options = DistillOptions(steps=1)
-    estimate = online_memory(teacher, student, 151_936, options)
+    estimate = engine.memory_estimate(teacher, student, 151_936, options.eval_tokens, options, full_student=True)
     assert estimate["teacher"] > estimate["student"] / 4 > 0
     with pytest.raises(QwenforgeError, match="distill capture.*--logits STORE"):
         train_online(teacher, student, DATA / "calibration.txt", DATA / "heldout.txt", None, DistillOptions(steps=1, memory_gb=estimate["total"] / 2 / GIB))

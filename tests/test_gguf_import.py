@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qwenforge.checkpoint.gguf_import import embedded_gguf, gguf_metadata, import_gguf
+from qwenforge.cache import embedded_gguf
+from qwenforge.checkpoint.gguf_import import gguf_metadata, import_gguf
 from qwenforge.errors import QwenforgeError
 
 EXPECTED_FILES = {
@@ -47,12 +48,12 @@ def test_gguf_metadata_of_embedded_model():
 
 
 def test_embedded_gguf_is_assembled_once_and_verified(tmp_path, monkeypatch):
-    from qwenforge.checkpoint import gguf_import
+    from qwenforge import cache
 
     path = embedded_gguf()
-    assert path.stat().st_size == gguf_import.EMBEDDED_GGUF_BYTES
+    assert path.stat().st_size == cache.EMBEDDED_GGUF_BYTES
     assert embedded_gguf() == path  # reused, not rebuilt
-    monkeypatch.setattr(gguf_import, "EMBEDDED_GGUF_SHA256", "0" * 64)
+    monkeypatch.setattr(cache, "EMBEDDED_GGUF_SHA256", "0" * 64)
     with pytest.raises(QwenforgeError, match="reinstall"):
         embedded_gguf(tmp_path)
     assert list((tmp_path / "gguf").iterdir()) == []  # nothing half-written is left

@@ -253,11 +253,10 @@ def test_a_teacher_that_does_not_fit_is_refused_with_the_way_out(tiny_llama, tin
 
     from qwenforge.checkpoint.folder import read_config
     from qwenforge.devices import GIB
-    from qwenforge.heal import memory_estimate
-
     options = _quick(method="linearize", eval_tokens=96)
-    live = memory_estimate(tiny_llama, read_config(tiny_llama), tiny_converted, read_config(tiny_converted), options, from_store=False)
-    stored = memory_estimate(tiny_llama, read_config(tiny_llama), tiny_converted, read_config(tiny_converted), options, from_store=True)
+    vocab = max(read_config(tiny_llama)["vocab_size"], read_config(tiny_converted)["vocab_size"])
+    live = engine.memory_estimate(tiny_llama, tiny_converted, vocab, options.eval_tokens, options)
+    stored = engine.memory_estimate(None, tiny_converted, vocab, options.eval_tokens, options)
     assert live["teacher"] > 0 == stored["teacher"] and live["student"] == stored["student"] > 1_000_000
     between = (stored["total"] + live["total"]) / 2 / GIB  # the student fits, teacher and student do not
     result = subprocess.run(

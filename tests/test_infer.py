@@ -70,7 +70,7 @@ def test_missing_model_and_bad_files_name_the_fix(tmp_path):
 
 
 def test_embedded_gguf_path_reuses_the_cached_import(embedded_model_dir):
-    from qwenforge.checkpoint.gguf_import import embedded_gguf
+    from qwenforge.cache import embedded_gguf
 
     source = resolve_source(str(embedded_gguf()))
     assert source["folder"] == embedded_model_dir and source["gguf"] == embedded_gguf()
@@ -361,7 +361,7 @@ def test_cpu_fp16_runs_prompts_through_fp32_and_decodes_in_fp16():
 def test_a_gguf_file_is_imported_into_the_cache_once(tmp_path, monkeypatch):
     import shutil
 
-    from qwenforge.checkpoint.gguf_import import embedded_gguf
+    from qwenforge.cache import embedded_gguf
 
     gguf = tmp_path / "smol.gguf"
     shutil.copy(embedded_gguf(), gguf)

@@ -102,7 +102,7 @@ def test_gguf_weights_equal_the_bundled_real_file(embedded_model_dir):
     from gguf import GGUFReader
 
     from qwenforge.arch.resolve import load_model_config
-    from qwenforge.checkpoint.gguf_import import embedded_gguf
+    from qwenforge.cache import embedded_gguf
 
     path = embedded_gguf()
     spec = spec_from_config(*load_model_config(str(embedded_model_dir)))  # the config imported from that file

@@ -147,14 +147,14 @@ def convert(
     calibration_text: Optional[Path] = typer.Option(None, help="Text for q/k-norm calibration (default: qwenforge's calibration.txt)."),
     fidelity_text: Optional[Path] = typer.Option(None, help="Text for the fidelity measurement (default: qwenforge's heldout.txt)."),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard, as in transformers (e.g. 5GB, 500MB)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (every output tensor, its source and operation) and write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the tensor map (every output tensor, its source and operation) and write nothing."),
     strict: bool = typer.Option(False, "--strict", help="Turn pre-flight warnings into errors."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle *.bin weights (tensors only)."),
     measure: bool = typer.Option(True, "--measure/--no-measure", help="Load the result for a smoke test and a fidelity measurement (loads both models)."),
     fidelity_tokens: int = typer.Option(1024, help="Tokens of the fidelity text to measure on."),
     calibration_tokens: int = typer.Option(1024, help="Tokens of the calibration text for --qk-norm calibrated."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (plan or metadata) instead of tables."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (tensor map or metadata) instead of tables."),
     heal_method: Optional[str] = typer.Option(
         None, "--heal", help="Heal OUT right after converting, with the source as teacher: a `qwenforge heal --method` (e.g. layerwise+global, linearize)."
     ),
@@ -174,7 +174,7 @@ def convert(
     """
     from rich.progress import Progress
 
-    from qwenforge.convert.plan import format_plan
+    from qwenforge.convert.tensor_map import format_tensor_map
     from qwenforge.convert.run import ConvertOptions, convert_lines
     from qwenforge.convert.run import convert as run_convert
     from qwenforge.heal import HealOptions, convert_then_heal
@@ -192,7 +192,7 @@ def convert(
             print_json({k: v for k, v in result.items() if k != "plan"} | {
                 "tensors": [s.to_dict() for s in result["plan"]["steps"]], "dropped": result["plan"]["dropped"]})
             return
-        console.print(format_plan(result["plan"]), highlight=False, soft_wrap=True)
+        console.print(format_tensor_map(result["plan"]), highlight=False, soft_wrap=True)
         console.print(f"vocabulary: {result['vocabulary']['summary']}")
         for warning in result["warnings"]:
             console.print(f"[yellow]warning:[/yellow] {warning['message']}")

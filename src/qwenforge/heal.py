@@ -35,12 +35,13 @@ from pathlib import Path
 import torch
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
+from qwenforge.checkpoint.folder import read_config, refuse_overlap, trained_output
 from qwenforge.distill import engine, store
 from qwenforge.distill.teacher import LiveTeacher, Schedule, StoredTeacher, check_heldout, heldout_count, vocabulary
 from qwenforge.errors import QwenforgeError
 from qwenforge.fidelity import byte_counts, shared_ids, token_sequences
 from qwenforge.files import default_text, read_text
+from qwenforge.train.plot import plot_curves
 
 TRAIN_CHOICES = ("norms", "norms+qk-lora", "attention")
 METHODS = ("anchor", "anchor+global", "global", "layerwise", "layerwise+global", "linearize")
@@ -340,21 +341,9 @@ def _check_layers(teacher_config: dict, student_config: dict, method: str) -> No
         )
 
 
-def memory_estimate(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, from_store: bool) -> dict:
-    """Bytes heal holds: both models in float32 (no teacher with a store), held-out teacher
-    log-probabilities, and one batch's logits about four times over (teacher, student, softmax, gradient)."""
-    vocab = max(int(teacher_config.get("vocab_size", 0)), int(student_config.get("vocab_size", 0)))
-    estimate = {
-        "teacher": 0 if from_store else engine.weights_bytes(teacher_dir),
-        "student": engine.weights_bytes(student_dir),
-        "working": 4 * vocab * (options.eval_tokens + 4 * options.batch_size * options.sequence_length),
-    }
-    estimate["total"] = sum(estimate.values())
-    return estimate
-
-
 def _check_memory(teacher_dir: Path, teacher_config: dict, student_dir: Path, student_config: dict, options: HealOptions, teacher_logits: Path | None) -> dict:
-    estimate = memory_estimate(teacher_dir, teacher_config, student_dir, student_config, options, teacher_logits is not None)
+    vocab = max(int(teacher_config.get("vocab_size", 0)), int(student_config.get("vocab_size", 0)))
+    estimate = engine.memory_estimate(None if teacher_logits else teacher_dir, student_dir, vocab, options.eval_tokens, options)
     if teacher_logits is not None:
         return engine.check_fits(estimate, options.memory_gb, f"{student_dir}: the student alone would", "heal it on a machine with more memory")
     return engine.check_fits(
@@ -414,29 +403,6 @@ def _stored_teacher(folder: Path, teacher_tokenizer, tokenizer, teacher_config: 
     facts = {"store": str(folder), "heldout_kl": "stored top-k plus one tail bucket", "k": index["k"], "values": index["values"], "data": index.get("data"),
              "sequence_length": length, "student_map": index.get("student_map")}
     return teacher, facts
-
-
-def _plot(history_by_phase: dict[str, list[dict]], path: Path, before: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    for phase, rows in history_by_phase.items():
-        axis.plot([r["seconds"] for r in rows], [r["kl"] for r in rows], marker=".", label=phase)
-    axis.axhline(before["kl"], color="grey", linestyle=":", label="converted (before)")
-    axis.set_yscale("log")
-    axis.set_xlabel("healing time (s)")
-    axis.set_ylabel("held-out KL (nats/token)")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def _work_folder(out: Path) -> Path:
-    return out.parent / f".heal-work-{out.name}"
 
 
 def heal(
@@ -509,9 +475,10 @@ def heal(
     anchored = anchor_qk_norms(student, _anchor_ids(teacher)) if options.method == "anchor+global" else None
     named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
     learning_rate = options.learning_rate or LEARNING_RATES[options.train]
+    work = engine.progress_folder(out, "heal")
     if not resume:
-        shutil.rmtree(_work_folder(out), ignore_errors=True)
-    results, history_by_phase = _run_phases(student, teacher, named, evaluate, options, learning_rate, _work_folder(out), resume, console)
+        shutil.rmtree(work, ignore_errors=True)
+    results, history_by_phase = _run_phases(student, teacher, named, evaluate, options, learning_rate, work, resume, console)
 
     after = evaluate()
     merge_low_rank(student)
@@ -537,7 +504,7 @@ def heal(
         "formats": in_formats() if in_formats else None,
     }
     _write(student, converted, out, report, history_by_phase, before, force)
-    shutil.rmtree(_work_folder(out), ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return report
 
 
@@ -659,14 +626,11 @@ def heal_lines(report: dict) -> str:
 
 
 def _write(student, converted: Path, out: Path, report: dict, history_by_phase: dict, before: dict, force: bool) -> None:
-    with atomic_output(out, force=force) as folder:
-        student.config.dtype = "float32"
-        student.save_pretrained(folder)
-        copy_tokenizer_files(converted, folder)
+    student.config.dtype = "float32"
+    with trained_output(student, out, converted, "heal_report.json", report, force) as folder:
         for item in converted.iterdir():  # carry the conversion's provenance over
             if item.is_file() and item.name not in MODEL_FILES and not item.name.endswith(".safetensors") and not (folder / item.name).exists():
                 shutil.copy2(item, folder / item.name)
-        write_json(folder / "heal_report.json", report)
         if report.get("formats") and (folder / "README.md").exists():  # the model card says what the heal gave, per format
             from qwenforge.convert.provenance import format_lines
 
@@ -674,4 +638,4 @@ def _write(student, converted: Path, out: Path, report: dict, history_by_phase: 
             lines = ["", f"## Healed ({report['options']['method']})", "", f"Held-out top-1 agreement {100 * after['top1_agreement']:.1f}%, bits/byte "
                      f"{after['bits_per_byte']:.4f} (source {after['teacher_bits_per_byte']:.4f}).", *format_lines(report["formats"]), ""]
             (folder / "README.md").write_text((folder / "README.md").read_text() + "\n".join(lines))
-        _plot(history_by_phase, folder / "heal_kl.png", before)
+        plot_curves(folder / "heal_kl.png", history_by_phase, "seconds", "healing time (s)", {"kl": "held-out KL (nats/token)"}, before, log=True)

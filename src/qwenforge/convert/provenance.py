@@ -107,14 +107,14 @@ class Hashing:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def metadata(options: dict, inputs: dict, plan: dict, warnings: list, special_tokens: list, extra: dict) -> dict:
+def metadata(options: dict, inputs: dict, tensor_map: dict, warnings: list, special_tokens: list, extra: dict) -> dict:
     return {
         "qwenforge_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "options": options,
         "inputs": inputs,
-        "tensors": [step.to_dict() for step in plan["steps"]],
-        "dropped": plan["dropped"],
+        "tensors": [step.to_dict() for step in tensor_map["steps"]],
+        "dropped": tensor_map["dropped"],
         "warnings": warnings,
         "special_tokens": special_tokens,
         **extra,

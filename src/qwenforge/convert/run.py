@@ -2,7 +2,7 @@
 
     qwenforge convert Qwen2.5-7B-Instruct/ out/ --donor Qwen3-8B/ --keep-bias
 
-Read top to bottom: pre-flight (configs, tokenizers, options), plan (every output tensor from
+Read top to bottom: pre-flight (configs, tokenizers, options), tensor map (every output tensor from
 headers alone), prepare (q/k-norm calibration, donor projection of new-token rows), stream
 (tensor by tensor into the ShardedWriter inside a temporary folder), check (stock
 transformers load + generation, fidelity against the source), provenance, rename.
@@ -26,7 +26,7 @@ from qwenforge.checkpoint.mapped_reader import MappedReader
 from qwenforge.checkpoint.safetensors_io import ShardedWriter
 from qwenforge.convert import preflight, provenance, vocab
 from qwenforge.convert.pickle_source import open_source
-from qwenforge.convert.plan import build_plan, donor_layer_map
+from qwenforge.convert.tensor_map import build_tensor_map, donor_layer_map
 from qwenforge.convert.qk_norm import QK_NORM_METHODS
 from qwenforge.convert.target_config import config_diff, qwen3_config
 from qwenforge.errors import QwenforgeError
@@ -56,9 +56,9 @@ def _remap_ids(values: dict, source_tok: vocab.Tokenizer, target_tok: vocab.Toke
     return {key: move(value) for key, value in values.items() if key in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
-def _bias_record(reader, plan: dict) -> dict | None:
+def _bias_record(reader, tensor_map: dict) -> dict | None:
     """Sizes of the dropped attention biases (small tensors, read now)."""
-    names = [d["name"] for d in plan["dropped"] if d["name"].endswith("_proj.bias")]
+    names = [d["name"] for d in tensor_map["dropped"] if d["name"].endswith("_proj.bias")]
     if not names:
         return None
     norms = {name: float(np.linalg.norm(to_float32(reader.array(name), reader.tensors[name].dtype))) for name in names}
@@ -193,7 +193,7 @@ class ConvertOptions:
 
 
 def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, dry_run: bool = False, force: bool = False, progress=None, **fields) -> dict:
-    """Convert SOURCE into a Qwen3 checkpoint at OUT; returns the plan, warnings and (unless dry_run) the metadata.
+    """Convert SOURCE into a Qwen3 checkpoint at OUT; returns the tensor map (as "plan"), warnings and (unless dry_run) the metadata.
 
     Streams tensor by tensor: peak memory is about two embedding matrices. q/k-norm calibration
     and the fidelity measurement (`measure`) run the models, layer-offloaded when a model exceeds
@@ -243,10 +243,10 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
         else:
             rows = max(spec.embedding_rows, padded_rows(len(target_tok)))
         vocab_map = vocab.align(source_tok, target_tok, spec.embedding_rows, rows)
-        # 2. plan
+        # 2. tensor map
         donor_layers = donor_spec.layers if donor_spec is not None and qk_norm == "donor" else None
-        plan = build_plan(reader.tensors, spec, rows, keep_bias, qk_norm, new_token_init, not vocab_map.identity, source, donor_layers)
-        bias_dropped = _bias_record(reader, plan)
+        tensor_map = build_tensor_map(reader.tensors, spec, rows, keep_bias, qk_norm, new_token_init, not vocab_map.identity, source, donor_layers)
+        bias_dropped = _bias_record(reader, tensor_map)
         if bias_dropped and bias_dropped["max_norm"] > 0:
             warnings.append(
                 {"code": "bias-dropped", "message": f"{bias_dropped['count']} attention biases dropped (largest norm {bias_dropped['max_norm']:.4g}); outputs change (without --drop-bias they are kept exactly)"}
@@ -267,7 +267,7 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
             "fidelity_tokens": fidelity_tokens, "calibration_tokens": calibration_tokens, "max_shard_size": max_shard_size, "strict": strict, "allow_pickle": allow_pickle, "measure": measure, "accept_lossy": accept_lossy, "formats": formats,
         }
         options["command"] = _command_line(options)
-        result = {"plan": plan, "warnings": warnings, "config": target_config, "vocabulary": vocabulary, "special_tokens": special_tokens}
+        result = {"plan": tensor_map, "warnings": warnings, "config": target_config, "vocabulary": vocabulary, "special_tokens": special_tokens}
         if dry_run:
             return result
 
@@ -281,7 +281,7 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
             source_model = compare.load(source, max_memory)
             biases = {name: reader.get(name) for name in reader.tensors if name.endswith(("q_proj.bias", "k_proj.bias"))}
             norms = calibrate(source_model, texts["calibration"], keep_bias, max_tokens=calibration_tokens, biases=biases)
-        matrices = [s.name for s in plan["steps"] if s.op == "transplant-rows"]
+        matrices = [s.name for s in tensor_map["steps"] if s.op == "transplant-rows"]
         projected, projection_fits = _donor_projections(
             new_token_init, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, matrices, bool(donor_spec and donor_spec.tied_embeddings)
         )
@@ -309,18 +309,18 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
                 return [norms[step.name].to(torch_dtype(step.dtype))]
             if step.op in ("ones", "zeros"):
                 return [from_float32(np.full(step.shape, 1.0 if step.op == "ones" else 0.0, dtype=np.float32), step.dtype)]
-            raise AssertionError(f"unknown plan op {step.op}")
+            raise AssertionError(f"unknown tensor-map op {step.op}")
 
         # 4. stream into a temporary folder; 5. check; 6. provenance; rename
         try:
             with atomic_output(out, force) as temp:
-                writer = ShardedWriter(temp, [(s.name, s.shape, s.dtype) for s in plan["steps"]], max_shard_size)
-                for done, step in enumerate(plan["steps"], 1):
+                writer = ShardedWriter(temp, [(s.name, s.shape, s.dtype) for s in tensor_map["steps"]], max_shard_size)
+                for done, step in enumerate(tensor_map["steps"], 1):
                     writer.write_parts(step.name, parts(step))
                     if step.source in reader.tensors and hasattr(reader, "release"):
                         reader.release(step.source)  # pages this step touched (mapped source)
                     if progress:
-                        progress(done, len(plan["steps"]), step.name)
+                        progress(done, len(tensor_map["steps"]), step.name)
                 writer.close()
                 write_json(temp / "config.json", target_config)
                 copy_tokenizer_files(target_dir, temp)
@@ -342,7 +342,7 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
                         extra["measure_error"] = f"{type(error).__name__}: {error}"
                 inputs = hashes.results()
                 extra["seconds"] = round(time.time() - started, 2)
-                record = provenance.metadata(options, inputs, plan, warnings, special_tokens, extra)
+                record = provenance.metadata(options, inputs, tensor_map, warnings, special_tokens, extra)
                 provenance.write_provenance(temp, record, config_diff(source_config, target_config), source.name)
         except OSError as error:
             if error.errno == errno.ENOSPC:

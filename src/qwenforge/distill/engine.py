@@ -87,8 +87,6 @@ def topk_divergence(
 
 def weights_bytes(folder) -> int:
     """Float32 bytes of a checkpoint's weights: from its architecture, else from its files (assumed 16-bit)."""
-    from pathlib import Path
-
     from qwenforge.arch.spec import spec_from_config, weight_bytes
     from qwenforge.checkpoint.folder import read_config
 
@@ -97,6 +95,19 @@ def weights_bytes(folder) -> int:
         return weight_bytes(spec_from_config(read_config(folder), str(folder / "config.json")))["fp32"]
     except QwenforgeError:
         return 2 * sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def memory_estimate(teacher_dir: Path | None, student_dir: Path, vocab: int, eval_tokens: int, options: LoopOptions, full_student: bool = False) -> dict:
+    """Bytes a heal or distill run holds in float32: the teacher (None: read from a store, never loaded), the
+    student (with gradients and Adam's two moments when every weight trains: `full_student`), held-out
+    teacher log-probabilities and one batch's logits about four times over (teacher, student, softmax, gradient)."""
+    estimate = {
+        "teacher": weights_bytes(teacher_dir) if teacher_dir is not None else 0,
+        "student": weights_bytes(student_dir) * (4 if full_student else 1),
+        "working": 4 * vocab * (eval_tokens + 4 * options.batch_size * options.sequence_length),
+    }
+    estimate["total"] = sum(estimate.values())
+    return estimate
 
 
 def check_fits(estimate: dict, memory_gb: float | None, what: str, remedy: str) -> dict:
@@ -268,6 +279,11 @@ def distillation_loss(
 
 
 # --- --resume ----------------------------------------------------------------------------------
+
+
+def progress_folder(out: Path, verb: str) -> Path:
+    """Where `heal`/`distill train` keep their --resume state: a hidden folder beside OUT, removed once OUT is written."""
+    return Path(out).parent / f".{verb}-work-{Path(out).name}"
 
 
 def save_progress(folder: Path, named_parameters: dict[str, torch.nn.Parameter], state: dict, extra: dict | None = None) -> None:

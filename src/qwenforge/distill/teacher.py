@@ -81,15 +81,17 @@ class Vocabulary:
 
 
 def vocabulary(student_tokenizer, teacher_tokenizer, student_rows: int, teacher_rows: int) -> Vocabulary:
-    """Tokens shared by string (below both row counts); one tokenizer (same object) keeps the student's ids."""
+    """Tokens shared by string (below both row counts), matched as a conversion matches them
+    (`convert.vocab.align`); one tokenizer (same object) keeps the student's ids."""
+    from qwenforge.convert.vocab import Tokenizer, align
+
     if student_tokenizer is teacher_tokenizer:
         shared = fidelity.shared_ids(student_tokenizer, teacher_tokenizer, student_rows, teacher_rows)
         return Vocabulary(shared, shared)
-    teacher_vocab = teacher_tokenizer.get_vocab()
+    teacher, student = (Tokenizer(Path(t.name_or_path), t.get_vocab(), {}, {}, None) for t in (teacher_tokenizer, student_tokenizer))
     to_teacher = torch.full((max(student_rows, len(student_tokenizer)),), -1, dtype=torch.long)
-    for token, student_id in student_tokenizer.get_vocab().items():
-        teacher_id = teacher_vocab.get(token)
-        if teacher_id is not None and student_id < student_rows and teacher_id < teacher_rows:
+    for student_id, teacher_id in align(teacher, student, max(teacher_rows, len(teacher)), max(student_rows, len(student))).shared.items():
+        if student_id < student_rows and teacher_id < teacher_rows:
             to_teacher[student_id] = teacher_id
     shared = (to_teacher >= 0).nonzero().flatten()
     spellings: dict[int, list[int]] = {}

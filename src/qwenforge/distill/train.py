@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from qwenforge import __version__
-from qwenforge.checkpoint.folder import atomic_output, copy_tokenizer_files, read_config, refuse_overlap, write_json
+from qwenforge.checkpoint.folder import read_config, refuse_overlap, trained_output
 from qwenforge.distill import engine, store
 from qwenforge.distill.teacher import LiveTeacher, Schedule, StoredTeacher, Vocabulary
 from qwenforge.errors import QwenforgeError
 from qwenforge.fidelity import byte_counts, token_sequences
+from qwenforge.train.plot import plot_curves
 
 
 @dataclass(frozen=True)
@@ -67,43 +68,9 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
 def _save(model, student_dir: Path, out: Path, report: dict, force: bool) -> None:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    with atomic_output(out, force=force) as folder:
-        model.save_pretrained(folder)
-        copy_tokenizer_files(student_dir, folder)
-        write_json(folder / "distill_report.json", report)
-        _plot(report["history"], folder / "distill_curve.png")
-
-
-def _plot(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
-    steps = [row["step"] for row in history]
-    left.plot(steps, [row["kl"] for row in history], marker=".")
-    left.set_xlabel("step")
-    left.set_ylabel("held-out KL to teacher")
-    right.plot(steps, [row["bits_per_byte"] for row in history], marker=".")
-    right.set_xlabel("step")
-    right.set_ylabel("held-out bits per byte")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def online_memory(teacher_dir: Path, student_dir: Path, vocab: int, options: DistillOptions) -> dict:
-    """Bytes online distillation holds: the teacher, the student (with gradients and Adam's two
-    moments when fully fine-tuned), held-out teacher log-probabilities and one batch's logits about four times over."""
-    student = engine.weights_bytes(student_dir)
-    estimate = {
-        "teacher": engine.weights_bytes(teacher_dir),
-        "student": student * (4 if options.lora_rank == 0 else 1),
-        "working": 4 * vocab * ((options.eval_tokens or 0) + 4 * options.batch_size * options.sequence_length),
-    }
-    estimate["total"] = sum(estimate.values())
-    return estimate
+    with trained_output(model, out, student_dir, "distill_report.json", report, force) as folder:
+        plot_curves(folder / "distill_curve.png", {"distill": report["history"]}, "step", "step",
+                    {"kl": "held-out KL to teacher", "bits_per_byte": "held-out bits per byte"})
 
 
 def _refuse_fragile(student_dir: Path) -> None:
@@ -134,8 +101,9 @@ def train_online(teacher_dir: Path, student_dir: Path, data: Path, heldout: Path
             f"{student_dir} and {teacher_dir} have different tokenizers; online distillation needs one vocabulary: "
             "run `qwenforge distill capture` on the teacher and `distill train --logits`, which maps vocabularies by token string"
         )
+    estimate = engine.memory_estimate(teacher_dir, student_dir, len(tokenizer), options.eval_tokens or 0, options, full_student=options.lora_rank == 0)
     engine.check_fits(
-        online_memory(teacher_dir, student_dir, len(tokenizer), options), options.memory_gb, f"{teacher_dir}: teacher and student together would",
+        estimate, options.memory_gb, f"{teacher_dir}: teacher and student together would",
         f"capture the teacher once with `qwenforge distill capture {teacher_dir} --data TEXT --out STORE` and run `distill train --logits STORE`",
     )
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
@@ -210,11 +178,6 @@ def _fingerprints(trainable: dict, world: int) -> list[float]:
 RESUME_KEYS = ("learning_rate", "batch_size", "divergence", "temperature", "ce_weight", "lora_rank", "heldout_sequences", "seed")
 
 
-def checkpoint_folder(out: Path) -> Path:
-    """Where `distill train` keeps its --resume state: beside OUT, removed once OUT is written."""
-    return Path(out).parent / f".{Path(out).name}.distill-resume"
-
-
 def train_from_store(student_dir: Path, logits: Path, out: Path | None, options: DistillOptions = DistillOptions(), *, resume: bool = False, force: bool = False, console=None) -> dict:
     """Train the student on a captured store; the store's last sequences are the held-out set.
 
@@ -248,7 +211,7 @@ def train_from_store(student_dir: Path, logits: Path, out: Path | None, options:
     student_config = read_config(student_dir)
     if out is not None and Path(out).exists() and not force:
         raise QwenforgeError(f"{out}: already exists; choose another output or pass --force to replace it")
-    checkpoint = checkpoint_folder(out) if out is not None else None
+    checkpoint = engine.progress_folder(out, "distill") if out is not None else None
     if resume and (checkpoint is None or not (checkpoint / "state.json").exists() and not checkpoint.with_name(checkpoint.name + ".old").exists()):
         raise QwenforgeError(f"{checkpoint}: no checkpoint to resume (none was written before the first evaluation); run without --resume")
     if checkpoint is not None and checkpoint.exists() and not resume and not force:

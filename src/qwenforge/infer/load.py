@@ -198,8 +198,8 @@ def resolve_source(model: str, base: str | None = None, revision: str | None = N
     Folders, hub ids and 'embedded' go through the one resolver (`arch.resolve.model_folder`).
     """
     from qwenforge.arch.resolve import model_folder
-    from qwenforge.cache import EMBEDDED, cache_root, embedded_model
-    from qwenforge.checkpoint.gguf_import import embedded_gguf, import_gguf
+    from qwenforge.cache import EMBEDDED, cache_root, embedded_gguf, embedded_model
+    from qwenforge.checkpoint.gguf_import import import_gguf
 
     if model == EMBEDDED:
         return {"folder": embedded_model(), "gguf": embedded_gguf(), "adapter": None}

@@ -1,4 +1,5 @@
-"""The end-of-run picture: SFT loss, DPO reward margin and evaluation scores per topic."""
+"""The end-of-run pictures: SFT loss, DPO reward margin and evaluation scores per topic (`train`),
+and the held-out curves of `heal` and `distill`."""
 
 from __future__ import annotations
 
@@ -43,3 +44,28 @@ def plot_metrics(records: list[dict], path: Path) -> Path:
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return Path(path)
+
+
+def plot_curves(path: Path, curves: dict[str, list[dict]], x: str, xlabel: str, panels: dict[str, str], before: dict | None = None, log: bool = False) -> None:
+    """One panel per held-out figure (history key -> axis label), one line per curve (a heal phase, the
+    distill run) against `x`; `before`, the untrained model's figures, as a dotted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels) + 3, 3.5), squeeze=False)
+    for axis, (key, label) in zip(axes[0], panels.items()):
+        for name, rows in curves.items():
+            axis.plot([row[x] for row in rows], [row[key] for row in rows], marker=".", label=name)
+        if before is not None:
+            axis.axhline(before[key], color="grey", linestyle=":", label="before")
+        if log:
+            axis.set_yscale("log")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(label)
+        if len(curves) > 1 or before is not None:
+            axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

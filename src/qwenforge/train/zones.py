@@ -15,19 +15,8 @@ from dataclasses import dataclass
 
 from qwenforge.arch.spec import ATTENTION_PROJECTIONS, ModelSpec, module_shapes
 from qwenforge.errors import QwenforgeError
-from qwenforge.train.config import LORA_PRESETS, TrainConfig, ZoneConfig
+from qwenforge.train.config import LORA_PRESETS, TrainConfig, ZoneConfig, preset_zones
 
-ZONE_MODULES = {
-    "lexicon": ("q_proj",),
-    "reasoning": ("v_proj", "up_proj", "down_proj"),
-    "voice": ("o_proj", "up_proj", "down_proj"),
-}
-# Known layer counts get their split spelled out; any other count is split by these fractions.
-ZONE_FRACTIONS = {"lexicon": (0.0, 0.25), "reasoning": (0.25, 0.75), "voice": (0.75, 1.0)}
-ZONE_LAYER_TABLE = {
-    80: {"lexicon": (0, 19), "reasoning": (20, 59), "voice": (60, 79)},  # Qwen2.5-72B, Qwen3-72B
-    28: {"lexicon": (0, 6), "reasoning": (7, 20), "voice": (21, 27)},  # Qwen2.5-7B
-}
 ATTENTION = ATTENTION_PROJECTIONS
 
 
@@ -49,17 +38,6 @@ class ZonePlan:
     rows: tuple[LayerAdapters, ...]
     trainable_parameters: int
     total_parameters: int
-
-
-def preset_zones(num_layers: int, preset: str = "conservative") -> tuple[ZoneConfig, ...]:
-    """The lexicon / reasoning / voice zones for a layer count (table for 80 and 28, else fractions)."""
-    extra = LORA_PRESETS[preset]["extra_modules"]
-    zones = []
-    for name, modules in ZONE_MODULES.items():
-        layers = ZONE_LAYER_TABLE.get(num_layers, {}).get(name) or ZONE_FRACTIONS[name]
-        ordered = tuple(m for m in ATTENTION + ("gate_proj", "up_proj", "down_proj") if m in modules or m in extra)
-        zones.append(ZoneConfig(name=name, layers=layers, modules=ordered))
-    return tuple(zones)
 
 
 def limit_to_targets(zones: tuple[ZoneConfig, ...], targets: tuple[str, ...] | None, source: str) -> tuple[ZoneConfig, ...]:

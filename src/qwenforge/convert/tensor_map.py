@@ -1,4 +1,4 @@
-"""The graft plan: every output tensor, where it comes from and what is done to it.
+"""The tensor map of a conversion: every output tensor, where it comes from and what is done to it.
 
 Built from tensor headers and configs only (nothing loaded), printed by `--dry-run`, checked by
 the tests, then executed by `run.py`. Like transformers' modular Qwen3, it states only what
@@ -89,7 +89,7 @@ def donor_layer_map(source_layers: int, donor_layers: int) -> list[int]:
     return [round(index * (donor_layers - 1) / (source_layers - 1)) for index in range(source_layers)]
 
 
-def build_plan(
+def build_tensor_map(
     tensors: dict[str, TensorInfo],
     spec: ModelSpec,
     rows: int,
@@ -142,13 +142,13 @@ def build_plan(
     return {"steps": steps, "dropped": dropped}
 
 
-def format_plan(plan: dict) -> str:
+def format_tensor_map(tensor_map: dict) -> str:
     """One line per output tensor (the `--dry-run` listing)."""
-    width = max((len(step.name) for step in plan["steps"]), default=10)
+    width = max((len(step.name) for step in tensor_map["steps"]), default=10)
     lines = []
-    for step in plan["steps"]:
+    for step in tensor_map["steps"]:
         origin = step.source if step.source and step.source != step.name else ("(source)" if step.source else "(new)")
         lines.append(f"{step.name:<{width}}  {str(list(step.shape)):<14} {NAMES[step.dtype]:<9} {step.op:<15} {origin}  {step.detail}".rstrip())
-    for drop in plan["dropped"]:
+    for drop in tensor_map["dropped"]:
         lines.append(f"{drop['name']:<{width}}  dropped: {drop['reason']}")
     return "\n".join(lines)
