@@ -386,3 +386,23 @@ def test_known_hashes_are_reused_until_the_file_changes(tiny_qwen2, tmp_path, mo
     assert recorded("second") == "0" * 64
     os.utime(weights)  # same bytes, new times: hashed again
     assert recorded("third") == true_digest
+
+
+def test_subword_pieces_spell_the_new_tokens_bytes(tiny_other_vocab, qwen25_tokenizer_dir):
+    """Between byte-level vocabularies a new token's pieces are the source's split of the bytes it stands for:
+    `Ġraise` is b" raise", not the two bytes of the character Ġ followed by `raise` (how the text encoder
+    read the vocabulary string). Every piece sequence spells its token exactly, and no piece is a
+    fragment of Ġ's own UTF-8 encoding."""
+    from qwenforge.convert import vocab
+
+    source, target = vocab.load_tokenizer(tiny_other_vocab), vocab.load_tokenizer(qwen25_tokenizer_dir)
+    assert source.byte_level and target.byte_level
+    vocab_map = vocab.align(source, target, len(source), 151_936)
+    tokens = [vocab_map.new_tokens[t] for t in vocab_map.new if vocab_map.new_tokens[t]]
+    pieces = vocab.subword_pieces(source, tokens, target)
+    spaced = 0
+    for token, ids in zip(tokens, pieces):
+        assert ids, token
+        assert b"".join(vocab.token_bytes(source, source.by_id[i]) for i in ids) == vocab.token_bytes(target, token), token
+        spaced += token.startswith("Ġ")
+    assert spaced > 50_000 and vocab.token_bytes(target, "Ġraise") == b" raise" and vocab.token_bytes(target, "<|im_start|>") == b"<|im_start|>"

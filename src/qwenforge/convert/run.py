@@ -287,7 +287,7 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
         )
         pieces = None
         if vocab_map.new and (new_token_init == "subword" or any(np.isnan(rows).any() for rows in projected.values())):
-            pieces = vocab.subword_pieces(source_tok, [vocab_map.new_tokens[t] for t in vocab_map.new])
+            pieces = vocab.subword_pieces(source_tok, [vocab_map.new_tokens[t] for t in vocab_map.new], target_tok)
 
         spans = hasattr(reader, "span")  # a pickle source has no byte spans to copy
 

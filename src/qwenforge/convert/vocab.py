@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ class Tokenizer:
     special: dict[str, bool]  # added token string -> declared special
     declared: dict[str, str]  # role (eos_token, pad_token, ...) -> token string
     chat_template: str | None
+    byte_level: bool = False  # GPT-2 style byte-level BPE: token strings spell bytes (Ġ is a space byte)
 
     def __len__(self) -> int:
         return max(self.vocab.values()) + 1
@@ -92,7 +93,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
         template = (folder / "chat_template.jinja").read_text()
     if isinstance(template, list):  # named templates: check them all
         template = "\n".join(item.get("template", "") for item in template)
-    return Tokenizer(folder, vocab, special, declared, template)
+    return Tokenizer(folder, vocab, special, declared, template, "ByteLevel" in json.dumps(data.get("decoder")))
 
 
 def template_tokens(template: str | None) -> list[str]:
@@ -226,12 +227,47 @@ def apply_projection(mapping: np.ndarray, donor_rows: np.ndarray) -> np.ndarray:
     return (design @ mapping).astype(np.float32)
 
 
-def subword_pieces(source: Tokenizer, tokens: list[str | None]) -> list[list[int]]:
-    """Each token's pieces (ids) under the source tokenizer; computed once per conversion."""
+@cache
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+def token_bytes(tokenizer: Tokenizer, token: str) -> bytes:
+    """The bytes a token stands for: byte-level strings decoded (`Ġthe` is b" the", a lone `À` the byte 0xC0),
+    SentencePiece's `▁` a space and `<0xNN>` its byte; added tokens are their literal text."""
+    if tokenizer.byte_level and token not in tokenizer.special:
+        decode = {c: b for b, c in byte_level_alphabet().items()}
+        if all(c in decode for c in token):
+            return bytes(decode[c] for c in token)
+    if match := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token):
+        return bytes([int(match.group(1), 16)])
+    return token.replace("\u2581", " ").encode("utf-8")
+
+
+def subword_pieces(source: Tokenizer, tokens: list[str | None], target: Tokenizer | None = None) -> list[list[int]]:
+    """Each target token's pieces (source ids): the source's own split of the bytes the token stands for,
+    computed once per conversion. Between byte-level vocabularies the source's BPE runs on the bytes
+    directly, so a token that is part of a character (a lone UTF-8 byte) still gets its byte's row;
+    otherwise the source tokenizer encodes the token's text."""
     from tokenizers import Tokenizer as FastTokenizer
 
     fast = FastTokenizer.from_file(str(source.folder / "tokenizer.json"))
-    return [fast.encode(token, add_special_tokens=False).ids if token else [] for token in tokens]
+    target = target or source
+    alphabet = byte_level_alphabet()
+    pieces = []
+    for token in tokens:
+        if not token:
+            pieces.append([])
+            continue
+        data = token_bytes(target, token)
+        if source.byte_level:
+            pieces.append([piece.id for piece in fast.model.tokenize("".join(alphabet[b] for b in data))])
+        else:
+            pieces.append(fast.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False).ids)
+    return pieces
 
 
 def subword_rows(matrix: np.ndarray, dtype: str, pieces: list[list[int]]) -> np.ndarray:
