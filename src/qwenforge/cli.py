@@ -309,7 +309,7 @@ def heal(
     text: Optional[Path] = typer.Option(None, "--text", help="Healing text (.txt); default: the packaged calibration text."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Evaluation text, different from --text; default: the packaged held-out text."),
     steps: int = typer.Option(300, "--steps", help="Steps per phase (layerwise, global)."),
-    train: str = typer.Option("norms+qk-lora", "--train", help="What is trained: norms, norms+qk-lora (merged back) or attention."),
+    train: str = typer.Option("norms+qk-lora", "--train", help="What is trained: norms, norms+qk-lora (merged back), attention, or vocabulary (embedding and head rows, after --tokenizer)."),
     method: Optional[str] = typer.Option(
         None, "--method", help="anchor (default where q/k biases were kept: closed form, weights in range), anchor+global, global, layerwise, layerwise+global (default otherwise; global with --teacher-logits), or linearize (exact in float32/bfloat16 only; fragile in float16, GGUF and training)."
     ),
