@@ -143,7 +143,7 @@ def convert(
     tokenizer: Optional[Path] = typer.Option(None, help="Target tokenizer folder (default: the donor's, else the source's own)."),
     keep_bias: bool = typer.Option(True, "--keep-bias/--drop-bias", help="Keep q/k/v biases exactly (attention_bias=True, zero o_proj bias; the default) or drop them (the model card's choice; Qwen2.5's large biases then break the model)."),
     qk_norm: Optional[str] = typer.Option(None, help="donor | calibrated | ones (default: donor with --donor, else calibrated)."),
-    new_token_init: Optional[str] = typer.Option(None, help="donor-projected | subword | mean | zero (default: donor-projected with --donor, else subword)."),
+    new_token_init: Optional[str] = typer.Option(None, help="donor-projected | subword-calibrated | subword | mean | zero (default: donor-projected with --donor, else subword-calibrated: subword rows plus a head offset fitted on the calibration text)."),
     calibration_text: Optional[Path] = typer.Option(None, help="Text for q/k-norm calibration (default: qwenforge's calibration.txt)."),
     fidelity_text: Optional[Path] = typer.Option(None, help="Text for the fidelity measurement (default: qwenforge's heldout.txt)."),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard, as in transformers (e.g. 5GB, 500MB)."),

@@ -74,7 +74,7 @@ def check_options(spec: ModelSpec, donor: ModelSpec | None, qk_norm: str, new_to
     if qk_norm == "donor" and donor is None:
         raise QwenforgeError("--qk-norm donor needs --donor DONOR; without one use calibrated or ones")
     if new_token_init == "donor-projected" and donor is None:
-        raise QwenforgeError("--new-token-init donor-projected needs --donor DONOR; choose subword, mean or zero")
+        raise QwenforgeError("--new-token-init donor-projected needs --donor DONOR; choose subword-calibrated, subword, mean or zero")
     if spec.use_sliding_window:
         warnings.append(
             {"code": "sliding-window-on", "message": f"source uses a sliding window of {spec.sliding_window} from layer {spec.max_window_layers}; kept as is"}
