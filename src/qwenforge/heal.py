@@ -81,7 +81,7 @@ class HealOptions(engine.LoopOptions):
             parse_formats(self.formats)
 
 
-LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 1e-3}
+LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 1e-4}
 
 
 def default_method(converted: Path, from_store: bool) -> str:
