@@ -386,3 +386,57 @@ def test_known_hashes_are_reused_until_the_file_changes(tiny_qwen2, tmp_path, mo
     assert recorded("second") == "0" * 64
     os.utime(weights)  # same bytes, new times: hashed again
     assert recorded("third") == true_digest
+
+
+def test_subword_pieces_spell_the_new_tokens_bytes(tiny_other_vocab, qwen25_tokenizer_dir):
+    """Between byte-level vocabularies a new token's pieces are the source's split of the bytes it stands for:
+    `Ġraise` is b" raise", not the two bytes of the character Ġ followed by `raise` (how the text encoder
+    read the vocabulary string). Every piece sequence spells its token exactly, and no piece is a
+    fragment of Ġ's own UTF-8 encoding."""
+    from qwenforge.convert import vocab
+
+    source, target = vocab.load_tokenizer(tiny_other_vocab), vocab.load_tokenizer(qwen25_tokenizer_dir)
+    assert source.byte_level and target.byte_level
+    vocab_map = vocab.align(source, target, len(source), 151_936)
+    tokens = [vocab_map.new_tokens[t] for t in vocab_map.new if vocab_map.new_tokens[t]]
+    pieces = vocab.subword_pieces(source, tokens, target)
+    spaced = 0
+    for token, ids in zip(tokens, pieces):
+        assert ids, token
+        assert b"".join(vocab.token_bytes(source, source.by_id[i]) for i in ids) == vocab.token_bytes(target, token), token
+        spaced += token.startswith("Ġ")
+    assert spaced > 50_000 and vocab.token_bytes(target, "Ġraise") == b" raise" and vocab.token_bytes(target, "<|im_start|>") == b"<|im_start|>"
+
+
+def test_new_token_offset_gives_new_tokens_their_share():
+    """The fitted offset moves the new tokens' share of probability at the calibration hidden states to the
+    target rate, along a direction the hidden states hold nearly constant."""
+    import numpy as np
+
+    from qwenforge.convert import vocab
+
+    rng = np.random.default_rng(0)
+    hidden = np.concatenate([rng.normal(size=(300, 15)), np.full((300, 1), 4.0)], axis=1).astype(np.float32)
+    shared, new = rng.normal(size=(200, 16)).astype(np.float32), rng.normal(size=(2000, 16)).astype(np.float32)
+    fit = vocab.new_token_offset(hidden, shared, new, new_rate=0.1)
+    assert fit["new_share_before"] > 0.8 and fit["offset"] < 0 and fit["direction_spread"] < 1e-3
+    logits = hidden @ np.concatenate([shared, new + fit["offset"] * fit["direction"]]).T
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    assert abs(probabilities[:, 200:].sum(1).mean() - 0.1) < 1e-3
+
+
+def test_default_transplant_is_subword_with_a_calibrated_head_offset(tmp_path, tiny_other_vocab, qwen25_tokenizer_dir):
+    """Without a donor the new tokens get subword rows, and the head's new rows one fitted shift (recorded)."""
+    plain, calibrated = tmp_path / "subword", tmp_path / "calibrated"
+    convert(tiny_other_vocab, plain, tokenizer=qwen25_tokenizer_dir, qk_norm="ones", new_token_init="subword", measure=False, accept_lossy=True)
+    result = convert(tiny_other_vocab, calibrated, tokenizer=qwen25_tokenizer_dir, qk_norm="ones", measure=False, accept_lossy=True)
+    record = result["metadata"]
+    assert record["options"]["new_token_init"] == "subword-calibrated" and record["new_token_offset"]["offset"] < 0
+    a, b = load_all(plain), load_all(calibrated)
+    head = "lm_head.weight" if "lm_head.weight" in a else "model.embed_tokens.weight"
+    shared = [i for i in range(QWEN25_TOKENS) if torch.equal(a[head][i], b[head][i])]
+    assert 100 < len(shared) < 2000  # the tokens both vocabularies hold keep their rows
+    shift = (b[head] - a[head]).float()[:QWEN25_TOKENS]
+    moved = shift[shift.abs().amax(1) > 0]  # new tokens: one and the same shift (up to the stored dtype's rounding)
+    assert len(moved) > 100_000 and torch.allclose(moved, moved.median(0).values.expand_as(moved), atol=1e-2 * float(moved.abs().max()))

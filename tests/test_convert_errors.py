@@ -317,3 +317,10 @@ def test_heal_with_a_tokenizer_that_numbers_tokens_otherwise(tmp_path, tiny_qwen
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "heal_report.json").read_text())
     assert report["after"]["top1_agreement"] == 1.0 and report["after"]["kl"] < 1e-4 < report["before"]["kl"]
+
+
+def test_donor_of_another_family_gives_rows_when_its_qk_norm_is_not_taken(tmp_path, tiny_qwen2, tiny_llama):
+    """With --qk-norm ones/calibrated the donor only gives its tokenizer and the rows new tokens are projected
+    from: a Qwen2/Llama donor (e.g. Qwen2.5 itself, for a transplant to the Qwen2.5 vocabulary) is accepted."""
+    result = convert(tiny_llama, tmp_path / "out", donor=tiny_qwen2, qk_norm="ones", measure=False, accept_lossy=True)
+    assert result["metadata"]["options"]["new_token_init"] == "donor-projected"

@@ -143,7 +143,7 @@ def convert(
     tokenizer: Optional[Path] = typer.Option(None, help="Target tokenizer folder (default: the donor's, else the source's own)."),
     keep_bias: bool = typer.Option(True, "--keep-bias/--drop-bias", help="Keep q/k/v biases exactly (attention_bias=True, zero o_proj bias; the default) or drop them (the model card's choice; Qwen2.5's large biases then break the model)."),
     qk_norm: Optional[str] = typer.Option(None, help="donor | calibrated | ones (default: donor with --donor, else calibrated)."),
-    new_token_init: Optional[str] = typer.Option(None, help="donor-projected | subword | mean | zero (default: donor-projected with --donor, else subword)."),
+    new_token_init: Optional[str] = typer.Option(None, help="donor-projected | subword-calibrated | subword | mean | zero (default: donor-projected with --donor, else subword-calibrated: subword rows plus a head offset fitted on the calibration text)."),
     calibration_text: Optional[Path] = typer.Option(None, help="Text for q/k-norm calibration (default: qwenforge's calibration.txt)."),
     fidelity_text: Optional[Path] = typer.Option(None, help="Text for the fidelity measurement (default: qwenforge's heldout.txt)."),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard, as in transformers (e.g. 5GB, 500MB)."),
@@ -309,7 +309,7 @@ def heal(
     text: Optional[Path] = typer.Option(None, "--text", help="Healing text (.txt); default: the packaged calibration text."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Evaluation text, different from --text; default: the packaged held-out text."),
     steps: int = typer.Option(300, "--steps", help="Steps per phase (layerwise, global)."),
-    train: str = typer.Option("norms+qk-lora", "--train", help="What is trained: norms, norms+qk-lora (merged back) or attention."),
+    train: str = typer.Option("norms+qk-lora", "--train", help="What is trained: norms, norms+qk-lora (merged back), attention, or vocabulary (embedding and head rows, after --tokenizer)."),
     method: Optional[str] = typer.Option(
         None, "--method", help="anchor (default where q/k biases were kept: closed form, weights in range), anchor+global, global, layerwise, layerwise+global (default otherwise; global with --teacher-logits), or linearize (exact in float32/bfloat16 only; fragile in float16, GGUF and training)."
     ),

@@ -17,7 +17,8 @@ Qwen3 model the student. Methods:
   and GGUF block scales and break under fine-tuning; train, distill and float16 inference refuse
   such a checkpoint (convert/qk_norm.py: fragile_qk_reason).
 Only what the conversion changed is trained (`--train norms`: q_norm/k_norm; `norms+qk-lora`:
-plus low-rank q/k updates merged back; `attention`: every attention weight). Held-out KL picks
+plus low-rank q/k updates merged back; `attention`: every attention weight; `vocabulary`: the
+embedding and head rows, after a transplant to another tokenizer (benchmarks/vocab_transplant.py)). Held-out KL picks
 the best checkpoint; the output is a plain Qwen3 checkpoint plus heal_report.json and a plot.
 A teacher that does not fit beside the student is refused with the way out: capture its top-k once
 (`qwenforge distill capture`) and heal from that store (`--teacher-logits`, weights never loaded).
@@ -43,7 +44,7 @@ from qwenforge.fidelity import byte_counts, shared_ids, token_sequences
 from qwenforge.files import default_text, read_text
 from qwenforge.train.plot import plot_curves
 
-TRAIN_CHOICES = ("norms", "norms+qk-lora", "attention")
+TRAIN_CHOICES = ("norms", "norms+qk-lora", "attention", "vocabulary")
 METHODS = ("anchor", "anchor+global", "global", "layerwise", "layerwise+global", "linearize")
 CLOSED_FORM = ("anchor", "linearize")  # one transformation of the weights, no training
 # Files of the converted folder that are the model itself (rewritten) rather than its provenance.
@@ -81,7 +82,7 @@ class HealOptions(engine.LoopOptions):
             parse_formats(self.formats)
 
 
-LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4}
+LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 1e-4}
 
 
 def default_method(converted: Path, from_store: bool) -> str:
@@ -115,6 +116,10 @@ def trainable_parameters(student, train: str, lora_rank: int = 16, seed: int = 0
         raise QwenforgeError(f"--train {train}: choose one of {', '.join(TRAIN_CHOICES)}")
     for parameter in student.parameters():
         parameter.requires_grad_(False)
+    if train == "vocabulary":  # any architecture: the rows a vocabulary transplant wrote (a tied head is the same matrix)
+        for module in (student.get_input_embeddings(), student.get_output_embeddings()):
+            module.weight.requires_grad_(True)
+        return {name: p for name, p in student.named_parameters() if p.requires_grad}
     for index, layer in enumerate(student.model.layers):
         attention = layer.self_attn
         if not hasattr(attention, "q_norm"):

@@ -27,10 +27,13 @@ def check_source(spec: ModelSpec, folder: Path) -> None:
 
 
 def check_donor(source: ModelSpec, donor: ModelSpec, folder: Path, qk_norm: str) -> list[dict]:
-    """Donor facts: a Qwen3 model; donor q/k-norm needs equal head_dim (another depth maps by relative depth)."""
-    if donor.family != "qwen3":
+    """Donor facts: a Qwen3 model when its q/k-norm is taken (--qk-norm donor, the default with a donor; equal
+    head_dim, another depth maps by relative depth); with --qk-norm calibrated or ones the donor gives only its
+    tokenizer and the rows new tokens are projected from, so any family the converter reads will do."""
+    if donor.family != "qwen3" and (qk_norm == "donor" or donor.family not in SOURCE_FAMILIES):
         raise QwenforgeError(
-            f"{folder}: donor is a {donor.family} model; a donor must be a Qwen3 checkpoint (its q/k-norm and tokenizer are used)"
+            f"{folder}: donor is a {donor.family} model; a donor must be a Qwen3 checkpoint (its q/k-norm and tokenizer are used), "
+            "or, with --qk-norm calibrated, a model whose tokenizer and rows are wanted"
         )
     if qk_norm == "donor":
         if donor.head_dim != source.head_dim:
@@ -74,7 +77,7 @@ def check_options(spec: ModelSpec, donor: ModelSpec | None, qk_norm: str, new_to
     if qk_norm == "donor" and donor is None:
         raise QwenforgeError("--qk-norm donor needs --donor DONOR; without one use calibrated or ones")
     if new_token_init == "donor-projected" and donor is None:
-        raise QwenforgeError("--new-token-init donor-projected needs --donor DONOR; choose subword, mean or zero")
+        raise QwenforgeError("--new-token-init donor-projected needs --donor DONOR; choose subword-calibrated, subword, mean or zero")
     if spec.use_sliding_window:
         warnings.append(
             {"code": "sliding-window-on", "message": f"source uses a sliding window of {spec.sliding_window} from layer {spec.max_window_layers}; kept as is"}

@@ -101,6 +101,21 @@ def _new_rows(method: str, matrix: np.ndarray, dtype: str, source_tok, vocab_map
     return rows
 
 
+def _new_token_offset(source, reader, head_name: str, source_tok, target_tok, vocab_map, pieces, text: str, max_tokens: int) -> dict:
+    """vocab.new_token_offset for the subword head rows, fitted on the calibration text (source hidden states;
+    the share of new tokens in the target tokenizer's split of the same text)."""
+    from tokenizers import Tokenizer as FastTokenizer
+
+    matrix, dtype = reader.array(head_name), reader.tensors[head_name].dtype
+    hidden = vocab.source_hidden_states(source, text, max_tokens)
+    shared = vocab.read_rows(reader, head_name, sorted(set(vocab_map.shared.values())))
+    new = vocab.subword_rows(matrix, dtype, pieces)
+    ids = FastTokenizer.from_file(str(target_tok.folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids[:max_tokens]
+    new_ids = set(vocab_map.new)
+    rate = sum(i in new_ids for i in ids) / max(len(ids), 1)
+    return vocab.new_token_offset(hidden, shared, new, rate)
+
+
 def smoke_test(model, tokenizer) -> dict:
     """Greedy reply to a chat prompt with stock transformers."""
     import torch
@@ -160,7 +175,7 @@ class ConvertOptions:
     tokenizer: Path | None = None
     keep_bias: bool = True
     qk_norm: str | None = None  # default: donor with a donor, else calibrated
-    new_token_init: str | None = None  # default: donor-projected with a donor, else subword
+    new_token_init: str | None = None  # default: donor-projected with a donor, else subword-calibrated
     calibration_text: Path | None = None
     fidelity_text: Path | None = None
     fidelity_tokens: int = 1024
@@ -223,7 +238,7 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
         donor = Path(donor)
         donor_spec = spec_from_config(read_config(donor), str(donor / "config.json"))
     qk_norm = qk_norm or ("donor" if donor is not None else "calibrated")
-    new_token_init = new_token_init or ("donor-projected" if donor is not None else "subword")
+    new_token_init = new_token_init or ("donor-projected" if donor is not None else "subword-calibrated")
     warnings = preflight.check_options(spec, donor_spec, qk_norm, new_token_init, keep_bias)
     if donor_spec is not None:
         warnings += preflight.check_donor(spec, donor_spec, donor, qk_norm)
@@ -286,8 +301,12 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
             new_token_init, reader, donor_reader, source_tok, donor_tok, target_tok, vocab_map, matrices, bool(donor_spec and donor_spec.tied_embeddings)
         )
         pieces = None
-        if vocab_map.new and (new_token_init == "subword" or any(np.isnan(rows).any() for rows in projected.values())):
-            pieces = vocab.subword_pieces(source_tok, [vocab_map.new_tokens[t] for t in vocab_map.new])
+        if vocab_map.new and (new_token_init in ("subword", "subword-calibrated") or any(np.isnan(rows).any() for rows in projected.values())):
+            pieces = vocab.subword_pieces(source_tok, [vocab_map.new_tokens[t] for t in vocab_map.new], target_tok)
+        head_name = "lm_head.weight" if "lm_head.weight" in matrices else "model.embed_tokens.weight"
+        offset = None
+        if vocab_map.new and new_token_init == "subword-calibrated" and head_name in matrices:  # loads the source model (torch)
+            offset = _new_token_offset(source_model or source, reader, head_name, source_tok, target_tok, vocab_map, pieces, texts["calibration"], calibration_tokens)
 
         spans = hasattr(reader, "span")  # a pickle source has no byte spans to copy
 
@@ -300,6 +319,8 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
             if step.op == "transplant-rows":
                 matrix, dtype = reader.array(step.source), reader.tensors[step.source].dtype
                 new = _new_rows(new_token_init, matrix, dtype, source_tok, vocab_map, projected.get(step.name), pieces)
+                if offset is not None and step.name == head_name:
+                    new = new + offset["offset"] * offset["direction"]
                 return vocab.transplant_parts(reader, step.source, vocab_map, new)
             if step.op == "donor":
                 donor_name = step.source.removeprefix("donor:")
@@ -329,6 +350,8 @@ def convert(source: Path, out: Path, options: ConvertOptions | None = None, *, d
                 generation.pop("transformers_version", None)
                 write_json(temp / "generation_config.json", generation)
                 extra = {"vocabulary": vocabulary, "bias_dropped": bias_dropped, "projection": projection_fits, "calibration_text": str(calibration_file)}
+                if offset is not None:
+                    extra["new_token_offset"] = {key: value for key, value in offset.items() if key != "direction"}
                 if donor_layers is not None:
                     extra["donor_layer_map"] = donor_layer_map(spec.layers, donor_layers)
                 measure_failure = None

@@ -1,13 +1,15 @@
 """Vocabulary transplant: embedding and head rows re-indexed to a target tokenizer by token string.
 
 Tokens are matched by their string, never by id. Shared tokens keep the source's vectors; new
-tokens get vectors from a chosen method; padding rows (beyond the tokenizer) get the mean of an
-evenly spaced sample of the real rows (`padding_sample`), so a padding id's logit is the mean
+tokens get vectors from a chosen method (subword: the mean of the source rows of the token's pieces,
+the pieces being the source's own split of the bytes the token stands for; subword-calibrated: the
+same plus one fitted shift of the new tokens' head logits, `new_token_offset`); padding rows
+(beyond the tokenizer) get the mean of an evenly spaced sample of the real rows (`padding_sample`), so a padding id's logit is the mean
 logit of those tokens: strictly below the maximum and, on real text, far below any top-k (a zero
 row would score 0, which can beat every real token). A sample, not every row: reading the whole
 embedding matrix a second time only to average it cost more than copying it.
 The row arithmetic is numpy on the stored values (checkpoint/dtypes.py), so a transplant needs
-no torch. Memory: new rows and samples of rows; shared rows are copied by the kernel.
+no torch (subword-calibrated runs the source once on the calibration text). Memory: new rows and samples of rows; shared rows are copied by the kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ import numpy as np
 from qwenforge.checkpoint.dtypes import from_float32, to_float32
 from qwenforge.errors import QwenforgeError
 
-NEW_TOKEN_METHODS = ("donor-projected", "subword", "mean", "zero")
+NEW_TOKEN_METHODS = ("donor-projected", "subword-calibrated", "subword", "mean", "zero")
 PROJECTION_SAMPLE_ROWS = 4096  # plus twice the widest matrix: enough rows for a well-posed least squares
 PADDING_SAMPLE_ROWS = 4096
 
@@ -37,6 +39,7 @@ class Tokenizer:
     special: dict[str, bool]  # added token string -> declared special
     declared: dict[str, str]  # role (eos_token, pad_token, ...) -> token string
     chat_template: str | None
+    byte_level: bool = False  # GPT-2 style byte-level BPE: token strings spell bytes (Ġ is a space byte)
 
     def __len__(self) -> int:
         return max(self.vocab.values()) + 1
@@ -92,7 +95,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
         template = (folder / "chat_template.jinja").read_text()
     if isinstance(template, list):  # named templates: check them all
         template = "\n".join(item.get("template", "") for item in template)
-    return Tokenizer(folder, vocab, special, declared, template)
+    return Tokenizer(folder, vocab, special, declared, template, "ByteLevel" in json.dumps(data.get("decoder")))
 
 
 def template_tokens(template: str | None) -> list[str]:
@@ -226,12 +229,47 @@ def apply_projection(mapping: np.ndarray, donor_rows: np.ndarray) -> np.ndarray:
     return (design @ mapping).astype(np.float32)
 
 
-def subword_pieces(source: Tokenizer, tokens: list[str | None]) -> list[list[int]]:
-    """Each token's pieces (ids) under the source tokenizer; computed once per conversion."""
+@cache
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+def token_bytes(tokenizer: Tokenizer, token: str) -> bytes:
+    """The bytes a token stands for: byte-level strings decoded (`Ġthe` is b" the", a lone `À` the byte 0xC0),
+    SentencePiece's `▁` a space and `<0xNN>` its byte; added tokens are their literal text."""
+    if tokenizer.byte_level and token not in tokenizer.special:
+        decode = {c: b for b, c in byte_level_alphabet().items()}
+        if all(c in decode for c in token):
+            return bytes(decode[c] for c in token)
+    if match := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token):
+        return bytes([int(match.group(1), 16)])
+    return token.replace("\u2581", " ").encode("utf-8")
+
+
+def subword_pieces(source: Tokenizer, tokens: list[str | None], target: Tokenizer | None = None) -> list[list[int]]:
+    """Each target token's pieces (source ids): the source's own split of the bytes the token stands for,
+    computed once per conversion. Between byte-level vocabularies the source's BPE runs on the bytes
+    directly, so a token that is part of a character (a lone UTF-8 byte) still gets its byte's row;
+    otherwise the source tokenizer encodes the token's text."""
     from tokenizers import Tokenizer as FastTokenizer
 
     fast = FastTokenizer.from_file(str(source.folder / "tokenizer.json"))
-    return [fast.encode(token, add_special_tokens=False).ids if token else [] for token in tokens]
+    target = target or source
+    alphabet = byte_level_alphabet()
+    pieces = []
+    for token in tokens:
+        if not token:
+            pieces.append([])
+            continue
+        data = token_bytes(target, token)
+        if source.byte_level:
+            pieces.append([piece.id for piece in fast.model.tokenize("".join(alphabet[b] for b in data))])
+        else:
+            pieces.append(fast.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False).ids)
+    return pieces
 
 
 def subword_rows(matrix: np.ndarray, dtype: str, pieces: list[list[int]]) -> np.ndarray:
@@ -317,12 +355,64 @@ def new_token_rows(
         return np.zeros((count, width), dtype=np.float32)
     if method == "mean":
         return np.tile(mean_row(matrix, dtype, len(source)), (count, 1))
-    if method == "subword":
+    if method in ("subword", "subword-calibrated"):  # calibrated: plus a head offset, added by the caller (new_token_offset)
         if pieces is None:
             pieces = subword_pieces(source, [vocab_map.new_tokens[i] for i in vocab_map.new])
         return subword_rows(matrix, dtype, pieces)
     if method == "donor-projected":
         if donor_projected is None:
-            raise QwenforgeError("--new-token-init donor-projected needs --donor; choose subword, mean or zero")
+            raise QwenforgeError("--new-token-init donor-projected needs --donor; choose subword-calibrated, subword, mean or zero")
         return donor_projected
     raise QwenforgeError(f"--new-token-init {method}: choose one of {', '.join(NEW_TOKEN_METHODS)}")
+
+
+def source_hidden_states(source, text: str, max_tokens: int = 1024):
+    """float32 [T, hidden] final hidden states (after the last norm: what the head reads) of the source
+    on `text` in its own tokenization; `source` is a folder or a loaded (model, tokenizer) pair."""
+    import torch
+
+    from qwenforge.compare import load
+
+    model, tokenizer = load(source)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :max_tokens]
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state[0]
+    return hidden.float().numpy()
+
+
+def new_token_offset(hidden: np.ndarray, shared_head: np.ndarray, new_head: np.ndarray, new_rate: float) -> dict:
+    """A shift of every new token's head logit, as a row change `offset * direction`, so that on the
+    calibration text the transplanted head gives the new tokens the share of probability they have
+    in the target's tokenization of that text (`new_rate`).
+
+    Subword rows score a new token with the mean of its pieces' logits: tens of thousands of such
+    guesses together take far more probability than the new tokens have (SmolLM2 -> Qwen2.5: 19% of
+    the mass on calibration text against 7.8% of the tokens), so every real token is underpredicted.
+    `direction` is the least-squares u with hidden @ u = 1 (final hidden states keep a near-constant
+    component, so it acts as a bias the head has no slot for); the offset is found by bisection (the
+    new tokens' share grows with it). Returns {"offset", "direction", "direction_spread", ...}.
+    """
+    hidden = hidden.astype(np.float64)
+    direction = np.linalg.lstsq(hidden, np.ones(len(hidden)), rcond=None)[0]
+    along = hidden @ direction
+
+    def logsumexp(rows: np.ndarray) -> np.ndarray:
+        total = np.full(len(hidden), -np.inf)
+        for start in range(0, len(rows), 8192):
+            logits = hidden @ rows[start : start + 8192].astype(np.float64).T
+            total = np.logaddexp(total, np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1))
+        return total
+
+    shared, new = logsumexp(shared_head), logsumexp(new_head)
+
+    def share(offset: float) -> float:
+        shifted = new + offset * along
+        return float(np.mean(np.exp(shifted - np.logaddexp(shared, shifted))))
+
+    low, high = -20.0, 20.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (low, middle) if share(middle) > new_rate else (middle, high)
+    offset = (low + high) / 2
+    return {"offset": offset, "direction": direction.astype(np.float32), "direction_spread": float(along.std()),
+            "new_rate": new_rate, "new_share_before": share(0.0), "calibration_tokens": len(hidden)}
