@@ -45,7 +45,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console()
     teacher = embedded_model()
-    work = Path(tempfile.mkdtemp(prefix="distill-vs-ce-"))
+    scratch = tempfile.TemporaryDirectory(prefix="distill-vs-ce-")  # every model folder of the run (15 GB for heal_curve), removed at exit
+    work = Path(scratch.name)
     init_student(teacher, work / "student", "half")
     results = {"teacher": str(teacher), "student_layers": "half", "data": args.data, "heldout": args.heldout, "threads": args.threads, "arms": {}}
     base = dict(steps=args.steps, eval_every=args.eval_every, patience=10_000, batch_size=args.batch_size, sequence_length=args.sequence_length, learning_rate=5e-5, threads=args.threads)

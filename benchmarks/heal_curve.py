@@ -58,7 +58,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console()
     source = embedded_model()
-    work = Path(tempfile.mkdtemp(prefix="heal-curve-"))
+    scratch = tempfile.TemporaryDirectory(prefix="heal-curve-")  # every model folder of the run (15 GB for heal_curve), removed at exit
+    work = Path(scratch.name)
     started = time.perf_counter()
     convert(source, work / "converted", measure=False)
     results = {"source": str(source), "threads": args.threads, "minutes_per_arm": args.minutes, "conversion_seconds": time.perf_counter() - started, "arms": {}}

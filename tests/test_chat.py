@@ -96,7 +96,7 @@ def test_ctrl_c_stops_the_answer_not_the_session(tiny_qwen3):
             if child.expect_exact(["[stopped]", pexpect.TIMEOUT], timeout=2) == 0:
                 break
         else:
-            pytest.fail("Ctrl-C did not stop the answer")
+            pytest.fail(f"Ctrl-C did not stop the answer; the terminal's last output: {child.before[-1500:]!r}")
         child.expect_exact(PROMPT)
         assert time.time() - started < 20
         assert child.isalive()
