@@ -20,14 +20,6 @@ import pytest  # noqa: E402
 from qwenforge.fixtures.tiny import build_tiny_checkpoint  # noqa: E402
 from qwenforge.fixtures.tokenizers import tokenizer_folder  # noqa: E402
 
-# the files that take minutes, longest first: pytest-xdist hands out files in collection order, so the
-# two workers start on these and share the short files at the end, instead of one waiting out the demo alone
-LONGEST_FIRST = ("test_demo.py", "test_heal.py", "test_convert_real.py", "test_export_real.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST))
-
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
