@@ -11,6 +11,7 @@ message is Qwen3's own soft switch for that turn, passed to the model. Sampling 
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,6 +259,11 @@ def command(console: Console, loaded, conversation: Conversation, line: str) -> 
 def run_chat(console: Console, loaded, conversation: Conversation | None = None, read=input) -> Conversation:
     """The REPL: read a turn or a /command, answer, repeat until /exit or end of input."""
     conversation = conversation or Conversation()
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C must reach the REPL even when the parent process ignored or blocked SIGINT (both are inherited
+        # across exec: a pytest-xdist worker started this way let answers run on through five ^C)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     console.print(f"[dim]{loaded.describe()}[/dim]", highlight=False)
     console.print("[dim]/help for commands, /exit to leave; Ctrl-C stops an answer[/dim]", highlight=False)
     while True:
