@@ -135,6 +135,8 @@ def formatted(model, name: str):
     """
     if name not in FORMATS:
         raise QwenforgeError(f"format {name}: choose one of {', '.join(FORMATS)}")
+    if name not in FORMATS:  # a misspelt name would otherwise measure float32 under another label
+        raise QwenforgeError(f"format {name}: choose one of {', '.join(FORMATS)}")
     handles, maps = [], []
     qtypes = gguf_types(model, name) if name in GGUF_FORMATS else {}
     try:
