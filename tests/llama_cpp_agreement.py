@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,15 @@ def llama_cpp_agreement(folder: Path, reference, gguf: Path, export_type: str, a
     agreement = sum(a == b for a, b in zip(chosen, predicted)) / len(predicted)
     print(f"{Path(folder).name} {export_type}: llama.cpp top-1 agreement with the HF checkpoint over {len(predicted)} tokens: {agreement:.1%}")
     return agreement
+
+
+def source_agreement(source: Path, export_type: str, run_dir: Path) -> float:
+    """The source's llama.cpp agreement in `export_type`, measured once per test run: test_export_real
+    asserts it, test_convert_real holds the conversion to it (whichever runs first measures, under a lock)."""
+    from qwenforge.cache import building
+
+    record = run_dir / f"source-llama-cpp-{export_type}.json"
+    with building(run_dir, record.name):
+        if not record.exists():
+            record.write_text(json.dumps(llama_cpp_agreement(source, hf_argmax(source), run_dir / f"source-{export_type}.gguf", export_type)))
+    return json.loads(record.read_text())

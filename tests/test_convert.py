@@ -232,10 +232,10 @@ def test_a_broken_conversion_stops_and_keeps_the_folder(tmp_path, tiny_qwen2, mo
     monkeypatch.setattr(run, "BROKEN_TOP1", 1.01)
     out = tmp_path / "out"
     with pytest.raises(QwenforgeError, match="converted but broken: held-out top-1 agreement .* --accept-lossy"):
-        convert(tiny_qwen2, out, qk_norm="ones", fidelity_tokens=64)
+        convert(tiny_qwen2, out, qk_norm="ones", fidelity_tokens=64, formats=None)
     record = json.loads((out / "conversion_metadata.json").read_text())
     assert record["broken"].startswith("held-out top-1") and "Broken" in (out / "README.md").read_text()
-    accepted = convert(tiny_qwen2, out, qk_norm="ones", fidelity_tokens=64, force=True, accept_lossy=True)
+    accepted = convert(tiny_qwen2, out, qk_norm="ones", fidelity_tokens=64, force=True, accept_lossy=True, formats=None)
     assert accepted["metadata"]["broken"] and "--accept-lossy" in accepted["metadata"]["options"]["command"]
 
 

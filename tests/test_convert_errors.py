@@ -279,7 +279,7 @@ def _tokenizer_without_chat_template(tmp_path, tokenizer_dir) -> Path:
 def test_smoke_test_without_a_chat_template_asks_the_plain_question(tmp_path, tiny_qwen2, qwen25_tokenizer_dir):
     """Base-model tokenizers often have no chat template: the smoke test used to crash and lose OUT."""
     tokenizer = _tokenizer_without_chat_template(tmp_path, qwen25_tokenizer_dir)
-    result = convert(tiny_qwen2, tmp_path / "out", tokenizer=tokenizer, qk_norm="ones", fidelity_tokens=64)
+    result = convert(tiny_qwen2, tmp_path / "out", tokenizer=tokenizer, qk_norm="ones", fidelity_tokens=64, formats=None)
     assert result["metadata"]["smoke_test"]["prompt"] and "fidelity" in result["metadata"]
     assert (tmp_path / "out" / "model.safetensors").exists()
 

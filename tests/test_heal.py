@@ -41,7 +41,7 @@ def _load(folder):
 
 
 def _quick(**overrides) -> HealOptions:
-    base = dict(steps=8, eval_every=4, sequence_length=48, batch_size=2, heal_tokens=200, eval_tokens=100, threads=1)
+    base = dict(steps=8, eval_every=4, sequence_length=48, batch_size=2, heal_tokens=200, eval_tokens=100, threads=1, formats=None)  # formats: where a test asks
     return HealOptions(**{**base, **overrides})
 
 
@@ -156,10 +156,11 @@ def test_cli_heal_linearize(tiny_llama, tiny_converted, tmp_path):
     from qwenforge.cli import app
 
     out = tmp_path / "healed"
-    result = CliRunner().invoke(app, ["heal", str(tiny_converted), str(out), "--teacher", str(tiny_llama), "--method", "linearize", "--json"])
+    result = CliRunner().invoke(app, ["heal", str(tiny_converted), str(out), "--teacher", str(tiny_llama), "--method", "linearize", "--formats", "bf16", "--json"])
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)
     assert facts["after"]["top1_agreement"] == 1.0 and facts["after"]["kl"] < 1e-5 < 0.1 < facts["before"]["kl"]
+    assert set(json.loads((out / "heal_report.json").read_text())["formats"]) == {"bf16"}  # --formats reaches the heal
     again = CliRunner().invoke(app, ["heal", str(tiny_converted), str(out), "--teacher", str(tiny_llama), "--method", "linearize"])
     assert again.exit_code != 0 and "already exists" in str(again.exception)
 
@@ -169,10 +170,11 @@ def test_convert_with_heal_heals_in_place(tmp_path, tiny_llama):
     from qwenforge.cli import app
 
     out = tmp_path / "converted-healed"
-    result = CliRunner().invoke(app, ["convert", str(tiny_llama), str(out), "--no-measure", "--heal", "linearize"])
+    result = CliRunner().invoke(app, ["convert", str(tiny_llama), str(out), "--no-measure", "--heal", "linearize", "--formats", "none"])
     assert result.exit_code == 0, result.output
     assert (out / "conversion_metadata.json").exists() and (out / "heal_report.json").exists()
     report = json.loads((out / "heal_report.json").read_text())
+    assert report["formats"] is None  # convert's --formats reaches its heal
     assert report["after"]["top1_agreement"] > report["before"]["top1_agreement"] - 1e-9
     assert report["after"]["top1_agreement"] >= 0.99
     assert [p.name for p in tmp_path.iterdir()] == ["converted-healed"]
@@ -350,7 +352,7 @@ def test_a_transplant_that_only_adds_tokens_is_measured_per_format(sharp_qwen2, 
     from qwenforge.convert.run import convert
 
     convert(sharp_qwen2, tmp_path / "converted", measure=False, tokenizer=qwen3_tokenizer_dir)
-    report = heal(tmp_path / "converted", tmp_path / "anchored", sharp_qwen2, _quick())
+    report = heal(tmp_path / "converted", tmp_path / "anchored", sharp_qwen2, _quick(formats=HealOptions().formats))
     assert set(report["formats"]) == {"bf16", "fp16", "q8_0"}
 
 
@@ -359,7 +361,7 @@ def test_anchor_heals_in_closed_form_with_weights_in_a_normal_range(sharp_qwen2,
 
     from qwenforge.convert.qk_norm import FLOAT16_SMALLEST_NORMAL, fragile_qk_reason
 
-    report = heal(sharp_qwen2_converted, tmp_path / "anchored", sharp_qwen2, _quick())  # the default where biases were kept
+    report = heal(sharp_qwen2_converted, tmp_path / "anchored", sharp_qwen2, _quick(formats=HealOptions().formats))  # the default where biases were kept
     assert report["options"]["method"] == "anchor" and report["after"]["kl"] < report["before"]["kl"]
     assert set(report["formats"]) == {"bf16", "fp16", "q8_0"} and report["formats"]["bf16"]["source_top1"] > 0.9
     assert "## Healed (anchor)" in (tmp_path / "anchored" / "README.md").read_text()

@@ -3,7 +3,9 @@ data wheels, then imported), imported models, tokenizer fixtures."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from qwenforge.checkpoint.gguf_import import import_gguf
@@ -32,8 +34,28 @@ def embedded_model(root: Path | None = None) -> Path:
     root = root or cache_root()
     folder = root / "models" / EMBEDDED_MODEL_NAME
     if not (folder / "config.json").exists():
-        import_gguf(embedded_gguf(root), folder, force=True)
+        with building(root, EMBEDDED_MODEL_NAME):
+            if not (folder / "config.json").exists():  # another process may have built it while this one waited
+                import_gguf(embedded_gguf(root), folder, force=True)
     return folder
+
+
+@contextlib.contextmanager
+def building(root: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on `name` in the cache while building it: two processes starting at once
+    (two terminals, parallel test workers) build it once, the second waits and reuses it."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; each build is still atomic (temporary folder, then rename)
+        yield
+        return
+    with open(root / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def embedded_gguf(root: Path | None = None) -> Path:

@@ -185,7 +185,7 @@ def convert(
         strict=strict, allow_pickle=allow_pickle, measure=measure, fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
         formats=None if formats == "none" else formats, accept_lossy=accept_lossy, max_memory=max_memory,
     )
-    healing = HealOptions(method=heal_method, budget_minutes=heal_minutes) if heal_method else None  # checked before converting
+    healing = HealOptions(method=heal_method, budget_minutes=heal_minutes, formats=options.formats) if heal_method else None  # checked before converting
     if dry_run:
         result = run_convert(source, out, options, dry_run=True, force=force)
         if as_json:
@@ -322,6 +322,7 @@ def heal(
         None, "--teacher-logits", help="A `qwenforge distill capture` store of the teacher: heal without loading its weights (global or linearize)."
     ),
     memory: Optional[float] = typer.Option(None, "--memory", help="Usable memory in GiB; default: what is available now."),
+    formats: str = typer.Option("bf16,fp16,q8_0", "--formats", help="Also measure source and healed each put in these formats (compare --formats; 'none' skips)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted heal into the same OUT (weights, optimizer, step)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -338,7 +339,7 @@ def heal(
     options = HealOptions(
         train=train, method=method, steps=steps, budget_minutes=budget_minutes, text=str(text) if text else None,
         heldout=str(heldout) if heldout else None, divergence=divergence, temperature=temperature,
-        learning_rate=learning_rate, lora_rank=lora_rank, memory_gb=memory,
+        learning_rate=learning_rate, lora_rank=lora_rank, memory_gb=memory, formats=None if formats == "none" else formats,
     )
     report = run_heal(converted, out, teacher, options, teacher_logits=teacher_logits, force=force, resume=resume, console=None if as_json else console)
     if as_json:

@@ -39,10 +39,9 @@ class Fidelity:
         student_full = F.log_softmax(student_logits.float(), -1)
         teacher_full = teacher_logprobs.float()
         if shared is None:
-            vocab = min(student_full.shape[-1], teacher_full.shape[-1])
-            shared = torch.arange(vocab)
-        student = F.log_softmax(student_full[..., shared], -1)
-        teacher = F.log_softmax(teacher_full[..., shared if teacher_shared is None else teacher_shared], -1)
+            shared = torch.arange(min(student_full.shape[-1], teacher_full.shape[-1]))
+        student = _renormalized(student_full, shared)
+        teacher = _renormalized(teacher_full, shared if teacher_shared is None else teacher_shared)
         self.positions += labels.numel()
         self.text_bytes += text_bytes
         self.kl_sum += float((teacher.exp() * (teacher - student)).sum())
@@ -64,6 +63,14 @@ class Fidelity:
             "teacher_perplexity": math.exp(self.teacher_nll / self.positions),
             "positions": self.positions,
         }
+
+
+def _renormalized(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log-probabilities renormalized over the columns `ids`. With one tokenizer the ids are 0..n-1
+    (padding rows left out): a slice, not a copy of [T, 151936] floats, and nothing to redo when n is every column."""
+    if ids.dtype == torch.long and torch.equal(ids, torch.arange(len(ids))):
+        return logprobs if len(ids) == logprobs.shape[-1] else F.log_softmax(logprobs[..., : len(ids)], -1)
+    return F.log_softmax(logprobs.index_select(-1, ids), -1)
 
 
 def token_sequences(tokenizer, text: str, length: int, limit_tokens: int | None = None, what: str = "text") -> list[torch.Tensor]:

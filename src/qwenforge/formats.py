@@ -133,8 +133,6 @@ def formatted(model, name: str):
     extra memory is one module's weights, not a second model (a measurement already holds two); a
     layer offloaded to disk (checkpoint/offload.py) is read through the format by accelerate's hook.
     """
-    if name not in FORMATS:
-        raise QwenforgeError(f"format {name}: choose one of {', '.join(FORMATS)}")
     if name not in FORMATS:  # a misspelt name would otherwise measure float32 under another label
         raise QwenforgeError(f"format {name}: choose one of {', '.join(FORMATS)}")
     handles, maps = [], []
