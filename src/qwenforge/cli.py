@@ -159,6 +159,7 @@ def convert(
         None, "--heal", help="Heal OUT right after converting, with the source as teacher: a `qwenforge heal --method` (e.g. layerwise+global, linearize)."
     ),
     heal_minutes: Optional[float] = typer.Option(None, "--heal-minutes", help="Time budget for --heal."),
+    heal_train: str = typer.Option("norms+qk-lora", "--heal-train", help="What --heal trains (heal --train): norms, norms+qk-lora, attention, or vocabulary (after --tokenizer: the transplanted rows learn from the text)."),
     formats: str = typer.Option("bf16,fp16,q8_0", "--formats", help="Also measure source and result each put in these formats (compare --formats; 'none' skips)."),
     accept_lossy: bool = typer.Option(False, "--accept-lossy", help="Exit 0 even when the measured fidelity shows a broken model (top-1 below 50% or bits/byte above x1.5)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory one loaded model may take while measuring (e.g. 16GiB); layers beyond it are read from disk as they run (default: 40% of available memory; env QWENFORGE_MAX_MEMORY)."),
@@ -185,7 +186,7 @@ def convert(
         strict=strict, allow_pickle=allow_pickle, measure=measure, fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
         formats=None if formats == "none" else formats, accept_lossy=accept_lossy, max_memory=max_memory,
     )
-    healing = HealOptions(method=heal_method, budget_minutes=heal_minutes, formats=options.formats) if heal_method else None  # checked before converting
+    healing = HealOptions(method=heal_method, train=heal_train, budget_minutes=heal_minutes, formats=options.formats) if heal_method else None  # checked before converting
     if dry_run:
         result = run_convert(source, out, options, dry_run=True, force=force)
         if as_json:
@@ -318,6 +319,7 @@ def heal(
     temperature: float = typer.Option(1.0, "--temperature"),
     learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default depends on --train."),
     lora_rank: int = typer.Option(16, "--lora-rank"),
+    ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help="Cross-entropy on the text's own tokens, as a share of the global loss (default: 0.5 with --train vocabulary, where new tokens have no teacher probability; else 0)."),
     teacher_logits: Optional[Path] = typer.Option(
         None, "--teacher-logits", help="A `qwenforge distill capture` store of the teacher: heal without loading its weights (global or linearize)."
     ),
@@ -339,7 +341,7 @@ def heal(
     options = HealOptions(
         train=train, method=method, steps=steps, budget_minutes=budget_minutes, text=str(text) if text else None,
         heldout=str(heldout) if heldout else None, divergence=divergence, temperature=temperature,
-        learning_rate=learning_rate, lora_rank=lora_rank, memory_gb=memory, formats=None if formats == "none" else formats,
+        learning_rate=learning_rate, lora_rank=lora_rank, ce_weight=ce_weight, memory_gb=memory, formats=None if formats == "none" else formats,
     )
     report = run_heal(converted, out, teacher, options, teacher_logits=teacher_logits, force=force, resume=resume, console=None if as_json else console)
     if as_json:

@@ -181,10 +181,12 @@ def run_loop(
     optimizer_state: dict | None = None,
     best_state: dict[str, torch.Tensor] | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
+    score: str = "kl",
 ) -> LoopResult:
     """Train `named_parameters` on `step_loss(step)`; evaluate every `eval_every` steps.
 
-    Keeps the parameters of the best held-out KL (restored at the end), stops at the step
+    Keeps the parameters of the best held-out `score` (an `evaluate()` figure, lower is better: KL,
+    or bits_per_byte where the vocabulary itself changed), restored at the end; stops at the step
     budget, the time budget, or after `patience` evaluations without improvement.
     `on_checkpoint` receives the loop state after each evaluation (for --resume: `save_progress`);
     the learning rate is constant, so step, optimizer moments and best weights are the whole state.
@@ -197,7 +199,7 @@ def run_loop(
         optimizer.load_state_dict(optimizer_state)
     result = LoopResult(history=list(history or []), steps=start_step)
     if result.history:
-        result.best = min(result.history, key=lambda row: row["kl"])
+        result.best = min(result.history, key=lambda row: row[score])
     else:
         metrics = evaluate()
         result.best = {"step": start_step, "seconds": elapsed, "loss": None, **metrics}
@@ -226,7 +228,7 @@ def run_loop(
                 metrics = evaluate()
                 row = {"step": result.steps, "seconds": time.perf_counter() - started, "loss": loss_value, **metrics}
                 result.history.append(row)
-                if row["kl"] < result.best["kl"]:
+                if row[score] < result.best[score]:
                     result.best, bad_evals = row, 0
                     best_state = {name: p.detach().clone() for name, p in named_parameters.items()}
                 else:
@@ -241,7 +243,7 @@ def run_loop(
         metrics = evaluate()
         row = {"step": result.steps, "seconds": time.perf_counter() - started, "loss": loss_value, **metrics}
         result.history.append(row)
-        if row["kl"] < result.best["kl"]:
+        if row[score] < result.best[score]:
             result.best = row
             best_state = {name: p.detach().clone() for name, p in named_parameters.items()}
     with torch.no_grad():
