@@ -115,6 +115,10 @@ def main() -> None:
     parser.add_argument("--baselines", default=",".join(BASELINE_ARMS))
     parser.add_argument("--reuse-baselines", action="store_true", help="measure tokensurgeon outputs already in --work")
     parser.add_argument("--heal-minutes", type=float, default=4.0, help="0 skips the heal")
+    parser.add_argument("--heal-lr", type=float, default=None, help="heal --lr (default: heal's for --train vocabulary)")
+    parser.add_argument("--heal-ce-weight", type=float, default=0.0, help="heal --ce-weight")
+    parser.add_argument("--heal-text", default=None, help="heal --text (default: the packaged calibration text)")
+    parser.add_argument("--heal-tokens", type=int, default=16384, help="heal --heal-tokens")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -143,12 +147,14 @@ def main() -> None:
         best = min(ours, key=lambda name: ours[name]["bits_per_byte"])
         method = best.removeprefix("qwenforge ")
         healed = args.work / f"qwenforge-{method}-healed"
-        options = HealOptions(method="global", train="vocabulary", budget_minutes=args.heal_minutes, steps=100_000, threads=1, formats=None, sequence_length=128, eval_every=4)
+        options = HealOptions(method="global", train="vocabulary", budget_minutes=args.heal_minutes, steps=100_000, threads=1, formats=None, sequence_length=128,
+                              eval_every=4, learning_rate=args.heal_lr, ce_weight=args.heal_ce_weight, text=args.heal_text, heal_tokens=args.heal_tokens, patience=1000)
         report = heal(folders[method], healed, args.source, options, force=True)
         bpb = bits_per_byte(healed, text)
         before = ours[best]["bits_per_byte"]
         results["heal"] = {
             "arm": best, "options": {"method": options.method, "train": options.train, "budget_minutes": args.heal_minutes, "learning_rate": report["learning_rate"],
+                                     "ce_weight": options.ce_weight, "text": args.heal_text or "calibration.txt",
                                      "batch_size": options.batch_size, "sequence_length": options.sequence_length, "healing_tokens": report["healing_tokens"]},
             "steps": sum(p["steps"] for p in report["phases"].values()), "seconds": round(report["seconds_total"], 1),
             "bits_per_byte": bpb, "vs_source": bpb / source_bpb, "gap_closed": (before - bpb) / (before - source_bpb),

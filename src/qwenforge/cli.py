@@ -186,6 +186,10 @@ def convert(
         strict=strict, allow_pickle=allow_pickle, measure=measure, fidelity_tokens=fidelity_tokens, calibration_tokens=calibration_tokens,
         formats=None if formats == "none" else formats, accept_lossy=accept_lossy, max_memory=max_memory,
     )
+    from qwenforge.heal import TRAIN_CHOICES
+
+    if heal_train not in TRAIN_CHOICES:
+        raise QwenforgeError(f"--heal-train {heal_train}: choose one of {', '.join(TRAIN_CHOICES)}")
     healing = HealOptions(method=heal_method, train=heal_train, budget_minutes=heal_minutes, formats=options.formats) if heal_method else None  # checked before converting
     if dry_run:
         result = run_convert(source, out, options, dry_run=True, force=force)
@@ -319,7 +323,7 @@ def heal(
     temperature: float = typer.Option(1.0, "--temperature"),
     learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default depends on --train."),
     lora_rank: int = typer.Option(16, "--lora-rank"),
-    ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help="Cross-entropy on the text's own tokens, as a share of the global loss (default: 0.5 with --train vocabulary, where new tokens have no teacher probability; else 0)."),
+    ce_weight: float = typer.Option(0.0, "--ce-weight", help="Cross-entropy on the text's own tokens, as a share of the global loss (1 = no teacher). Measured on a vocabulary transplant: 0.5 made held-out bits/byte worse (benchmarks/vocab_transplant.py)."),
     teacher_logits: Optional[Path] = typer.Option(
         None, "--teacher-logits", help="A `qwenforge distill capture` store of the teacher: heal without loading its weights (global or linearize)."
     ),

@@ -67,7 +67,7 @@ class HealOptions(engine.LoopOptions):
     eval_every: int = 25
     patience: int = 4
     layerwise_share: float = 0.6  # of the time budget, for layerwise+global
-    ce_weight: float | None = None  # cross-entropy's share of the global loss; default: CE_WEIGHTS per --train
+    ce_weight: float = 0.0  # cross-entropy on the text's own tokens, as a share of the global loss
     formats: str | None = "bf16,fp16,q8_0"  # healed vs source, each put in these formats (compare --formats); None skips
 
     def __post_init__(self) -> None:
@@ -77,7 +77,7 @@ class HealOptions(engine.LoopOptions):
         for flag, value in (("--lora-rank", self.lora_rank), ("--heal-tokens", self.heal_tokens), ("--eval-tokens", self.eval_tokens)):
             engine.check_option(flag, value, value >= 1, "must be at least 1")
         engine.check_option("--layerwise-share", self.layerwise_share, 0 < self.layerwise_share < 1, "must be between 0 and 1 (both phases get time)")
-        engine.check_option("--ce-weight", self.ce_weight, self.ce_weight is None or 0 <= self.ce_weight <= 1, "must be between 0 and 1")
+        engine.check_option("--ce-weight", self.ce_weight, 0 <= self.ce_weight <= 1, "must be between 0 and 1")
         if self.formats is not None:
             from qwenforge.formats import parse_formats
 
@@ -85,13 +85,6 @@ class HealOptions(engine.LoopOptions):
 
 
 LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 1e-4}
-# A transplant's new tokens have no teacher probability (the KL sees shared tokens only): they learn
-# from the text itself, and the best step is the one of the lowest held-out bits per byte.
-CE_WEIGHTS = {"vocabulary": 0.5}
-
-
-def ce_weight(options: HealOptions) -> float:
-    return CE_WEIGHTS.get(options.train, 0.0) if options.ce_weight is None else options.ce_weight
 
 
 def default_method(converted: Path, from_store: bool) -> str:
@@ -530,7 +523,8 @@ def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, l
     results: dict[str, engine.LoopResult] = {}
     history_by_phase: dict[str, list[dict]] = {}
     offset_seconds = 0.0
-    score = "bits_per_byte" if ce_weight(options) else "kl"
+    # after a transplant the KL sees shared tokens only; bits per byte also counts the new ones
+    score = "bits_per_byte" if options.train == "vocabulary" else "kl"
     for phase in phases:
         if phase == "layerwise":  # on the teacher's own input stream: each converted attention gets the source's hidden states
             targets = [capture_attention_io(teacher.model, *teacher.vocabulary.inputs(teacher.batch(step).ids)[:2]) for step in range(teacher.schedule.per_epoch())]
@@ -540,7 +534,7 @@ def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, l
 
             def step_loss(step: int) -> torch.Tensor:
                 batch = teacher.batch(step)
-                return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, ce_weight(options))
+                return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, options.ce_weight)
 
         checkpoint = work / phase  # engine.save_progress's layout, as `distill train` keeps it
         saved = engine.load_progress(checkpoint, named) if resume else None  # copies the saved weights in
