@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--reuse-baselines", action="store_true", help="measure tokensurgeon outputs already in --work")
     parser.add_argument("--heal-minutes", type=float, default=4.0, help="0 skips the heal")
     parser.add_argument("--heal-lr", type=float, default=None, help="heal --lr (default: heal's for --train vocabulary)")
-    parser.add_argument("--heal-ce-weight", type=float, default=0.0, help="heal --ce-weight")
+    parser.add_argument("--heal-ce-weight", type=float, default=None, help="heal --ce-weight (default: heal's for --train vocabulary)")
     parser.add_argument("--heal-text", default=None, help="heal --text (default: the packaged calibration text)")
     parser.add_argument("--heal-tokens", type=int, default=16384, help="heal --heal-tokens")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
@@ -142,7 +142,7 @@ def main() -> None:
         print(f"qwenforge {method}: {results['arms'][f'qwenforge {method}']['bits_per_byte']:.4f}")
     ours = {name: arm for name, arm in results["arms"].items() if arm["kind"] == "qwenforge"}
     if ours and args.heal_minutes > 0:
-        from qwenforge.heal import HealOptions, heal
+        from qwenforge.heal import HealOptions, ce_weight, heal
 
         best = min(ours, key=lambda name: ours[name]["bits_per_byte"])
         method = best.removeprefix("qwenforge ")
@@ -154,7 +154,7 @@ def main() -> None:
         before = ours[best]["bits_per_byte"]
         results["heal"] = {
             "arm": best, "options": {"method": options.method, "train": options.train, "budget_minutes": args.heal_minutes, "learning_rate": report["learning_rate"],
-                                     "ce_weight": options.ce_weight, "text": args.heal_text or "calibration.txt",
+                                     "ce_weight": ce_weight(options), "text": args.heal_text or "calibration.txt",
                                      "batch_size": options.batch_size, "sequence_length": options.sequence_length, "healing_tokens": report["healing_tokens"]},
             "steps": sum(p["steps"] for p in report["phases"].values()), "seconds": round(report["seconds_total"], 1),
             "bits_per_byte": bpb, "vs_source": bpb / source_bpb, "gap_closed": (before - bpb) / (before - source_bpb),

@@ -323,7 +323,7 @@ def heal(
     temperature: float = typer.Option(1.0, "--temperature"),
     learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default depends on --train."),
     lora_rank: int = typer.Option(16, "--lora-rank"),
-    ce_weight: float = typer.Option(0.0, "--ce-weight", help="Cross-entropy on the text's own tokens, as a share of the global loss (1 = no teacher). Measured on a vocabulary transplant: 0.5 made held-out bits/byte worse (benchmarks/vocab_transplant.py)."),
+    ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help="Cross-entropy on the text's own tokens, as a share of the global loss (1 = no teacher; default 0.5 with --train vocabulary, where new tokens have no teacher probability, else 0)."),
     teacher_logits: Optional[Path] = typer.Option(
         None, "--teacher-logits", help="A `qwenforge distill capture` store of the teacher: heal without loading its weights (global or linearize)."
     ),

@@ -67,7 +67,7 @@ class HealOptions(engine.LoopOptions):
     eval_every: int = 25
     patience: int = 4
     layerwise_share: float = 0.6  # of the time budget, for layerwise+global
-    ce_weight: float = 0.0  # cross-entropy on the text's own tokens, as a share of the global loss
+    ce_weight: float | None = None  # cross-entropy on the text's own tokens, a share of the global loss; default: CE_WEIGHTS per --train
     formats: str | None = "bf16,fp16,q8_0"  # healed vs source, each put in these formats (compare --formats); None skips
 
     def __post_init__(self) -> None:
@@ -77,14 +77,37 @@ class HealOptions(engine.LoopOptions):
         for flag, value in (("--lora-rank", self.lora_rank), ("--heal-tokens", self.heal_tokens), ("--eval-tokens", self.eval_tokens)):
             engine.check_option(flag, value, value >= 1, "must be at least 1")
         engine.check_option("--layerwise-share", self.layerwise_share, 0 < self.layerwise_share < 1, "must be between 0 and 1 (both phases get time)")
-        engine.check_option("--ce-weight", self.ce_weight, 0 <= self.ce_weight <= 1, "must be between 0 and 1")
+        engine.check_option("--ce-weight", self.ce_weight, self.ce_weight is None or 0 <= self.ce_weight <= 1, "must be between 0 and 1")
         if self.formats is not None:
             from qwenforge.formats import parse_formats
 
             parse_formats(self.formats)
 
 
-LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 1e-4}
+LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 1e-3}
+# --train vocabulary: a transplant's new tokens have no teacher probability (the KL sees shared tokens
+# only), so half the loss is cross-entropy on the text; and only the rows of tokens in the batch move,
+# since AdamW would step every absent row down by a full rate (benchmarks/vocab_transplant.py).
+CE_WEIGHTS = {"vocabulary": 0.5}
+
+
+def ce_weight(options: HealOptions) -> float:
+    return CE_WEIGHTS.get(options.train, 0.0) if options.ce_weight is None else options.ce_weight
+
+
+def batch_rows_only(named: dict[str, torch.nn.Parameter]) -> dict:
+    """Zero the gradient of every embedding/head row whose token is not in the current batch; set
+    holder["ids"] to the batch's token ids before each backward pass. Returns the holder."""
+    holder: dict = {}
+
+    def keep_batch_rows(grad: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
+        mask[holder["ids"]] = 1
+        return grad * mask
+
+    for parameter in named.values():
+        parameter.register_hook(keep_batch_rows)
+    return holder
 
 
 def default_method(converted: Path, from_store: bool) -> str:
@@ -525,6 +548,7 @@ def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, l
     offset_seconds = 0.0
     # after a transplant the KL sees shared tokens only; bits per byte also counts the new ones
     score = "bits_per_byte" if options.train == "vocabulary" else "kl"
+    rows = batch_rows_only(named) if options.train == "vocabulary" else {}
     for phase in phases:
         if phase == "layerwise":  # on the teacher's own input stream: each converted attention gets the source's hidden states
             targets = [capture_attention_io(teacher.model, *teacher.vocabulary.inputs(teacher.batch(step).ids)[:2]) for step in range(teacher.schedule.per_epoch())]
@@ -534,7 +558,8 @@ def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, l
 
             def step_loss(step: int) -> torch.Tensor:
                 batch = teacher.batch(step)
-                return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, options.ce_weight)
+                rows["ids"] = batch.ids.unique()
+                return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, ce_weight(options))
 
         checkpoint = work / phase  # engine.save_progress's layout, as `distill train` keeps it
         saved = engine.load_progress(checkpoint, named) if resume else None  # copies the saved weights in
