@@ -17,7 +17,8 @@ between arms: every arm keeps the source's Llama layers and only its embedding/h
 Each arm: held-out bits per byte on src/qwenforge/data/heldout.txt under its own tokenizer (the text
 after one <|endoftext|>, every byte predicted, summed NLL / UTF-8 bytes), so different tokenizers
 compare. Then the best qwenforge arm is healed for --heal-minutes with `qwenforge.heal.heal`
-(--train vocabulary, global KL against the source across vocabularies) and measured the same way.
+(--train vocabulary: KL against the source across vocabularies plus cross-entropy on the text,
+only the rows of tokens in each batch moving) and measured the same way.
 Writes benchmarks/vocab_transplant.json.
 """
 

@@ -18,8 +18,9 @@ Qwen3 model the student. Methods:
   such a checkpoint (convert/qk_norm.py: fragile_qk_reason).
 Only what the conversion changed is trained (`--train norms`: q_norm/k_norm; `norms+qk-lora`:
 plus low-rank q/k updates merged back; `attention`: every attention weight; `vocabulary`: the
-embedding and head rows, after a transplant to another tokenizer (benchmarks/vocab_transplant.py)). Held-out KL picks
-the best checkpoint; the output is a plain Qwen3 checkpoint plus heal_report.json and a plot.
+embedding and head rows of the tokens in each batch, after a transplant to another tokenizer, with
+cross-entropy on the text beside the KL (benchmarks/vocab_transplant.py)). Held-out KL picks
+the best checkpoint (bits per byte with --train vocabulary: the KL sees shared tokens only); the output is a plain Qwen3 checkpoint plus heal_report.json and a plot.
 A teacher that does not fit beside the student is refused with the way out: capture its top-k once
 (`qwenforge distill capture`) and heal from that store (`--teacher-logits`, weights never loaded).
 `--resume` restores the trainable weights, the optimizer's moments and the step.
