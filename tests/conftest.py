@@ -21,8 +21,15 @@ from qwenforge.fixtures.tiny import build_tiny_checkpoint  # noqa: E402
 from qwenforge.fixtures.tokenizers import tokenizer_folder  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """A folder the whole test run shares (every xdist worker): results one module measures for another."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session", autouse=True)
-def cache_dir(tmp_path_factory) -> Path:
+def cache_dir(run_dir) -> Path:
     """The qwenforge cache for the test session: $QWENFORGE_CACHE when set, else a fresh temporary folder.
 
     Tests never write to the user's cache; the folder is exported so CLI subprocesses share it. The
@@ -32,20 +39,12 @@ def cache_dir(tmp_path_factory) -> Path:
     from qwenforge.cache import cache_root
 
     if not os.environ.get("QWENFORGE_CACHE"):
-        base = tmp_path_factory.getbasetemp()  # the run's shared folder, as run_dir below
-        shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "qwenforge-cache"
+        shared = run_dir / "qwenforge-cache"
         shared.mkdir(exist_ok=True)
         os.environ["QWENFORGE_CACHE"] = str(shared)
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    """A folder the whole test run shares (every xdist worker): results one module measures for another."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")

@@ -44,18 +44,11 @@ def embedded_model(root: Path | None = None) -> Path:
 def building(root: Path, name: str) -> Iterator[None]:
     """Hold an exclusive lock on `name` in the cache while building it: two processes starting at once
     (two terminals, parallel test workers) build it once, the second waits and reuses it."""
+    from filelock import FileLock
+
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here; each build is still atomic (temporary folder, then rename)
+    with FileLock(root / f".{name}.lock"):
         yield
-        return
-    with open(root / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def embedded_gguf(root: Path | None = None) -> Path:
