@@ -17,8 +17,10 @@ between arms: every arm keeps the source's Llama layers and only its embedding/h
 Each arm: held-out bits per byte on src/qwenforge/data/heldout.txt under its own tokenizer (the text
 after one <|endoftext|>, every byte predicted, summed NLL / UTF-8 bytes), so different tokenizers
 compare. Then the best qwenforge arm is healed for --heal-minutes with `qwenforge.heal.heal`
-(--train vocabulary: KL against the source across vocabularies plus cross-entropy on the text,
-only the rows of tokens in each batch moving) and measured the same way.
+(--train vocabulary: one learned map places every new token's row, trained on KL against the source
+across vocabularies plus cross-entropy on the calibration text and the source's own samples; the
+--heal-minutes budget is the training loop's, the sampling before it is reported apart) and measured
+the same way.
 Writes benchmarks/vocab_transplant.json.
 """
 
@@ -81,6 +83,7 @@ def source_layers_with_rows(source: Path, converted: Path, tokenizer_dir: Path, 
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_dir / name).exists():
             shutil.copy2(tokenizer_dir / name, out / name)
+    shutil.copy2(converted / "conversion_metadata.json", out / "conversion_metadata.json")  # how the rows were made (heal reads the donor from it)
     return out
 
 
@@ -120,6 +123,7 @@ def main() -> None:
     parser.add_argument("--heal-ce-weight", type=float, default=None, help="heal --ce-weight (default: heal's for --train vocabulary)")
     parser.add_argument("--heal-text", default=None, help="heal --text (default: the packaged calibration text)")
     parser.add_argument("--heal-tokens", type=int, default=16384, help="heal --heal-tokens")
+    parser.add_argument("--heal-sample-tokens", type=int, default=None, help="heal --sample-tokens (default: heal's for --train vocabulary)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -149,14 +153,16 @@ def main() -> None:
         method = best.removeprefix("qwenforge ")
         healed = args.work / f"qwenforge-{method}-healed"
         options = HealOptions(method="global", train="vocabulary", budget_minutes=args.heal_minutes, steps=100_000, threads=1, formats=None, sequence_length=128,
-                              eval_every=4, learning_rate=args.heal_lr, ce_weight=args.heal_ce_weight, text=args.heal_text, heal_tokens=args.heal_tokens, patience=1000)
+                              eval_every=4, learning_rate=args.heal_lr, ce_weight=args.heal_ce_weight, text=args.heal_text, heal_tokens=args.heal_tokens,
+                              sample_tokens=args.heal_sample_tokens, patience=1000)
         report = heal(folders[method], healed, args.source, options, force=True)
         bpb = bits_per_byte(healed, text)
         before = ours[best]["bits_per_byte"]
         results["heal"] = {
             "arm": best, "options": {"method": options.method, "train": options.train, "budget_minutes": args.heal_minutes, "learning_rate": report["learning_rate"],
                                      "ce_weight": ce_weight(options), "text": args.heal_text or "calibration.txt",
-                                     "batch_size": options.batch_size, "sequence_length": options.sequence_length, "healing_tokens": report["healing_tokens"]},
+                                     "batch_size": options.batch_size, "sequence_length": options.sequence_length, "healing_tokens": report["healing_tokens"],
+                                     "teacher_samples": report["teacher_samples"], "vocabulary_map": report["vocabulary_map"]},
             "steps": sum(p["steps"] for p in report["phases"].values()), "seconds": round(report["seconds_total"], 1),
             "bits_per_byte": bpb, "vs_source": bpb / source_bpb, "gap_closed": (before - bpb) / (before - source_bpb),
             "heal_report_kl": {"before": report["before"]["kl"], "after": report["after"]["kl"]},

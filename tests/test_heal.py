@@ -437,28 +437,46 @@ def test_heal_across_vocabularies(tiny_llama, tiny_other_vocab, tmp_path):
     assert report["after"]["kl"] < report["before"]["kl"] and report["phases"]["global"]["best_step"] > 0
 
 
-def test_heal_trains_the_vocabulary_rows_after_a_transplant(tiny_llama, tiny_other_vocab, tmp_path):
-    """--train vocabulary (a transplant to another tokenizer): only the embedding and head rows of tokens
-    in the healing batches move, learning from the source (KL, read across vocabularies) and from the
-    text (cross-entropy by default), and held-out bits per byte, which picks the step (the KL sees
-    shared tokens only), falls."""
+@pytest.mark.parametrize(("source", "with_donor"), [("tiny_llama", False), ("tiny_llama", True), ("tiny_qwen2_tied", False)], ids=["piece-features", "donor-features", "tied-head"])
+def test_heal_maps_every_new_row_after_a_transplant(request, tiny_other_vocab, tmp_path, source, with_donor):
+    """--train vocabulary (a transplant to another tokenizer) learns one map of the new tokens' rows, from
+    the donor's rows where the conversion projected them (else the source's rows of their pieces): every
+    new row moves, those of tokens the healing text never holds included, shared rows stay as copied;
+    the teacher's samples join the text; held-out bits per byte, which picks the step, falls (the tiny random
+    teacher is no model of the text, so this test learns from the text alone: --ce-weight 1)."""
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     from qwenforge.convert.run import convert
 
+    source = request.getfixturevalue(source)
     converted = tmp_path / "converted"
-    convert(tiny_llama, converted, tokenizer=tiny_other_vocab, qk_norm="ones", measure=False, accept_lossy=True)
-    report = heal(converted, tmp_path / "healed", tiny_llama, _quick(train="vocabulary", method="global", steps=12, learning_rate=1e-2, heal_tokens=2000))
+    convert(source, converted, tokenizer=tiny_other_vocab, donor=tiny_other_vocab if with_donor else None, qk_norm="ones", measure=False, accept_lossy=True)
+    report = heal(converted, tmp_path / "healed", source, _quick(train="vocabulary", method="global", steps=12, heal_tokens=2000, sample_tokens=512, ce_weight=1.0))
     assert report["after"]["bits_per_byte"] < report["before"]["bits_per_byte"] and report["phases"]["global"]["best_step"] > 0
     best = min(report["phases"]["global"]["history"], key=lambda row: row["bits_per_byte"])
     assert best["step"] == report["phases"]["global"]["best_step"]
+    assert report["teacher_samples"]["tokens"] == 512 and report["teacher_samples"]["samples"] == 4
+    assert ("donor" in report["vocabulary_map"]["features"]) == with_donor
     before, after = load_file(converted / "model.safetensors"), load_file(tmp_path / "healed" / "model.safetensors")
     moved = {name for name in before if not torch.equal(before[name], after[name])}
     assert "model.embed_tokens.weight" in moved and moved <= {"model.embed_tokens.weight", "lm_head.weight"}
-    from transformers import AutoTokenizer
-
-    seen = set(AutoTokenizer.from_pretrained(converted)(DATA.joinpath("calibration.txt").read_text())["input_ids"][:2000])
-    for name in moved:  # a row whose token no healing batch holds keeps its value (AdamW would step it anyway)
+    tokenizer, teacher_vocab = AutoTokenizer.from_pretrained(converted), AutoTokenizer.from_pretrained(source).get_vocab()
+    new = {i for token, i in tokenizer.get_vocab().items() if token not in teacher_vocab}
+    seen = set(tokenizer(DATA.joinpath("calibration.txt").read_text())["input_ids"])
+    for name in moved:
         changed = set((before[name] != after[name]).any(-1).nonzero().flatten().tolist())
-        assert changed and changed <= seen, (name, sorted(changed - seen)[:10])
-    assert report["trainable_parameters"] == sum(before[name].numel() for name in moved | {"model.embed_tokens.weight"})
+        assert changed == new, (name, sorted(changed ^ new)[:10])
+    assert new - seen, "the healing text holds every new token; the test shows nothing about the others"
+    assert report["vocabulary_map"]["new_tokens"] == len(new)
+    hidden = before["model.embed_tokens.weight"].shape[1]
+    width = load_file(tiny_other_vocab / "model.safetensors")["model.embed_tokens.weight"].shape[1] if with_donor else 3 * hidden
+    assert sorted(report["vocabulary_map"]["maps"]) == sorted(moved)  # a tied head is its embedding: one map
+    assert report["trainable_parameters"] == len(moved) * (width + 1) * hidden
+
+
+def test_vocabulary_heal_refuses_a_student_without_new_tokens(tiny_llama, tiny_converted, tmp_path):
+    """--train vocabulary on a conversion that kept its source's tokenizer: one line before any sampling or training."""
+    with pytest.raises(QwenforgeError, match="no row is new.*--train norms"):
+        heal(tiny_converted, tmp_path / "healed", tiny_llama, _quick(train="vocabulary", method="global"))
+    assert not (tmp_path / "healed").exists()

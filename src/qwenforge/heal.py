@@ -17,10 +17,12 @@ Qwen3 model the student. Methods:
   and GGUF block scales and break under fine-tuning; train, distill and float16 inference refuse
   such a checkpoint (convert/qk_norm.py: fragile_qk_reason).
 Only what the conversion changed is trained (`--train norms`: q_norm/k_norm; `norms+qk-lora`:
-plus low-rank q/k updates merged back; `attention`: every attention weight; `vocabulary`: the
-embedding and head rows of the tokens in each batch, after a transplant to another tokenizer, with
-cross-entropy on the text beside the KL (benchmarks/vocab_transplant.py)). Held-out KL picks
-the best checkpoint (bits per byte with --train vocabulary: the KL sees shared tokens only); the output is a plain Qwen3 checkpoint plus heal_report.json and a plot.
+plus low-rank q/k updates merged back; `attention`: every attention weight; `vocabulary`: after a
+transplant to another tokenizer, one map that places every new token's embedding/head row
+(vocab_heal.py), with cross-entropy on the text beside the KL and text sampled from the teacher
+(distill/samples.py); benchmarks/vocab_transplant.py). Held-out KL picks the best checkpoint (bits
+per byte with --train vocabulary: the KL sees shared tokens only); the output is a plain Qwen3
+checkpoint plus heal_report.json and a plot.
 A teacher that does not fit beside the student is refused with the way out: capture its top-k once
 (`qwenforge distill capture`) and heal from that store (`--teacher-logits`, weights never loaded).
 `--resume` restores the trainable weights, the optimizer's moments and the step.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from qwenforge import __version__
+from qwenforge import __version__, vocab_heal
 from qwenforge.checkpoint.folder import read_config, refuse_overlap, trained_output
 from qwenforge.distill import engine, store
 from qwenforge.distill.teacher import LiveTeacher, Schedule, StoredTeacher, check_heldout, heldout_count, vocabulary
@@ -69,6 +71,7 @@ class HealOptions(engine.LoopOptions):
     patience: int = 4
     layerwise_share: float = 0.6  # of the time budget, for layerwise+global
     ce_weight: float | None = None  # cross-entropy on the text's own tokens, a share of the global loss; default: CE_WEIGHTS per --train
+    sample_tokens: int | None = None  # text sampled from the teacher, healed on after --text; default: SAMPLE_TOKENS per --train
     formats: str | None = "bf16,fp16,q8_0"  # healed vs source, each put in these formats (compare --formats); None skips
 
     def __post_init__(self) -> None:
@@ -79,36 +82,29 @@ class HealOptions(engine.LoopOptions):
             engine.check_option(flag, value, value >= 1, "must be at least 1")
         engine.check_option("--layerwise-share", self.layerwise_share, 0 < self.layerwise_share < 1, "must be between 0 and 1 (both phases get time)")
         engine.check_option("--ce-weight", self.ce_weight, self.ce_weight is None or 0 <= self.ce_weight <= 1, "must be between 0 and 1")
+        engine.check_option("--sample-tokens", self.sample_tokens, self.sample_tokens is None or self.sample_tokens >= 0, "must be 0 or more")
         if self.formats is not None:
             from qwenforge.formats import parse_formats
 
             parse_formats(self.formats)
 
 
-LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 1e-3}
+# --train vocabulary's rate is relative: its map's features are scaled so a step moves a row by at most
+# rate x the rows' RMS (vocab_heal.py).
+LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 0.1}
 # --train vocabulary: a transplant's new tokens have no teacher probability (the KL sees shared tokens
-# only), so half the loss is cross-entropy on the text; and only the rows of tokens in the batch move,
-# since AdamW would step every absent row down by a full rate (benchmarks/vocab_transplant.py).
+# only), so half the loss is cross-entropy on the text, and the text is mostly the teacher's own samples
+# (the packaged calibration text is 1,032 tokens) (benchmarks/vocab_transplant.py).
 CE_WEIGHTS = {"vocabulary": 0.5}
+SAMPLE_TOKENS = {"vocabulary": 32768}
 
 
 def ce_weight(options: HealOptions) -> float:
     return CE_WEIGHTS.get(options.train, 0.0) if options.ce_weight is None else options.ce_weight
 
 
-def batch_rows_only(named: dict[str, torch.nn.Parameter]) -> dict:
-    """Zero the gradient of every embedding/head row whose token is not in the current batch; set
-    holder["ids"] to the batch's token ids before each backward pass. Returns the holder."""
-    holder: dict = {}
-
-    def keep_batch_rows(grad: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
-        mask[holder["ids"]] = 1
-        return grad * mask
-
-    for parameter in named.values():
-        parameter.register_hook(keep_batch_rows)
-    return holder
+def sample_tokens(options: HealOptions) -> int:
+    return SAMPLE_TOKENS.get(options.train, 0) if options.sample_tokens is None else options.sample_tokens
 
 
 def default_method(converted: Path, from_store: bool) -> str:
@@ -142,10 +138,8 @@ def trainable_parameters(student, train: str, lora_rank: int = 16, seed: int = 0
         raise QwenforgeError(f"--train {train}: choose one of {', '.join(TRAIN_CHOICES)}")
     for parameter in student.parameters():
         parameter.requires_grad_(False)
-    if train == "vocabulary":  # any architecture: the rows a vocabulary transplant wrote (a tied head is the same matrix)
-        for module in (student.get_input_embeddings(), student.get_output_embeddings()):
-            module.weight.requires_grad_(True)
-        return {name: p for name, p in student.named_parameters() if p.requires_grad}
+    if train == "vocabulary":
+        raise QwenforgeError("--train vocabulary trains a map of the new rows (vocab_heal.row_maps), not the student's own weights")
     for index, layer in enumerate(student.model.layers):
         attention = layer.self_attn
         if not hasattr(attention, "q_norm"):
@@ -393,8 +387,33 @@ def _load(folder: Path, what: str):
         raise QwenforgeError(f"{folder}: cannot load the {what} ({str(error).splitlines()[0]}); give a checkpoint folder") from error
 
 
-def _live_teacher(teacher_dir: Path, vocabulary, tokenizer, options: HealOptions) -> tuple[LiveTeacher, dict]:
-    """The source model as teacher on the healing text (in order, never shuffled) and the held-out text."""
+def _teacher_samples(model, teacher_tokenizer, heal_text: str, options: HealOptions, work: Path, console) -> tuple[list[str], dict]:
+    """sample_tokens(options) of the teacher's own text (distill/samples.py), kept in `work` for --resume."""
+    import json
+
+    from rich.progress import Progress
+
+    from qwenforge.distill.samples import sample_text
+
+    wanted = sample_tokens(options)
+    saved = work / "teacher_samples.json"
+    if saved.exists():
+        record = json.loads(saved.read_text())
+        if record["tokens"] == wanted and record["seed"] == options.seed:
+            return record["texts"], {"tokens": wanted, "samples": len(record["texts"]), "seconds": record["seconds"]}
+    started = time.perf_counter()
+    with Progress(console=console, transient=False, disable=console is None) as progress:
+        task = progress.add_task(f"sampling {wanted:,} tokens of healing text from the teacher", total=None)
+        texts = sample_text(model, teacher_tokenizer, heal_text, wanted, seed=options.seed, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    seconds = time.perf_counter() - started
+    work.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"tokens": wanted, "seed": options.seed, "seconds": seconds, "texts": texts}))
+    return texts, {"tokens": wanted, "samples": len(texts), "seconds": seconds}
+
+
+def _live_teacher(teacher_dir: Path, vocabulary, tokenizer, options: HealOptions, teacher_tokenizer=None, work: Path | None = None, console=None) -> tuple[LiveTeacher, dict]:
+    """The source model as teacher on the healing text (in order, never shuffled; the teacher's samples
+    after it) and the held-out text."""
     text_path = Path(options.text) if options.text else default_text("calibration.txt")
     heldout_path = Path(options.heldout) if options.heldout else default_text("heldout.txt")
     for path in (text_path, heldout_path):
@@ -406,8 +425,12 @@ def _live_teacher(teacher_dir: Path, vocabulary, tokenizer, options: HealOptions
     train = token_sequences(tokenizer, heal_text, options.sequence_length, options.heal_tokens, str(text_path))
     heldout = token_sequences(tokenizer, heldout_text, options.sequence_length, options.eval_tokens, str(heldout_path))
     model = _load(teacher_dir, "teacher")
+    samples = None
+    if sample_tokens(options) and work is not None:
+        texts, samples = _teacher_samples(model, teacher_tokenizer or tokenizer, heal_text, options, work, console)
+        train = train + token_sequences(tokenizer, "\n\n".join(texts), options.sequence_length, None, "the teacher's samples")
     teacher = LiveTeacher(model, vocabulary, train, heldout, byte_counts(tokenizer, heldout), Schedule(len(train), options.batch_size))
-    return teacher, {"text": text_path, "heldout": heldout_path, "heldout_text": heldout_text}
+    return teacher, {"text": text_path, "heldout": heldout_path, "heldout_text": heldout_text, "samples": samples}
 
 
 def _stored_teacher(folder: Path, teacher_tokenizer, tokenizer, teacher_config: dict, student_rows: int, options: HealOptions) -> tuple[StoredTeacher, dict]:
@@ -483,9 +506,17 @@ def heal(
     if len(shared_vocabulary.student_ids) == 0:
         raise QwenforgeError(f"{converted} and {teacher_dir} share no vocabulary (no token of the same string); heal needs the converted model's source as --teacher")
     _check_layers(teacher_config, student_config, options.method)
+    if options.train == "vocabulary" and options.method not in CLOSED_FORM:
+        vocab_heal.new_ids(shared_vocabulary, student_rows, tokenizer, converted)  # refuses a student with no new token before any work
+    if teacher_logits is not None and options.sample_tokens:
+        raise QwenforgeError(f"{teacher_logits}: --sample-tokens samples from the live teacher; drop it or heal with --teacher instead of --teacher-logits")
     estimate = _check_memory(teacher_dir, teacher_config, converted, student_config, options, teacher_logits)
+    work = engine.progress_folder(out, "heal")
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
     if teacher_logits is None:
-        teacher, texts = _live_teacher(teacher_dir, shared_vocabulary, tokenizer, options)
+        sampling_work = None if options.method in CLOSED_FORM else work
+        teacher, texts = _live_teacher(teacher_dir, shared_vocabulary, tokenizer, options, teacher_tokenizer, sampling_work, console)
         text_path, heldout_path, store_facts = texts["text"], texts["heldout"], None
     else:
         teacher, store_facts = _stored_teacher(teacher_logits, teacher_tokenizer, tokenizer, teacher_config, student_rows, options)
@@ -504,12 +535,16 @@ def heal(
     if options.method in CLOSED_FORM:
         return _finish_closed_form(student, converted, out, options, header, before, evaluate, started, force, teacher, in_formats)
     anchored = anchor_qk_norms(student, _anchor_ids(teacher)) if options.method == "anchor+global" else None
-    named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
+    forward, row_map_facts = student, None
+    if options.train == "vocabulary":
+        maps, row_map_facts = vocab_heal.row_maps(student, tokenizer, converted, teacher_dir, shared_vocabulary)
+        named = {f"{m.name}.map": m.map for m in maps}
+        forward = lambda ids: vocab_heal.forward(student, maps, ids)  # noqa: E731
+        evaluate = lambda: (vocab_heal.write(student, maps), teacher.evaluate(student))[1]  # noqa: E731
+    else:
+        named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
     learning_rate = options.learning_rate or LEARNING_RATES[options.train]
-    work = engine.progress_folder(out, "heal")
-    if not resume:
-        shutil.rmtree(work, ignore_errors=True)
-    results, history_by_phase = _run_phases(student, teacher, named, evaluate, options, learning_rate, work, resume, console)
+    results, history_by_phase = _run_phases(student, teacher, named, evaluate, options, learning_rate, work, resume, console, forward)
 
     after = evaluate()
     merge_low_rank(student)
@@ -525,6 +560,8 @@ def heal(
         "memory_estimate_bytes": estimate,
         "trainable_parameters": sum(p.numel() for p in named.values()),
         "anchored": anchored,
+        "vocabulary_map": row_map_facts,
+        "teacher_samples": texts["samples"] if teacher_logits is None else None,
         "before": before,
         "after": after,
         "phases": {
@@ -539,9 +576,11 @@ def heal(
     return report
 
 
-def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, learning_rate: float, work: Path, resume: bool, console):
+def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, learning_rate: float, work: Path, resume: bool, console, forward=None):
     """The gradient phases of `options.method` in order, each one `engine.run_loop` checkpointed under `work/PHASE`
-    (a finished phase is picked up by --resume); returns (loop result, history on one time axis) per phase."""
+    (a finished phase is picked up by --resume); returns (loop result, history on one time axis) per phase.
+    `forward(ids)`: the student's output (default: the student itself)."""
+    forward = forward or student
     phases = {"layerwise": ["layerwise"], "global": ["global"], "layerwise+global": ["layerwise", "global"], "anchor+global": ["global"]}[options.method]
     shares = {"layerwise": options.layerwise_share if len(phases) == 2 else 1.0, "global": 1 - options.layerwise_share if len(phases) == 2 else 1.0}
     results: dict[str, engine.LoopResult] = {}
@@ -549,7 +588,6 @@ def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, l
     offset_seconds = 0.0
     # after a transplant the KL sees shared tokens only; bits per byte also counts the new ones
     score = "bits_per_byte" if options.train == "vocabulary" else "kl"
-    rows = batch_rows_only(named) if options.train == "vocabulary" else {}
     for phase in phases:
         if phase == "layerwise":  # on the teacher's own input stream: each converted attention gets the source's hidden states
             targets = [capture_attention_io(teacher.model, *teacher.vocabulary.inputs(teacher.batch(step).ids)[:2]) for step in range(teacher.schedule.per_epoch())]
@@ -559,8 +597,7 @@ def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, l
 
             def step_loss(step: int) -> torch.Tensor:
                 batch = teacher.batch(step)
-                rows["ids"] = batch.ids.unique()
-                return teacher.loss(student(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, ce_weight(options))
+                return teacher.loss(forward(batch.ids[:, :-1]).logits, batch, options.divergence, options.temperature, ce_weight(options))
 
         checkpoint = work / phase  # engine.save_progress's layout, as `distill train` keeps it
         saved = engine.load_progress(checkpoint, named) if resume else None  # copies the saved weights in
