@@ -209,7 +209,8 @@ def run_loop(
     bad_evals = len(result.history) - 1 - result.history.index(result.best)  # evaluations since the best (resume)
     started = time.perf_counter() - elapsed
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("{task.fields[status]}")]
-    status = lambda: f"KL {result.best['kl']:.4f} top-1 {result.best['top1_agreement']:.1%}"  # noqa: E731
+    shown = {"kl": "KL", "bits_per_byte": "bits/byte"}.get(score, score)  # the figure that picks the step
+    status = lambda: f"{shown} {result.best[score]:.4f} top-1 {result.best['top1_agreement']:.1%}"  # noqa: E731
     with Progress(*columns, console=console, transient=False, disable=console is None) as progress:
         task = progress.add_task(label, total=settings.steps, completed=start_step, status=status())
         loss_value = float("nan")
@@ -233,7 +234,7 @@ def run_loop(
                     best_state = {name: p.detach().clone() for name, p in named_parameters.items()}
                 else:
                     bad_evals += 1
-                progress.update(task, status=f"held-out KL {row['kl']:.4f} top-1 {row['top1_agreement']:.1%} | best {status()}")
+                progress.update(task, status=f"held-out {shown} {row[score]:.4f} top-1 {row['top1_agreement']:.1%} | best {status()}")
                 if on_checkpoint:
                     on_checkpoint({"step": result.steps, "seconds": row["seconds"], "history": result.history, "optimizer": optimizer.state_dict(), "best_state": best_state})
                 if bad_evals >= settings.patience:
