@@ -411,7 +411,7 @@ def _teacher_samples(model, teacher_tokenizer, heal_text: str, options: HealOpti
     return texts, {"tokens": wanted, "samples": len(texts), "seconds": seconds}
 
 
-def _live_teacher(teacher_dir: Path, vocabulary, tokenizer, options: HealOptions, teacher_tokenizer=None, work: Path | None = None, console=None) -> tuple[LiveTeacher, dict]:
+def _live_teacher(teacher_dir: Path, vocabulary, tokenizer, teacher_tokenizer, options: HealOptions, work: Path | None, console) -> tuple[LiveTeacher, dict]:
     """The source model as teacher on the healing text (in order, never shuffled; the teacher's samples
     after it) and the held-out text."""
     text_path = Path(options.text) if options.text else default_text("calibration.txt")
@@ -427,7 +427,7 @@ def _live_teacher(teacher_dir: Path, vocabulary, tokenizer, options: HealOptions
     model = _load(teacher_dir, "teacher")
     samples = None
     if sample_tokens(options) and work is not None:
-        texts, samples = _teacher_samples(model, teacher_tokenizer or tokenizer, heal_text, options, work, console)
+        texts, samples = _teacher_samples(model, teacher_tokenizer, heal_text, options, work, console)
         train = train + token_sequences(tokenizer, "\n\n".join(texts), options.sequence_length, None, "the teacher's samples")
     teacher = LiveTeacher(model, vocabulary, train, heldout, byte_counts(tokenizer, heldout), Schedule(len(train), options.batch_size))
     return teacher, {"text": text_path, "heldout": heldout_path, "heldout_text": heldout_text, "samples": samples}
@@ -516,7 +516,7 @@ def heal(
         shutil.rmtree(work, ignore_errors=True)
     if teacher_logits is None:
         sampling_work = None if options.method in CLOSED_FORM else work
-        teacher, texts = _live_teacher(teacher_dir, shared_vocabulary, tokenizer, options, teacher_tokenizer, sampling_work, console)
+        teacher, texts = _live_teacher(teacher_dir, shared_vocabulary, tokenizer, teacher_tokenizer, options, sampling_work, console)
         text_path, heldout_path, store_facts = texts["text"], texts["heldout"], None
     else:
         teacher, store_facts = _stored_teacher(teacher_logits, teacher_tokenizer, tokenizer, teacher_config, student_rows, options)

@@ -37,9 +37,9 @@ class RowMap:
 
 
 def _float_rows(reader: MappedReader, name: str, ids: list[int]) -> torch.Tensor:
-    from qwenforge.checkpoint.dtypes import to_float32
+    from qwenforge.convert.vocab import read_rows  # the conversion's own row reader
 
-    return torch.from_numpy(to_float32(reader.rows(name, ids), reader.tensors[name].dtype).copy())
+    return torch.from_numpy(read_rows(reader, name, ids).copy())
 
 
 def _matrix_name(reader: MappedReader, head: bool) -> str:
