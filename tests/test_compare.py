@@ -105,6 +105,21 @@ def test_different_tokenizers_compare_bits_per_byte_only(tiny_other_vocab, embed
     assert result["reference"]["bits_per_byte"] < 2.0 < result["candidate"]["bits_per_byte"]
 
 
+def test_formats_across_a_transplant_compare_bits_per_byte(tiny, tiny_other_vocab):
+    """Another tokenization has no position-wise top-1 or KL, so each format compares bits per byte, each
+    model reading the text its own way, and the tables say so instead of failing."""
+    other = compare.load(tiny_other_vocab)
+    plain = compare.fidelity(tiny, other, TEXT)
+    rows = compare.format_fidelity(tiny, other, TEXT, ["bf16", "q8_0"])
+    for row in rows.values():
+        assert row["top1"] is None and row["kl"] is None
+        assert row["bits_per_byte_ratio"] == pytest.approx(row["bits_per_byte"] / row["source_bits_per_byte"])
+        assert row["bits_per_byte"] == pytest.approx(plain["candidate"]["bits_per_byte"], rel=0.05)  # a format moves a model a little
+    assert rows["q8_0"]["bits_per_byte"] != plain["candidate"]["bits_per_byte"]  # and the format was applied
+    assert compare.fidelity(tiny, other, TEXT)["candidate"] == plain["candidate"]  # then taken off again
+    assert "      -       -" in compare.formats_table(rows)
+
+
 def test_gguf_blocks_follow_llama_cpp_rules_and_tiny_weights_vanish():
     """Q8_0: 32-value blocks, one float16 scale max|x|/127 each; a linearized weight (~1e-8) has a scale that
     float16 flushes to zero, so the whole block dequantizes to 0 (the issue's 5.1% top-1)."""

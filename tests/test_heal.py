@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from qwenforge.distill import engine
 from qwenforge.errors import QwenforgeError
-from qwenforge.heal import HealOptions, heal, linearize_qk_norms, merge_low_rank, trainable_parameters
+from qwenforge.heal import PROJECTIONS, HealOptions, heal, linearize_qk_norms, merge_low_rank, trainable_parameters
 
 DATA = Path(__file__).parents[1] / "src" / "qwenforge" / "data"
 
@@ -442,6 +442,7 @@ def test_heal_maps_every_new_row_after_a_transplant(request, tiny_other_vocab, t
     """--train vocabulary (a transplant to another tokenizer) learns one map of the new tokens' rows, from
     the donor's rows where the conversion projected them (else the source's rows of their pieces): every
     new row moves, those of tokens the healing text never holds included, shared rows stay as copied;
+    every layer projection takes a merged low-rank update, the norms stay;
     the teacher's samples join the text; held-out bits per byte, which picks the step, falls (the tiny random
     teacher is no model of the text, so this test learns from the text alone: --ce-weight 1)."""
     from safetensors.torch import load_file
@@ -452,27 +453,32 @@ def test_heal_maps_every_new_row_after_a_transplant(request, tiny_other_vocab, t
     source = request.getfixturevalue(source)
     converted = tmp_path / "converted"
     convert(source, converted, tokenizer=tiny_other_vocab, donor=tiny_other_vocab if with_donor else None, qk_norm="ones", measure=False, accept_lossy=True)
-    report = heal(converted, tmp_path / "healed", source, _quick(train="vocabulary", method="global", steps=12, heal_tokens=2000, sample_tokens=512, ce_weight=1.0))
+    report = heal(converted, tmp_path / "healed", source, _quick(train="vocabulary", method="global", steps=12, heal_tokens=2000, sample_tokens=512, ce_weight=1.0, formats="q8_0"))
     assert report["after"]["bits_per_byte"] < report["before"]["bits_per_byte"] and report["phases"]["global"]["best_step"] > 0
     best = min(report["phases"]["global"]["history"], key=lambda row: row["bits_per_byte"])
     assert best["step"] == report["phases"]["global"]["best_step"]
     assert report["teacher_samples"]["tokens"] == 512 and report["teacher_samples"]["samples"] == 4
     assert ("donor" in report["vocabulary_map"]["features"]) == with_donor
+    quantized = report["formats"]["q8_0"]  # another tokenization: bits per byte in the format, each model reading the text its own way
+    assert quantized["top1"] is None and quantized["bits_per_byte_ratio"] == pytest.approx(quantized["bits_per_byte"] / quantized["source_bits_per_byte"])
     before, after = load_file(converted / "model.safetensors"), load_file(tmp_path / "healed" / "model.safetensors")
     moved = {name for name in before if not torch.equal(before[name], after[name])}
-    assert "model.embed_tokens.weight" in moved and moved <= {"model.embed_tokens.weight", "lm_head.weight"}
+    rows = moved & {"model.embed_tokens.weight", "lm_head.weight"}
+    assert "model.embed_tokens.weight" in rows
+    assert moved - rows == {name for name in before if name.split(".")[-2] in PROJECTIONS and name.endswith(".weight")}
     tokenizer, teacher_vocab = AutoTokenizer.from_pretrained(converted), AutoTokenizer.from_pretrained(source).get_vocab()
     new = {i for token, i in tokenizer.get_vocab().items() if token not in teacher_vocab}
     seen = set(tokenizer(DATA.joinpath("calibration.txt").read_text())["input_ids"])
-    for name in moved:
+    for name in rows:
         changed = set((before[name] != after[name]).any(-1).nonzero().flatten().tolist())
         assert changed == new, (name, sorted(changed ^ new)[:10])
     assert new - seen, "the healing text holds every new token; the test shows nothing about the others"
     assert report["vocabulary_map"]["new_tokens"] == len(new)
     hidden = before["model.embed_tokens.weight"].shape[1]
     width = load_file(tiny_other_vocab / "model.safetensors")["model.embed_tokens.weight"].shape[1] if with_donor else 3 * hidden
-    assert sorted(report["vocabulary_map"]["maps"]) == sorted(moved)  # a tied head is its embedding: one map
-    assert report["trainable_parameters"] == len(moved) * (width + 1) * hidden
+    assert sorted(report["vocabulary_map"]["maps"]) == sorted(rows)  # a tied head is its embedding: one map
+    low_rank = sum(16 * sum(before[name].shape) for name in moved - rows)
+    assert report["trainable_parameters"] == len(rows) * (width + 1) * hidden + low_rank
 
 
 def test_vocabulary_heal_refuses_a_student_without_new_tokens(tiny_llama, tiny_converted, tmp_path):

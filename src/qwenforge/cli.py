@@ -159,7 +159,7 @@ def convert(
         None, "--heal", help="Heal OUT right after converting, with the source as teacher: a `qwenforge heal --method` (e.g. layerwise+global, linearize)."
     ),
     heal_minutes: Optional[float] = typer.Option(None, "--heal-minutes", help="Time budget for --heal."),
-    heal_train: str = typer.Option("norms+qk-lora", "--heal-train", help="What --heal trains (heal --train): norms, norms+qk-lora, attention, or vocabulary (after --tokenizer: one map places every new token's row, learning from the source and its own samples)."),
+    heal_train: str = typer.Option("norms+qk-lora", "--heal-train", help="What --heal trains (heal --train): norms, norms+qk-lora, attention, or vocabulary (after --tokenizer: one map places every new token's row and low-rank updates teach the layers the new tokenization, learning from the source and its own samples)."),
     formats: str = typer.Option("bf16,fp16,q8_0", "--formats", help="Also measure source and result each put in these formats (compare --formats; 'none' skips)."),
     accept_lossy: bool = typer.Option(False, "--accept-lossy", help="Exit 0 even when the measured fidelity shows a broken model (top-1 below 50% or bits/byte above x1.5)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory one loaded model may take while measuring (e.g. 16GiB); layers beyond it are read from disk as they run (default: 40% of available memory; env QWENFORGE_MAX_MEMORY)."),
@@ -314,7 +314,7 @@ def heal(
     text: Optional[Path] = typer.Option(None, "--text", help="Healing text (.txt); default: the packaged calibration text."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Evaluation text, different from --text; default: the packaged held-out text."),
     steps: int = typer.Option(300, "--steps", help="Steps per phase (layerwise, global)."),
-    train: str = typer.Option("norms+qk-lora", "--train", help="What is trained: norms, norms+qk-lora (merged back), attention, or vocabulary (after convert --tokenizer: one map that places every new token's embedding and head row)."),
+    train: str = typer.Option("norms+qk-lora", "--train", help="What is trained: norms, norms+qk-lora (merged back), attention, or vocabulary (after convert --tokenizer: one map that places every new token's embedding and head row, plus low-rank updates of every layer projection, merged back)."),
     method: Optional[str] = typer.Option(
         None, "--method", help="anchor (default where q/k biases were kept: closed form, weights in range), anchor+global, global, layerwise, layerwise+global (default otherwise; global with --teacher-logits), or linearize (exact in float32/bfloat16 only; fragile in float16, GGUF and training)."
     ),
@@ -322,7 +322,7 @@ def heal(
     divergence: str = typer.Option("forward", "--divergence", help="forward, reverse, jsd or tvd (global phase)."),
     temperature: float = typer.Option(1.0, "--temperature"),
     learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default depends on --train."),
-    lora_rank: int = typer.Option(16, "--lora-rank"),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="Rank of the low-rank updates (q/k with norms+qk-lora, every projection with vocabulary)."),
     ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help="Cross-entropy on the text's own tokens, as a share of the global loss (1 = no teacher; default 0.5 with --train vocabulary, where new tokens have no teacher probability, else 0)."),
     sample_tokens: Optional[int] = typer.Option(
         None, "--sample-tokens", help="Also heal on this many tokens of text the teacher writes itself, prompted by --text (its own distribution: distillation with as much text as wanted; default 32768 with --train vocabulary, else 0)."

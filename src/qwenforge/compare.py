@@ -1,7 +1,8 @@
 """`qwenforge compare A B --text FILE`: what a change to a model cost, measured on text.
 
 Bits per byte (tokenizer-independent, so it holds across a vocabulary transplant) for both;
-where both tokenize the text identically, also mean KL(A||B), top-1 agreement and perplexity,
+where both tokenize the text identically, also mean KL(A||B), top-1 agreement and perplexity
+(--formats: per format too; across a transplant, bits per byte per format),
 and per-layer hidden-state cosine where the shapes match. Other stages (heal) call
 `fidelity(reference, candidate, text)` with folders or already-loaded (model, tokenizer) pairs.
 """
@@ -169,8 +170,9 @@ def format_fidelity(
 ) -> dict:
     """Per format (formats.py): the source and the candidate both put in it, each scored against the float32 source.
 
-    {format: {"source_top1", "top1", "kl", "bits_per_byte_ratio" (candidate in it / source in it)}}. Same
-    tokenizer only: a per-format figure of a vocabulary transplant would be bits per byte alone.
+    {format: {"source_top1", "top1", "kl", "bits_per_byte_ratio" (candidate in it / source in it)}}. A
+    candidate of another tokenization (a vocabulary transplant) has no position-wise top-1 or KL, so
+    each model reads the text its own way and only bits per byte is compared (top-1 and KL are None).
     `cache` (a dict kept by the caller) keeps the source's figures when one source meets many candidates.
     """
     from qwenforge.formats import formatted
@@ -179,11 +181,24 @@ def format_fidelity(
     cand_model, cand_tok = load(candidate)
     text = text_prefix(ref_tok, text, max_tokens)
     ids = torch.tensor(ref_tok(text, add_special_tokens=False).input_ids)
+    cache = {} if cache is None else cache
     if not torch.equal(ids, torch.tensor(cand_tok(text, add_special_tokens=False).input_ids)):
-        raise QwenforgeError("--formats needs both models to tokenize the text identically; compare bits per byte without --formats")
+        results = {}
+        for name in formats:
+            figures = {}
+            for role, pair in (("source", (ref_model, ref_tok)), ("candidate", (cand_model, cand_tok))):
+                if role == "source" and (name, text, "own") in cache:
+                    figures[role] = cache[(name, text, "own")]
+                    continue
+                with formatted(pair[0], name):
+                    figures[role] = bits_per_byte(pair, text, window)["bits_per_byte"]
+                if role == "source":
+                    cache[(name, text, "own")] = figures[role]
+            results[name] = {"source_top1": None, "top1": None, "kl": None, "source_bits_per_byte": figures["source"], "bits_per_byte": figures["candidate"],
+                             "bits_per_byte_ratio": figures["candidate"] / figures["source"]}
+        return results
     shared = shared_ids(ref_tok, cand_tok, ref_model.get_output_embeddings().weight.shape[0], cand_model.get_output_embeddings().weight.shape[0])
     batches = list(_batches(ids, window))
-    cache = {} if cache is None else cache
     reference_logprobs = None
     predicted_bytes = len(text.encode()) - len(ref_tok.decode(ids[:1]).encode())
     results = {}
@@ -258,7 +273,8 @@ def formats_table(formats: dict) -> str:
     lines = [f"{'format':<7} {'source top-1':>12} {'top-1':>7} {'bits/byte ratio':>16}"]
     for name, row in formats.items():
         if name != "lora":
-            lines.append(f"{name:<7} {100 * row['source_top1']:>11.1f}% {100 * row['top1']:>6.1f}% {row['bits_per_byte_ratio']:>15.4f}x")
+            top1 = ("-", "-") if row["top1"] is None else (f"{100 * row['source_top1']:.1f}%", f"{100 * row['top1']:.1f}%")  # None: another tokenization
+            lines.append(f"{name:<7} {top1[0]:>12} {top1[1]:>7} {row['bits_per_byte_ratio']:>15.4f}x")
     if "lora" in formats:
         lora = formats["lora"]
         lines.append(f"LoRA {lora['steps']} steps: held-out bits/byte source {lora['source_before']:.4f} -> {lora['source_after']:.4f}, "

@@ -19,7 +19,8 @@ Qwen3 model the student. Methods:
 Only what the conversion changed is trained (`--train norms`: q_norm/k_norm; `norms+qk-lora`:
 plus low-rank q/k updates merged back; `attention`: every attention weight; `vocabulary`: after a
 transplant to another tokenizer, one map that places every new token's embedding/head row
-(vocab_heal.py), with cross-entropy on the text beside the KL and text sampled from the teacher
+(vocab_heal.py) and low-rank updates of every layer's projections, merged back, so the layers learn
+to read and predict the new tokenization, with cross-entropy on the text beside the KL and text sampled from the teacher
 (distill/samples.py); benchmarks/vocab_transplant.py). Held-out KL picks the best checkpoint (bits
 per byte with --train vocabulary: the KL sees shared tokens only); the output is a plain Qwen3
 checkpoint plus heal_report.json and a plot.
@@ -92,6 +93,8 @@ class HealOptions(engine.LoopOptions):
 # --train vocabulary's rate is relative: its map's features are scaled so a step moves a row by at most
 # rate x the rows' RMS (vocab_heal.py).
 LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 0.1}
+# ... and its layers' low-rank updates train at this share of that rate (0.1 -> 1e-3, a plain LoRA rate)
+BODY_RATE = 1e-2
 # --train vocabulary: a transplant's new tokens have no teacher probability (the KL sees shared tokens
 # only), so half the loss is cross-entropy on the text, and the text is mostly the teacher's own samples
 # (the packaged calibration text is 1,032 tokens) (benchmarks/vocab_transplant.py).
@@ -131,38 +134,48 @@ class LowRankDelta(torch.nn.Module):
 
 
 def trainable_parameters(student, train: str, lora_rank: int = 16, seed: int = 0) -> dict[str, torch.nn.Parameter]:
-    """Freeze the student, then open (or attach) exactly what `train` names; returns name -> parameter."""
-    from torch.nn.utils import parametrize
-
+    """Freeze the student, then open (or attach) exactly what `train` names; returns name -> parameter.
+    `vocabulary` opens the body's low-rank updates here; its row maps come from vocab_heal.row_maps."""
     if train not in TRAIN_CHOICES:
         raise QwenforgeError(f"--train {train}: choose one of {', '.join(TRAIN_CHOICES)}")
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     if train == "vocabulary":
-        raise QwenforgeError("--train vocabulary trains a map of the new rows (vocab_heal.row_maps), not the student's own weights")
-    for index, layer in enumerate(student.model.layers):
+        attach_low_rank(student, PROJECTIONS, lora_rank, seed)
+    for layer in student.model.layers if train != "vocabulary" else ():
         attention = layer.self_attn
         if not hasattr(attention, "q_norm"):
             raise QwenforgeError("the converted model has no q_norm/k_norm; heal expects a Qwen3 checkpoint (qwenforge convert writes one)")
         opened = [attention.q_norm.weight, attention.k_norm.weight]
         if train == "attention":
             opened += [m.weight for m in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)]
-        if train == "norms+qk-lora":
-            for offset, projection in enumerate((attention.q_proj, attention.k_proj)):
-                parametrize.register_parametrization(projection, "weight", LowRankDelta(projection.weight, lora_rank, seed + 2 * index + offset))
         for parameter in opened:
             parameter.requires_grad_(True)
+    if train == "norms+qk-lora":
+        attach_low_rank(student, ("q_proj", "k_proj"), lora_rank, seed)
     return {name: p for name, p in student.named_parameters() if p.requires_grad}
 
 
-def merge_low_rank(student) -> None:
-    """Fold every low-rank delta into its weight: the student is a plain Qwen3 model again."""
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def attach_low_rank(student, names: tuple[str, ...], rank: int, seed: int) -> None:
+    """A trainable W + B @ A on each named projection of every layer (merge_low_rank folds them back)."""
     from torch.nn.utils import parametrize
 
-    for layer in student.model.layers:
-        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-            if parametrize.is_parametrized(projection, "weight"):
-                parametrize.remove_parametrizations(projection, "weight", leave_parametrized=True)
+    for index, layer in enumerate(student.model.layers):
+        for offset, name in enumerate(names):
+            projection = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+            parametrize.register_parametrization(projection, "weight", LowRankDelta(projection.weight, rank, seed + len(names) * index + offset))
+
+
+def merge_low_rank(student) -> None:
+    """Fold every low-rank delta into its weight: the student is a plain checkpoint again."""
+    from torch.nn.utils import parametrize
+
+    for module in list(student.model.layers.modules()):
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 def linearize_qk_norms(student, margin: float = 1e-2) -> dict:
@@ -350,13 +363,6 @@ def _teacher_tokenizer(teacher_dir: Path, student_dir: Path, student_tokenizer):
     return student_tokenizer if same_file else AutoTokenizer.from_pretrained(teacher_dir)
 
 
-def _same_ids(teacher_tokenizer, student_tokenizer, text: str) -> bool:
-    """Whether both tokenizers give `text` the same ids (a transplant that only adds tokens, e.g. Qwen2.5 -> Qwen3)."""
-    if teacher_tokenizer is student_tokenizer:
-        return True
-    return teacher_tokenizer(text, add_special_tokens=False)["input_ids"] == student_tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _check_layers(teacher_config: dict, student_config: dict, method: str) -> None:
     teacher_layers, student_layers = teacher_config.get("num_hidden_layers"), student_config.get("num_hidden_layers")
     if "layerwise" in method and teacher_layers != student_layers:
@@ -527,7 +533,7 @@ def heal(
 
     before = evaluate()
     in_formats = None
-    if teacher_logits is None and options.formats and _same_ids(teacher_tokenizer, tokenizer, texts["heldout_text"]):  # per format needs one tokenization
+    if teacher_logits is None and options.formats:  # another tokenization (a transplant) is compared by bits per byte alone
         from qwenforge.compare import format_fidelity
         from qwenforge.formats import parse_formats
 
@@ -535,16 +541,19 @@ def heal(
     if options.method in CLOSED_FORM:
         return _finish_closed_form(student, converted, out, options, header, before, evaluate, started, force, teacher, in_formats)
     anchored = anchor_qk_norms(student, _anchor_ids(teacher)) if options.method == "anchor+global" else None
-    forward, row_map_facts = student, None
+    forward, row_map_facts, rates = student, None, None
+    learning_rate = options.learning_rate or LEARNING_RATES[options.train]
     if options.train == "vocabulary":
+        body = trainable_parameters(student, options.train, options.lora_rank, options.seed)  # the layers adapt to the new tokenization
         maps, row_map_facts = vocab_heal.row_maps(student, tokenizer, converted, teacher_dir, shared_vocabulary)
-        named = {f"{m.name}.map": m.map for m in maps}
+        named = {f"{m.name}.map": m.map for m in maps} | body
+        rates = {name: learning_rate * BODY_RATE for name in body}
+        row_map_facts |= {"layers": {"projections": list(PROJECTIONS), "rank": options.lora_rank, "learning_rate": learning_rate * BODY_RATE}}
         forward = lambda ids: vocab_heal.forward(student, maps, ids)  # noqa: E731
         evaluate = lambda: (vocab_heal.write(student, maps), teacher.evaluate(student))[1]  # noqa: E731
     else:
         named = trainable_parameters(student, options.train, options.lora_rank, options.seed)
-    learning_rate = options.learning_rate or LEARNING_RATES[options.train]
-    results, history_by_phase = _run_phases(student, teacher, named, evaluate, options, learning_rate, work, resume, console, forward)
+    results, history_by_phase = _run_phases(student, teacher, named, evaluate, options, learning_rate, work, resume, console, forward, rates)
 
     after = evaluate()
     merge_low_rank(student)
@@ -576,10 +585,10 @@ def heal(
     return report
 
 
-def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, learning_rate: float, work: Path, resume: bool, console, forward=None):
+def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, learning_rate: float, work: Path, resume: bool, console, forward=None, rates=None):
     """The gradient phases of `options.method` in order, each one `engine.run_loop` checkpointed under `work/PHASE`
     (a finished phase is picked up by --resume); returns (loop result, history on one time axis) per phase.
-    `forward(ids)`: the student's output (default: the student itself)."""
+    `forward(ids)`: the student's output (default: the student itself); `rates`: run_loop's per-parameter rates."""
     forward = forward or student
     phases = {"layerwise": ["layerwise"], "global": ["global"], "layerwise+global": ["layerwise", "global"], "anchor+global": ["global"]}[options.method]
     shares = {"layerwise": options.layerwise_share if len(phases) == 2 else 1.0, "global": 1 - options.layerwise_share if len(phases) == 2 else 1.0}
@@ -613,7 +622,7 @@ def _run_phases(student, teacher, named: dict, evaluate, options: HealOptions, l
             resumed = {key: saved[key] for key in ("start_step", "elapsed", "history", "optimizer_state", "best_state")} if saved else {}
             results[phase] = engine.run_loop(
                 named, step_loss, evaluate, settings, label=f"heal {phase}", console=console,
-                on_checkpoint=lambda state, checkpoint=checkpoint: engine.save_progress(checkpoint, named, state), score=score, **resumed,
+                on_checkpoint=lambda state, checkpoint=checkpoint: engine.save_progress(checkpoint, named, state), score=score, rates=rates, **resumed,
             )
             final = {"step": results[phase].steps, "seconds": results[phase].seconds, "history": results[phase].history,
                      "optimizer": {"state": {}, "param_groups": []}, "best_state": {name: p.detach() for name, p in named.items()}}

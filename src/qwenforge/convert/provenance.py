@@ -152,7 +152,8 @@ def format_lines(formats: dict | None) -> list[str]:
     for name, row in formats.items():
         if name == "lora":
             continue
-        lines.append(f"| {name} | {100 * row['source_top1']:.1f}% | {100 * row['top1']:.1f}% | x{row['bits_per_byte_ratio']:.4f} |")
+        top1 = ("-", "-") if row["top1"] is None else (f"{100 * row['source_top1']:.1f}%", f"{100 * row['top1']:.1f}%")  # None: another tokenization
+        lines.append(f"| {name} | {top1[0]} | {top1[1]} | x{row['bits_per_byte_ratio']:.4f} |")
     if "lora" in formats:
         lora = formats["lora"]
         lines += ["", f"After {lora['steps']} LoRA steps (r={lora['rank']}, lr {lora['learning_rate']:g}, same data): held-out bits/byte "

@@ -411,7 +411,7 @@ def _measure(folder: Path, source, text: str, fidelity_tokens: int, formats: str
     converted = compare.load(folder, max_memory)
     reference = compare.load(source, max_memory)
     fidelity = compare.fidelity(reference, converted, text, max_tokens=fidelity_tokens)
-    if formats and fidelity["same_tokenization"]:
+    if formats:
         from qwenforge.formats import parse_formats
 
         fidelity["formats"] = compare.format_fidelity(reference, converted, text, parse_formats(formats)[0], max_tokens=fidelity_tokens)

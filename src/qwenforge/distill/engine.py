@@ -182,6 +182,7 @@ def run_loop(
     best_state: dict[str, torch.Tensor] | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
     score: str = "kl",
+    rates: dict[str, float] | None = None,
 ) -> LoopResult:
     """Train `named_parameters` on `step_loss(step)`; evaluate every `eval_every` steps.
 
@@ -190,11 +191,15 @@ def run_loop(
     budget, the time budget, or after `patience` evaluations without improvement.
     `on_checkpoint` receives the loop state after each evaluation (for --resume: `save_progress`);
     the learning rate is constant, so step, optimizer moments and best weights are the whole state.
+    `rates`: a learning rate of their own for some parameters (by name); the rest take settings.learning_rate.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    parameters = list(named_parameters.values())
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
+    rates = rates or {}
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, parameter in named_parameters.items():
+        groups.setdefault(rates.get(name, settings.learning_rate), []).append(parameter)
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], weight_decay=0.0)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     result = LoopResult(history=list(history or []), steps=start_step)
