@@ -1,7 +1,8 @@
 """Vocabulary transplant: qwenforge's new-token methods against mergekit-tokensurgeon on one job, then a heal.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/vocab_transplant.py --source SMOL [--donor QWEN25] \
-        [--mk-venv /work/mk-venv] [--work /tmp/vt/bench] [--heal-minutes 4] [--reuse-baselines]
+        [--mk-venv /work/mk-venv] [--work /tmp/vt/bench] [--heal-minutes 4] [--reuse-baselines] \
+        [--formats bf16,fp16,q8_0,q4_k_m,lora] [--reuse-heal]
 
 (--reuse-baselines: measure tokensurgeon outputs already in --work, e.g. symlinks to earlier runs;
 OMP at tokensurgeon's default k=64 is hours on one CPU thread, so the OMP arm here uses k=8.)
@@ -17,10 +18,14 @@ between arms: every arm keeps the source's Llama layers and only its embedding/h
 Each arm: held-out bits per byte on src/qwenforge/data/heldout.txt under its own tokenizer (the text
 after one <|endoftext|>, every byte predicted, summed NLL / UTF-8 bytes), so different tokenizers
 compare. Then the best qwenforge arm is healed for --heal-minutes with `qwenforge.heal.heal`
-(--train vocabulary: one learned map places every new token's row, trained on KL against the source
-across vocabularies plus cross-entropy on the calibration text and the source's own samples; the
---heal-minutes budget is the training loop's, the sampling before it is reported apart) and measured
-the same way.
+(--train vocabulary: one learned map places every new token's row and rank-16 updates of every layer
+projection teach the layers the new tokenization, trained on KL against the source across vocabularies
+plus cross-entropy on the calibration text and the source's own samples; the --heal-minutes budget is
+the training loop's, the sampling before it is reported apart) and measured the same way.
+--formats: the transplant and the healed model, each against the source put in the same format
+(`qwenforge compare --formats`: bits per byte, each under its own tokenizer), and `lora`: held-out bits
+per byte after the same 50-step PEFT LoRA fine-tune of each. --reuse-heal measures a healed folder
+already in --work (its heal_report.json) instead of healing again.
 Writes benchmarks/vocab_transplant.json.
 """
 
@@ -124,6 +129,8 @@ def main() -> None:
     parser.add_argument("--heal-text", default=None, help="heal --text (default: the packaged calibration text)")
     parser.add_argument("--heal-tokens", type=int, default=16384, help="heal --heal-tokens")
     parser.add_argument("--heal-sample-tokens", type=int, default=None, help="heal --sample-tokens (default: heal's for --train vocabulary)")
+    parser.add_argument("--formats", default="", help="after the heal: transplant and healed model vs the source in these formats (compare --formats)")
+    parser.add_argument("--reuse-heal", action="store_true", help="measure the healed folder already in --work instead of healing")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -155,7 +162,10 @@ def main() -> None:
         options = HealOptions(method="global", train="vocabulary", budget_minutes=args.heal_minutes, steps=100_000, threads=1, formats=None, sequence_length=128,
                               eval_every=4, learning_rate=args.heal_lr, ce_weight=args.heal_ce_weight, text=args.heal_text, heal_tokens=args.heal_tokens,
                               sample_tokens=args.heal_sample_tokens, patience=1000)
-        report = heal(folders[method], healed, args.source, options, force=True)
+        if args.reuse_heal and (healed / "heal_report.json").exists():
+            report = json.loads((healed / "heal_report.json").read_text())
+        else:
+            report = heal(folders[method], healed, args.source, options, force=True)
         bpb = bits_per_byte(healed, text)
         before = ours[best]["bits_per_byte"]
         results["heal"] = {
@@ -167,6 +177,20 @@ def main() -> None:
             "bits_per_byte": bpb, "vs_source": bpb / source_bpb, "gap_closed": (before - bpb) / (before - source_bpb),
             "heal_report_kl": {"before": report["before"]["kl"], "after": report["after"]["kl"]},
         }
+    if args.formats and "heal" in results:
+        from qwenforge import compare
+        from qwenforge.formats import parse_formats
+
+        names, lora = parse_formats(args.formats)
+        source, cache = compare.load(args.source), {}
+        results["formats"] = {}
+        for label, folder in (("transplant", folders[method]), ("healed", healed)):
+            pair = compare.load(folder)
+            rows = compare.format_fidelity(source, pair, text, names, max_tokens=len(text), cache=cache)
+            if lora:
+                rows["lora"] = compare.lora_trainability(source, pair, default_text("calibration.txt").read_text(), text)
+            results["formats"][label] = rows
+            print(f"{label}, each against the source in the same format:\n{compare.formats_table(rows)}")
     for name in filter(None, args.baselines.split(",")):
         out = args.work / f"tokensurgeon-{name}"
         seconds = None
