@@ -20,10 +20,10 @@ Only what the conversion changed is trained (`--train norms`: q_norm/k_norm; `no
 plus low-rank q/k updates merged back; `attention`: every attention weight; `vocabulary`: after a
 transplant to another tokenizer, one map that places every new token's embedding/head row
 (vocab_heal.py) and low-rank updates of every layer's projections, merged back, so the layers learn
-to read and predict the new tokenization, with cross-entropy on the text beside the KL and text sampled from the teacher
-(distill/samples.py); benchmarks/vocab_transplant.py). Held-out KL picks the best checkpoint (bits
-per byte with --train vocabulary: the KL sees shared tokens only); the output is a plain Qwen3
-checkpoint plus heal_report.json and a plot.
+to read and predict the new tokenization, with cross-entropy on the text beside the KL and text
+sampled from the teacher (distill/samples.py); benchmarks/vocab_transplant.py). Held-out KL picks
+the best checkpoint (bits per byte with --train vocabulary: the KL sees shared tokens only); the
+output is a plain Qwen3 checkpoint plus heal_report.json and a plot.
 A teacher that does not fit beside the student is refused with the way out: capture its top-k once
 (`qwenforge distill capture`) and heal from that store (`--teacher-logits`, weights never loaded).
 `--resume` restores the trainable weights, the optimizer's moments and the step.
@@ -135,14 +135,15 @@ class LowRankDelta(torch.nn.Module):
 
 def trainable_parameters(student, train: str, lora_rank: int = 16, seed: int = 0) -> dict[str, torch.nn.Parameter]:
     """Freeze the student, then open (or attach) exactly what `train` names; returns name -> parameter.
-    `vocabulary` opens the body's low-rank updates here; its row maps come from vocab_heal.row_maps."""
+    `vocabulary`: the layers' low-rank updates (its row maps come from vocab_heal.row_maps)."""
     if train not in TRAIN_CHOICES:
         raise QwenforgeError(f"--train {train}: choose one of {', '.join(TRAIN_CHOICES)}")
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     if train == "vocabulary":
         attach_low_rank(student, PROJECTIONS, lora_rank, seed)
-    for layer in student.model.layers if train != "vocabulary" else ():
+        return {name: p for name, p in student.named_parameters() if p.requires_grad}
+    for layer in student.model.layers:
         attention = layer.self_attn
         if not hasattr(attention, "q_norm"):
             raise QwenforgeError("the converted model has no q_norm/k_norm; heal expects a Qwen3 checkpoint (qwenforge convert writes one)")
