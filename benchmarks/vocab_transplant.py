@@ -25,7 +25,9 @@ the training loop's, the sampling before it is reported apart) and measured the 
 --formats: the transplant and the healed model, each against the source put in the same format
 (`qwenforge compare --formats`: bits per byte, each under its own tokenizer), and `lora`: held-out bits
 per byte after the same 50-step PEFT LoRA fine-tune of each. --reuse-heal measures a healed folder
-already in --work (its heal_report.json) instead of healing again.
+already in --work (its heal_report.json) instead of healing again. --chat-check: the same three models on
+chat text that neither the heal nor its step choice saw (the packaged curriculum's `tokens` SFT
+answers), and the LoRA arm fine-tuned on its `attention` SFT text, measured there.
 Writes benchmarks/vocab_transplant.json.
 """
 
@@ -114,6 +116,12 @@ def baseline_arm(name: str, flags: list[str], source: Path, donor: Path, work: P
     return out, time.perf_counter() - started
 
 
+def chat_text(topic: str) -> str:
+    """The packaged curriculum's SFT conversations of one topic as plain text (message contents)."""
+    lines = default_text("curriculum").joinpath(topic, "sft.jsonl").read_text().splitlines()
+    return "\n\n".join("\n".join(m["content"] for m in json.loads(line)["messages"]) for line in lines if line.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, required=True, help="SmolLM2-135M-Instruct folder (qwenforge import-gguf)")
@@ -130,6 +138,7 @@ def main() -> None:
     parser.add_argument("--heal-tokens", type=int, default=16384, help="heal --heal-tokens")
     parser.add_argument("--heal-sample-tokens", type=int, default=None, help="heal --sample-tokens (default: heal's for --train vocabulary)")
     parser.add_argument("--formats", default="", help="after the heal: transplant and healed model vs the source in these formats (compare --formats)")
+    parser.add_argument("--chat-check", action="store_true", help="after the heal: bits/byte and the LoRA arm on the packaged curriculum's chat text")
     parser.add_argument("--reuse-heal", action="store_true", help="measure the healed folder already in --work instead of healing")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
@@ -191,6 +200,19 @@ def main() -> None:
                 rows["lora"] = compare.lora_trainability(source, pair, default_text("calibration.txt").read_text(), text)
             results["formats"][label] = rows
             print(f"{label}, each against the source in the same format:\n{compare.formats_table(rows)}")
+    if args.chat_check and "heal" in results:
+        from qwenforge import compare
+
+        chat = {topic: chat_text(topic) for topic in ("attention", "tokens")}
+        source = compare.load(args.source)
+        results["chat"] = {"text": "curriculum/tokens/sft.jsonl", "source": compare.bits_per_byte(source, chat["tokens"])["bits_per_byte"]}
+        for label, folder in (("transplant", folders[method]), ("healed", healed)):
+            pair = compare.load(folder)
+            results["chat"][label] = {"bits_per_byte": compare.bits_per_byte(pair, chat["tokens"])["bits_per_byte"],
+                                      "lora": compare.lora_trainability(source, pair, chat["attention"], chat["tokens"])}
+        c = results["chat"]
+        c["gap_closed"] = (c["transplant"]["bits_per_byte"] - c["healed"]["bits_per_byte"]) / (c["transplant"]["bits_per_byte"] - c["source"])
+        print(f"chat text: source {c['source']:.4f}, transplant {c['transplant']['bits_per_byte']:.4f}, healed {c['healed']['bits_per_byte']:.4f} ({c['gap_closed']:.0%} of the gap)")
     for name in filter(None, args.baselines.split(",")):
         out = args.work / f"tokensurgeon-{name}"
         seconds = None
