@@ -268,12 +268,17 @@ def lora_trainability(reference: str | Path | Loaded, candidate: str | Path | Lo
     }
 
 
+def top1_cells(row: dict) -> tuple[str, str]:
+    """A format row's (source top-1, candidate top-1) as shown; "-" across a transplant, which has no top-1."""
+    return ("-", "-") if row["top1"] is None else (f"{100 * row['source_top1']:.1f}%", f"{100 * row['top1']:.1f}%")
+
+
 def formats_table(formats: dict) -> str:
     """Human lines for `format_fidelity` (and the LoRA arm when present)."""
     lines = [f"{'format':<7} {'source top-1':>12} {'top-1':>7} {'bits/byte ratio':>16}"]
     for name, row in formats.items():
         if name != "lora":
-            top1 = ("-", "-") if row["top1"] is None else (f"{100 * row['source_top1']:.1f}%", f"{100 * row['top1']:.1f}%")  # None: another tokenization
+            top1 = top1_cells(row)
             lines.append(f"{name:<7} {top1[0]:>12} {top1[1]:>7} {row['bits_per_byte_ratio']:>15.4f}x")
     if "lora" in formats:
         lora = formats["lora"]

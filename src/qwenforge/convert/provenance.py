@@ -145,6 +145,8 @@ def _fidelity_lines(fidelity: dict | None, error: str | None = None) -> list[str
 
 def format_lines(formats: dict | None) -> list[str]:
     """The per-format table (`compare --formats`): each model against the source put in the same format."""
+    from qwenforge.compare import top1_cells
+
     if not formats:
         return []
     lines = ["", "In the formats it will be run in (each against the source in the same format; top-1 against the float32 source):", "",
@@ -152,7 +154,7 @@ def format_lines(formats: dict | None) -> list[str]:
     for name, row in formats.items():
         if name == "lora":
             continue
-        top1 = ("-", "-") if row["top1"] is None else (f"{100 * row['source_top1']:.1f}%", f"{100 * row['top1']:.1f}%")  # None: another tokenization
+        top1 = top1_cells(row)
         lines.append(f"| {name} | {top1[0]} | {top1[1]} | x{row['bits_per_byte_ratio']:.4f} |")
     if "lora" in formats:
         lora = formats["lora"]
