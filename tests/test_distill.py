@@ -327,3 +327,22 @@ def test_rebuilt_distribution_ignores_absent_entries():
     rebuilt = store.rebuilt_logprobs(indices, logprobs, 10).exp()[0]
     assert torch.isclose(rebuilt[0], torch.tensor(0.5)) and torch.isclose(rebuilt[3], torch.tensor(0.2))
     assert torch.allclose(rebuilt[[1, 2, 4, 5, 6, 7, 8, 9]], torch.tensor(0.3 / 8))
+
+
+def test_teacher_samples_are_continuations_without_their_prompts(tiny_other_vocab):
+    """The prompts are windows of the healing text; kept in the samples they repeated that text about
+    twelve times over and a vocabulary heal learned it by heart. Only the continuations come back."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwenforge.distill.samples import NEW_TOKENS, PROMPT_TOKENS, sample_text
+    from qwenforge.files import default_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_other_vocab)
+    model = AutoModelForCausalLM.from_pretrained(tiny_other_vocab).eval()
+    text = default_text("calibration.txt").read_text()
+    texts = sample_text(model, tokenizer, text, 3 * NEW_TOKENS, seed=0)
+    assert len(texts) == 3 and all(texts)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = [tokenizer.decode(ids[start : start + PROMPT_TOKENS // 2]) for start in range(0, len(ids) - PROMPT_TOKENS // 2, 8)]
+    assert not any(window in sample for sample in texts for window in windows)
+    assert texts == sample_text(model, tokenizer, text, 3 * NEW_TOKENS, seed=0)  # a resumed heal reads the same text

@@ -403,7 +403,7 @@ def _teacher_samples(model, teacher_tokenizer, heal_text: str, options: HealOpti
     from qwenforge.distill.samples import sample_text
 
     wanted = sample_tokens(options)
-    saved = work / "teacher_samples.json"
+    saved = work / "teacher_continuations.json"  # (an older heal's teacher_samples.json kept its prompts: not read)
     if saved.exists():
         record = json.loads(saved.read_text())
         if record["tokens"] == wanted and record["seed"] == options.seed:
