@@ -21,7 +21,9 @@ compare. Then the best qwenforge arm is healed for --heal-minutes with `qwenforg
 (--train vocabulary: one learned map places every new token's row and rank-16 updates of every layer
 projection teach the layers the new tokenization, trained on KL against the source across vocabularies
 plus cross-entropy on the calibration text and the source's own samples; the --heal-minutes budget is
-the training loop's, the sampling before it is reported apart) and measured the same way.
+the training loop's, the sampling before it is reported apart) and measured the same way. The heal
+picks its step on the source's own samples with another seed (--heal-heldout samples, WORK/selection.txt),
+so heldout.txt is text it never saw, not the text that chose its step.
 --formats: the transplant and the healed model, each against the source put in the same format
 (`qwenforge compare --formats`: bits per byte, each under its own tokenizer), and `lora`: held-out bits
 per byte after the same 50-step PEFT LoRA fine-tune of each. --reuse-heal measures a healed folder
@@ -94,6 +96,21 @@ def source_layers_with_rows(source: Path, converted: Path, tokenizer_dir: Path, 
     return out
 
 
+def selection_text(source: Path, work: Path, tokens: int = 2048) -> Path:
+    """Text the heal picks its step on, so that heldout.txt stays unseen by it: the source's own samples
+    (distill/samples.py) with another seed than the heal's healing samples, written once to WORK/selection.txt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwenforge.distill.samples import sample_text
+
+    path = work / "selection.txt"
+    if not path.exists():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        texts = sample_text(model, AutoTokenizer.from_pretrained(source), default_text("calibration.txt").read_text(), tokens, seed=1)
+        path.write_text("\n\n".join(texts))
+    return path
+
+
 def qwenforge_arm(method: str, source: Path, donor: Path, work: Path) -> tuple[Path, float]:
     from qwenforge.convert.run import convert
 
@@ -135,6 +152,8 @@ def main() -> None:
     parser.add_argument("--heal-lr", type=float, default=None, help="heal --lr (default: heal's for --train vocabulary)")
     parser.add_argument("--heal-ce-weight", type=float, default=None, help="heal --ce-weight (default: heal's for --train vocabulary)")
     parser.add_argument("--heal-text", default=None, help="heal --text (default: the packaged calibration text)")
+    parser.add_argument("--heal-heldout", default="samples",
+                        help="heal --heldout, the text it picks its step on: 'samples' (the source's samples with another seed; heldout.txt stays unseen) or a file")
     parser.add_argument("--heal-tokens", type=int, default=16384, help="heal --heal-tokens")
     parser.add_argument("--heal-sample-tokens", type=int, default=None, help="heal --sample-tokens (default: heal's for --train vocabulary)")
     parser.add_argument("--formats", default="", help="after the heal: transplant and healed model vs the source in these formats (compare --formats)")
@@ -168,8 +187,9 @@ def main() -> None:
         best = min(ours, key=lambda name: ours[name]["bits_per_byte"])
         method = best.removeprefix("qwenforge ")
         healed = args.work / f"qwenforge-{method}-healed"
+        selection = selection_text(args.source, args.work) if args.heal_heldout == "samples" else args.heal_heldout
         options = HealOptions(method="global", train="vocabulary", budget_minutes=args.heal_minutes, steps=100_000, threads=1, formats=None, sequence_length=128,
-                              eval_every=4, learning_rate=args.heal_lr, ce_weight=args.heal_ce_weight, text=args.heal_text, heal_tokens=args.heal_tokens,
+                              eval_every=4, learning_rate=args.heal_lr, ce_weight=args.heal_ce_weight, text=args.heal_text, heldout=str(selection), heal_tokens=args.heal_tokens,
                               sample_tokens=args.heal_sample_tokens, patience=1000)
         if args.reuse_heal and (healed / "heal_report.json").exists():
             report = json.loads((healed / "heal_report.json").read_text())
@@ -179,7 +199,7 @@ def main() -> None:
         before = ours[best]["bits_per_byte"]
         results["heal"] = {
             "arm": best, "options": {"method": options.method, "train": options.train, "budget_minutes": args.heal_minutes, "learning_rate": report["learning_rate"],
-                                     "ce_weight": ce_weight(options), "text": args.heal_text or "calibration.txt",
+                                     "ce_weight": ce_weight(options), "text": args.heal_text or "calibration.txt", "heldout": str(selection),
                                      "batch_size": options.batch_size, "sequence_length": options.sequence_length, "healing_tokens": report["healing_tokens"],
                                      "teacher_samples": report["teacher_samples"], "vocabulary_map": report["vocabulary_map"]},
             "steps": sum(p["steps"] for p in report["phases"].values()), "seconds": round(report["seconds_total"], 1),
