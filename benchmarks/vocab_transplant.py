@@ -36,6 +36,7 @@ Writes benchmarks/vocab_transplant.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -96,17 +97,16 @@ def source_layers_with_rows(source: Path, converted: Path, tokenizer_dir: Path, 
     return out
 
 
-def selection_text(source: Path, work: Path, tokens: int = 2048) -> Path:
+def selection_text(source, work: Path, tokens: int = 2048) -> Path:
     """Text the heal picks its step on, so that heldout.txt stays unseen by it: the source's own samples
-    (distill/samples.py) with another seed than the heal's healing samples, written once to WORK/selection.txt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    (distill/samples.py) with another seed than the heal's healing samples, written once to WORK/selection.txt.
+    `source`: the loaded (model, tokenizer) pair (compare.load)."""
     from qwenforge.distill.samples import sample_text
 
     path = work / "selection.txt"
     if not path.exists():
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        texts = sample_text(model, AutoTokenizer.from_pretrained(source), default_text("calibration.txt").read_text(), tokens, seed=1)
+        model, tokenizer = source
+        texts = sample_text(model.eval(), tokenizer, default_text("calibration.txt").read_text(), tokens, seed=1)
         path.write_text("\n\n".join(texts))
     return path
 
@@ -135,8 +135,10 @@ def baseline_arm(name: str, flags: list[str], source: Path, donor: Path, work: P
 
 def chat_text(topic: str) -> str:
     """The packaged curriculum's SFT conversations of one topic as plain text (message contents)."""
-    lines = default_text("curriculum").joinpath(topic, "sft.jsonl").read_text().splitlines()
-    return "\n\n".join("\n".join(m["content"] for m in json.loads(line)["messages"]) for line in lines if line.strip())
+    from qwenforge.train.curriculum import load_curriculum
+
+    records = next(t for t in load_curriculum("sample").topics if t.name == topic).sft
+    return "\n\n".join("\n".join(m["content"] for m in record["messages"]) for record in records)
 
 
 def main() -> None:
@@ -180,6 +182,9 @@ def main() -> None:
         folders[method], seconds = qwenforge_arm(method, args.source, args.donor, args.work)
         results["arms"][f"qwenforge {method}"] = {"kind": "qwenforge", "seconds": round(seconds, 1), "bits_per_byte": bits_per_byte(folders[method], text)}
         print(f"qwenforge {method}: {results['arms'][f'qwenforge {method}']['bits_per_byte']:.4f}")
+    from qwenforge import compare
+
+    source_pair = functools.cache(lambda: compare.load(args.source))  # loaded once: selection text, --formats, --chat-check
     ours = {name: arm for name, arm in results["arms"].items() if arm["kind"] == "qwenforge"}
     if ours and args.heal_minutes > 0:
         from qwenforge.heal import HealOptions, ce_weight, heal
@@ -187,7 +192,7 @@ def main() -> None:
         best = min(ours, key=lambda name: ours[name]["bits_per_byte"])
         method = best.removeprefix("qwenforge ")
         healed = args.work / f"qwenforge-{method}-healed"
-        selection = selection_text(args.source, args.work) if args.heal_heldout == "samples" else args.heal_heldout
+        selection = selection_text(source_pair(), args.work) if args.heal_heldout == "samples" else args.heal_heldout
         options = HealOptions(method="global", train="vocabulary", budget_minutes=args.heal_minutes, steps=100_000, threads=1, formats=None, sequence_length=128,
                               eval_every=4, learning_rate=args.heal_lr, ce_weight=args.heal_ce_weight, text=args.heal_text, heldout=str(selection), heal_tokens=args.heal_tokens,
                               sample_tokens=args.heal_sample_tokens, patience=1000)
@@ -207,11 +212,10 @@ def main() -> None:
             "heal_report_kl": {"before": report["before"]["kl"], "after": report["after"]["kl"]},
         }
     if args.formats and "heal" in results:
-        from qwenforge import compare
         from qwenforge.formats import parse_formats
 
         names, lora = parse_formats(args.formats)
-        source, cache = compare.load(args.source), {}
+        source, cache = source_pair(), {}
         results["formats"] = {}
         for label, folder in (("transplant", folders[method]), ("healed", healed)):
             pair = compare.load(folder)
@@ -221,10 +225,8 @@ def main() -> None:
             results["formats"][label] = rows
             print(f"{label}, each against the source in the same format:\n{compare.formats_table(rows)}")
     if args.chat_check and "heal" in results:
-        from qwenforge import compare
-
         chat = {topic: chat_text(topic) for topic in ("attention", "tokens")}
-        source = compare.load(args.source)
+        source = source_pair()
         results["chat"] = {"text": "curriculum/tokens/sft.jsonl", "source": compare.bits_per_byte(source, chat["tokens"])["bits_per_byte"]}
         for label, folder in (("transplant", folders[method]), ("healed", healed)):
             pair = compare.load(folder)
