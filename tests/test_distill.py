@@ -346,3 +346,39 @@ def test_teacher_samples_are_continuations_without_their_prompts(tiny_other_voca
     windows = [tokenizer.decode(ids[start : start + PROMPT_TOKENS // 2]) for start in range(0, len(ids) - PROMPT_TOKENS // 2, 8)]
     assert not any(window in sample for sample in texts for window in windows)
     assert texts == sample_text(model, tokenizer, text, 3 * NEW_TOKENS, seed=0)  # a resumed heal reads the same text
+
+
+def test_a_new_tokens_mass_counts_for_its_first_piece():
+    """Teacher pieces ".", "set", "x"; the student also has ".set" whole and a padding row with no text.
+    Over the teacher's pieces, a student sure of ".set" agrees with a teacher sure of "."; the KL on the
+    shared tokens alone cannot see ".set" at all, and its gradient never reaches that row."""
+    from qwenforge.distill.teacher import Vocabulary
+
+    spellings = {3: [0, 1], 4: []}
+    vocabulary = Vocabulary(torch.arange(3), torch.arange(3), torch.tensor([0, 1, 2, -1, -1]), spellings.__getitem__)
+    assert vocabulary.first_pieces.tolist() == [0, 1, 2, 0, -1]
+    teacher = torch.tensor([[[9.0, 0.0, 0.0]]])  # "." nearly sure
+    sure_of_new = torch.tensor([[[0.0, 0.0, 0.0, 12.0, 0.0]]], requires_grad=True)
+    agree = engine.piece_divergence(sure_of_new, teacher, vocabulary.first_pieces)
+    assert float(agree) < 0.01
+    on_x = torch.tensor([[[0.0, 0.0, 9.0, 0.0, 0.0]]], requires_grad=True)
+    disagree = engine.piece_divergence(on_x, teacher, vocabulary.first_pieces)
+    assert float(disagree) > 5
+    disagree.sum().backward()
+    assert on_x.grad[0, 0, 3] < 0 and on_x.grad[0, 0, 0] < 0  # raising "." or ".set" both lower it
+    assert on_x.grad[0, 0, 4] > 0  # a padding row is pushed down: the teacher puts nothing there
+
+
+def test_samples_open_kinds_of_text_the_healing_text_lacks(tiny_other_vocab):
+    """A quarter of the prompts are windows of the healing text, the rest the openers in turn."""
+    from transformers import AutoTokenizer
+
+    from qwenforge.distill.samples import OPENER_SHARE, OPENERS, sample_prompts
+    from qwenforge.files import default_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_other_vocab)
+    text = default_text("calibration.txt").read_text()
+    prompts = [tokenizer.decode(p) for p in sample_prompts(tokenizer, text, 32)]
+    opened = round(32 * OPENER_SHARE)
+    assert 0 < opened < 32 and prompts[32 - opened :] == [OPENERS[i % len(OPENERS)] for i in range(opened)]
+    assert all(window in text for window in prompts[: 32 - opened]) and len(set(prompts[: 32 - opened])) == 32 - opened

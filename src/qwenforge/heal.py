@@ -400,13 +400,13 @@ def _teacher_samples(model, teacher_tokenizer, heal_text: str, options: HealOpti
 
     from rich.progress import Progress
 
-    from qwenforge.distill.samples import sample_text
+    from qwenforge.distill.samples import OPENER_SHARE, sample_text
 
     wanted = sample_tokens(options)
     saved = work / "teacher_continuations.json"  # (an older heal's teacher_samples.json kept its prompts: not read)
     if saved.exists():
         record = json.loads(saved.read_text())
-        if record["tokens"] == wanted and record["seed"] == options.seed:
+        if record["tokens"] == wanted and record["seed"] == options.seed and record.get("openers") == OPENER_SHARE:
             return record["texts"], {"tokens": wanted, "samples": len(record["texts"]), "seconds": record["seconds"]}
     started = time.perf_counter()
     with Progress(console=console, transient=False, disable=console is None) as progress:
@@ -414,7 +414,7 @@ def _teacher_samples(model, teacher_tokenizer, heal_text: str, options: HealOpti
         texts = sample_text(model, teacher_tokenizer, heal_text, wanted, seed=options.seed, progress=lambda done, total: progress.update(task, completed=done, total=total))
     seconds = time.perf_counter() - started
     work.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps({"tokens": wanted, "seed": options.seed, "seconds": seconds, "texts": texts}))
+    saved.write_text(json.dumps({"tokens": wanted, "seed": options.seed, "openers": OPENER_SHARE, "seconds": seconds, "texts": texts}))
     return texts, {"tokens": wanted, "samples": len(texts), "seconds": seconds}
 
 

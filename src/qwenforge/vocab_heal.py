@@ -107,7 +107,7 @@ def row_maps(student, student_tokenizer, converted: Path, teacher_dir: Path, voc
     ids = new_ids(vocabulary, rows, student_tokenizer, converted)
     donor = recorded_donor(converted)
     tokens = student_tokenizer.convert_ids_to_tokens(ids.tolist())
-    spellings = None if donor else [vocabulary.spell(int(i)) for i in ids]
+    spellings = None if donor else [vocabulary.spell(int(i)) or [0] for i in ids]
     names = {id(p): n for n, p in student.named_parameters()}  # a tied head's matrix goes by its embedding's name
     matrices = [(student.get_input_embeddings().weight, False)]
     if student.get_output_embeddings().weight is not student.get_input_embeddings().weight:

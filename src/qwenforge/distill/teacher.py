@@ -10,13 +10,17 @@ for a resumed run), `loss(student_logits, batch, ...)` and `evaluate(student)` (
   where the teacher lacks it; the teacher's distribution after a token's last piece is compared
   with the student's at that token, on the tokens both vocabularies hold (renormalized there).
   The teacher then reads the student's split of the text, which it may not make itself: the
-  report carries the share of tokens it has whole (`Vocabulary.whole_share`).
+  report carries the share of tokens it has whole (`Vocabulary.whole_share`). Training compares
+  over the teacher's whole vocabulary instead: the student's probabilities summed by the first
+  piece each token spells (`Vocabulary.first_pieces`, engine.piece_divergence), so the mass of new
+  tokens is held too; the held-out KL stays on the shared tokens.
 - `StoredTeacher`: a `qwenforge distill capture` store, read shard by shard (at most two shards
   in memory, never the whole store); its last sequences are held out.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +48,7 @@ class Vocabulary:
     student_ids: torch.Tensor
     teacher_ids: torch.Tensor
     to_teacher: torch.Tensor | None = None
-    spell: object = None  # student id -> the teacher's ids for that token's text (another vocabulary)
+    spell: object = None  # student id -> the teacher's ids for that token's text, [] for none (another vocabulary)
     identity: bool = False  # every row on both sides, unmasked (`distill online`: one tokenizer)
 
     @classmethod
@@ -61,7 +65,7 @@ class Vocabulary:
             return mapped, None, None
         rows, ends = [], []
         for row in ids.tolist():
-            pieces = [[int(self.to_teacher[i])] if self.to_teacher[i] >= 0 else self.spell(i) for i in row]
+            pieces = [[int(self.to_teacher[i])] if self.to_teacher[i] >= 0 else self.spell(i) or [0] for i in row]
             lengths = torch.tensor([len(p) for p in pieces])
             rows.append([piece for token in pieces for piece in token])
             ends.append(lengths.cumsum(0) - 1)
@@ -71,6 +75,17 @@ class Vocabulary:
         for number, row in enumerate(rows):
             teacher_ids[number, : len(row)], mask[number, : len(row)] = torch.tensor(row), 1
         return teacher_ids, mask, torch.stack(ends)
+
+    @functools.cached_property
+    def first_pieces(self) -> torch.Tensor | None:
+        """Per student id, the teacher id of the first piece it spells: a shared token its own, a new ".set"
+        that of "." (-1: an id with no text, a padding row). None with one tokenizer."""
+        if self.to_teacher is None:
+            return None
+        first = self.to_teacher.clone()
+        for student_id in (first < 0).nonzero().flatten().tolist():
+            first[student_id] = (self.spell(student_id) or [-1])[0]
+        return first
 
     def whole_share(self, sequences: list[torch.Tensor]) -> float:
         """Share of the student's tokens in `sequences` that the teacher holds as one token."""
@@ -99,7 +114,7 @@ def vocabulary(student_tokenizer, teacher_tokenizer, student_rows: int, teacher_
     def spell(student_id: int) -> list[int]:
         if student_id not in spellings:
             text = student_tokenizer.decode([student_id])
-            spellings[student_id] = teacher_tokenizer(text, add_special_tokens=False)["input_ids"] or [0]
+            spellings[student_id] = teacher_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         return spellings[student_id]
 
     return Vocabulary(shared, to_teacher[shared], to_teacher, spell)
@@ -197,10 +212,13 @@ class LiveTeacher:
     def loss(self, student_logits: torch.Tensor, batch: Batch, kind: str, temperature: float, ce_weight: float = 0.0) -> torch.Tensor:
         teacher_logits = self.logits(batch.ids[:, :-1]) if ce_weight < 1 else None
         vocabulary = self.vocabulary
+        options = {"kind": kind, "temperature": temperature, "ce_weight": ce_weight}
+        if vocabulary.first_pieces is not None:  # another vocabulary: over the teacher's pieces
+            return engine.distillation_loss(student_logits, batch.ids[:, 1:], teacher_logits=teacher_logits, student_pieces=vocabulary.first_pieces, **options)
         if teacher_logits is not None and not vocabulary.identity:
             teacher_logits = teacher_logits[..., vocabulary.teacher_ids]
         student_ids = None if vocabulary.identity else vocabulary.student_ids
-        return engine.distillation_loss(student_logits, batch.ids[:, 1:], teacher_logits=teacher_logits, kind=kind, temperature=temperature, ce_weight=ce_weight, student_ids=student_ids)
+        return engine.distillation_loss(student_logits, batch.ids[:, 1:], teacher_logits=teacher_logits, student_ids=student_ids, **options)
 
     def evaluate(self, student) -> dict:
         """Held-out KL(teacher||student) and top-1 agreement on the shared tokens, bits per byte and perplexity."""
