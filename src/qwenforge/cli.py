@@ -325,7 +325,7 @@ def heal(
     lora_rank: int = typer.Option(16, "--lora-rank", help="Rank of the low-rank updates (q/k with norms+qk-lora, every projection with vocabulary)."),
     ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help="Cross-entropy on the text's own tokens, as a share of the global loss (1 = no teacher; default 0.5 with --train vocabulary, where new tokens have no teacher probability, else 0)."),
     sample_tokens: Optional[int] = typer.Option(
-        None, "--sample-tokens", help="Also heal on this many tokens of text the teacher writes itself, prompted by --text (its own distribution: distillation with as much text as wanted; default 32768 with --train vocabulary, else 0)."
+        None, "--sample-tokens", help="Also heal on this many tokens of text the teacher writes itself, a quarter prompted by --text and the rest by openers of code, markup and math (its own distribution: distillation with as much text as wanted; default 32768 with --train vocabulary, else 0)."
     ),
     teacher_logits: Optional[Path] = typer.Option(
         None, "--teacher-logits", help="A `qwenforge distill capture` store of the teacher: heal without loading its weights (global or linearize)."

@@ -22,7 +22,7 @@ transplant to another tokenizer, one map that places every new token's embedding
 (vocab_heal.py) and low-rank updates of every layer's projections, merged back, so the layers learn
 to read and predict the new tokenization, with cross-entropy on the text beside the KL and text
 sampled from the teacher (distill/samples.py); benchmarks/vocab_transplant.py). Held-out KL picks
-the best checkpoint (bits per byte with --train vocabulary: the KL sees shared tokens only); the
+the best checkpoint (bits per byte with --train vocabulary: the held-out KL sees shared tokens only); the
 output is a plain Qwen3 checkpoint plus heal_report.json and a plot.
 A teacher that does not fit beside the student is refused with the way out: capture its top-k once
 (`qwenforge distill capture`) and heal from that store (`--teacher-logits`, weights never loaded).
@@ -95,9 +95,10 @@ class HealOptions(engine.LoopOptions):
 LEARNING_RATES = {"norms": 2e-2, "norms+qk-lora": 2e-3, "attention": 5e-4, "vocabulary": 0.1}
 # ... and its layers' low-rank updates train at this share of that rate (0.1 -> 1e-3, a plain LoRA rate)
 BODY_RATE = 1e-2
-# --train vocabulary: a transplant's new tokens have no teacher probability (the KL sees shared tokens
-# only), so half the loss is cross-entropy on the text, and the text is mostly the teacher's own samples
-# (the packaged calibration text is 1,032 tokens) (benchmarks/vocab_transplant.py).
+# --train vocabulary: the teacher gives a new token's first piece a probability, not the token itself
+# (the KL sums the student's tokens by first piece, engine.piece_divergence), so half the loss is
+# cross-entropy on the text, and the text is mostly the teacher's own samples (the packaged calibration
+# text is 1,032 tokens; samples.py opens most of them on code, markup and math) (benchmarks/vocab_transplant.py).
 CE_WEIGHTS = {"vocabulary": 0.5}
 SAMPLE_TOKENS = {"vocabulary": 32768}
 
