@@ -5,7 +5,8 @@ two and each joins a gloo group. bf16 autocast is a GPU setting, so `--mixed_pre
 
 Both processes train in step (the data is split between them, so there are half the steps of
 one process), they end with the same adapter, and only the main process writes the run folder
-and prints.
+and prints. The second process is made to load its model late: the main process then writes its
+first scores before the other gets there, which once let that one skip a collective and hang both.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ def write_curriculum(root: Path) -> Path:
     return root
 
 
+# Imported by every Python process started with this folder on PYTHONPATH: rank 1 loads late.
+LATE_RANK = """
+import os
+if os.environ.get("RANK") == "1":
+    import time
+    from qwenforge.train.backends import pytorch
+    load = pytorch.PyTorchBackend.load
+    def late(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        time.sleep(LATE_SECONDS)
+    pytorch.PyTorchBackend.load = late
+"""
+LATE_SECONDS = 10
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -63,8 +79,12 @@ def test_two_gloo_processes_train_one_adapter(tmp_path, qwen25_tokenizer_dir):
         "--num_processes", str(PROCESSES), "--mixed_precision", "no", "--main_process_port", str(free_port()),
         "-m", "qwenforge.cli", "train", "run", str(tmp_path / "train.yaml"), "--json",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)  # 89 s alone; 300 s was exceeded with the demo running beside it
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "sitecustomize.py").write_text(LATE_RANK.replace("LATE_SECONDS", str(LATE_SECONDS)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(late), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)  # ~45 s alone; a hang never ends
     assert done.returncode == 0, done.stderr[-3000:]
 
     printed = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -196,7 +196,17 @@ def _save_sft(backend, tdir: Path, sft_result: dict) -> None:
 
 
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """A file the main process writes, as the main process sees it now, on every process.
+
+    Every branch taken on it must be taken by all processes alike: the main process can finish a
+    broadcast before the others reach it, so another process reading the file itself could see it
+    already written and skip a collective the main process made (a hang, seen under load).
+    """
+    return ranks.on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
+
+
+def _has_checkpoint(work_dir: Path) -> bool:
+    return ranks.on_main(lambda: any(work_dir.glob("checkpoint-*")))
 
 
 def refuse_fragile(folder: Path, verb: str) -> None:
@@ -350,7 +360,7 @@ def _train_topic(config, backend, topic, tdir, previous, rules, metrics, stop, c
             task = progress.add_task(f"{topic.name}: SFT", total=None)
             sft_result = backend.sft(
                 sft_records(topic), config.sft, tdir / "sft", seed=config.seed,
-                resume=any((tdir / "sft").glob("checkpoint-*")), stop=stop,
+                resume=_has_checkpoint(tdir / "sft"), stop=stop,
                 on_log=_stage_logger(metrics, topic.name, "sft", progress, task, on_log),
             )
         if sft_result["interrupted"]:
@@ -371,7 +381,7 @@ def _train_topic(config, backend, topic, tdir, previous, rules, metrics, stop, c
             task = progress.add_task(f"{topic.name}: DPO", total=config.dpo.steps)
             dpo_result = backend.dpo(
                 dpo_records(topic), config.dpo, tdir / "dpo", seed=config.seed,
-                resume=any((tdir / "dpo").glob("checkpoint-*")), stop=stop,
+                resume=_has_checkpoint(tdir / "dpo"), stop=stop,
                 on_log=_stage_logger(metrics, topic.name, "dpo", progress, task, on_log),
             )
         if dpo_result["interrupted"]:
