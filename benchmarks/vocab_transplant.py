@@ -171,10 +171,11 @@ def main() -> None:
         args.donor = embedded_model()
     args.work.mkdir(parents=True, exist_ok=True)
     text = default_text("heldout.txt").read_text()
-    versions = subprocess.run([str(args.mk_venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('transformers'), m.version('torch'))"],
-                              capture_output=True, text=True, check=True).stdout.split()
-    results = {"source": str(args.source), "donor": str(args.donor), "threads": 1, "heldout_bytes": len(text.encode("utf-8")),
-               "tokensurgeon": {"mergekit": versions[0], "transformers": versions[1], "torch": versions[2]}, "arms": {}}
+    results = {"source": str(args.source), "donor": str(args.donor), "threads": 1, "heldout_bytes": len(text.encode("utf-8")), "arms": {}}
+    if args.baselines:  # mergekit lives in its own venv, needed only for the tokensurgeon arms
+        versions = subprocess.run([str(args.mk_venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('transformers'), m.version('torch'))"],
+                                  capture_output=True, text=True, check=True).stdout.split()
+        results["tokensurgeon"] = {"mergekit": versions[0], "transformers": versions[1], "torch": versions[2]}
     results["source_bits_per_byte"] = source_bpb = bits_per_byte(args.source, text)
     print(f"source {args.source.name}: {source_bpb:.4f} bits/byte")
     folders = {}

@@ -360,10 +360,10 @@ def test_a_new_tokens_mass_counts_for_its_first_piece():
     teacher = torch.tensor([[[9.0, 0.0, 0.0]]])  # "." nearly sure
     sure_of_new = torch.tensor([[[0.0, 0.0, 0.0, 12.0, 0.0]]], requires_grad=True)
     agree = engine.piece_divergence(sure_of_new, teacher, vocabulary.first_pieces)
-    assert float(agree) < 0.01
+    assert agree.item() < 0.01
     on_x = torch.tensor([[[0.0, 0.0, 9.0, 0.0, 0.0]]], requires_grad=True)
     disagree = engine.piece_divergence(on_x, teacher, vocabulary.first_pieces)
-    assert float(disagree) > 5
+    assert disagree.item() > 5
     disagree.sum().backward()
     assert on_x.grad[0, 0, 3] < 0 and on_x.grad[0, 0, 0] < 0  # raising "." or ".set" both lower it
     assert on_x.grad[0, 0, 4] > 0  # a padding row is pushed down: the teacher puts nothing there
