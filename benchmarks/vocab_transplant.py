@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/vocab_transplant.py --source SMOL [--donor QWEN25] \
         [--mk-venv /work/mk-venv] [--work /tmp/vt/bench] [--heal-minutes 4] [--reuse-baselines] \
-        [--formats bf16,fp16,q8_0,q4_k_m,lora] [--reuse-heal]
+        [--formats bf16,fp16,q8_0,q4_k_m,lora] [--reuse-heal] [--llama-cpp f16,q8_0,q4_k_m]
 
 (--reuse-baselines: measure tokensurgeon outputs already in --work, e.g. symlinks to earlier runs;
 OMP at tokensurgeon's default k=64 is hours on one CPU thread, so the OMP arm here uses k=8.)
@@ -29,7 +29,10 @@ so heldout.txt is text it never saw, not the text that chose its step.
 per byte after the same 50-step PEFT LoRA fine-tune of each. --reuse-heal measures a healed folder
 already in --work (its heal_report.json) instead of healing again. --chat-check: the same three models on
 chat text that neither the heal nor its step choice saw (the packaged curriculum's `tokens` SFT
-answers), and the LoRA arm fine-tuned on its `attention` SFT text, measured there.
+answers), and the LoRA arm fine-tuned on its `attention` SFT text, measured there. --llama-cpp: the
+transplant and the healed model exported with `qwenforge export` in each type and run in llama.cpp
+itself (the `xllamacpp` engine): its greedy next token after each prefix of heldout.txt's first 256
+tokens against the float32 checkpoint's, and a chat answer through the GGUF's own template.
 Writes benchmarks/vocab_transplant.json.
 """
 
@@ -133,6 +136,30 @@ def baseline_arm(name: str, flags: list[str], source: Path, donor: Path, work: P
     return out, time.perf_counter() - started
 
 
+def llama_cpp_agreement(folder: Path, types: list[str], work: Path, tokens: int = 256) -> dict:
+    """Per export type: llama.cpp's greedy next token on heldout.txt against the float32 checkpoint's, and a chat answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwenforge.export.gguf import export
+    from qwenforge.export.llama_cpp import chat_reply, greedy_next_tokens, llama_cpp_server
+
+    ids = AutoTokenizer.from_pretrained(folder)(default_text("heldout.txt").read_text())["input_ids"][:tokens]
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
+    rows = {}
+    for kind in types:
+        gguf = work / f"{folder.name}-{kind}.gguf"
+        export(folder, gguf, kind)
+        with llama_cpp_server(gguf, context=tokens + 64, threads=1) as server:
+            reply = chat_reply(server, "What is the capital of France?")
+            chosen = greedy_next_tokens(server, ids)
+        gguf.unlink()
+        gguf.with_suffix(".Modelfile").unlink()
+        rows[kind] = {"top1": sum(a == b for a, b in zip(chosen, reference)) / len(reference), "reply": reply}
+        print(f"{folder.name} {kind} in llama.cpp: top-1 {rows[kind]['top1']:.1%} of {len(reference)} tokens; {reply!r}")
+    return rows
+
+
 def chat_text(topic: str) -> str:
     """The packaged curriculum's SFT conversations of one topic as plain text (message contents)."""
     from qwenforge.train.curriculum import load_curriculum
@@ -160,6 +187,7 @@ def main() -> None:
     parser.add_argument("--heal-sample-tokens", type=int, default=None, help="heal --sample-tokens (default: heal's for --train vocabulary)")
     parser.add_argument("--formats", default="", help="after the heal: transplant and healed model vs the source in these formats (compare --formats)")
     parser.add_argument("--chat-check", action="store_true", help="after the heal: bits/byte and the LoRA arm on the packaged curriculum's chat text")
+    parser.add_argument("--llama-cpp", default="", help="after the heal: export types run in llama.cpp (f16,q8_0,q4_k_m)")
     parser.add_argument("--reuse-heal", action="store_true", help="measure the healed folder already in --work instead of healing")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
@@ -236,6 +264,9 @@ def main() -> None:
         c = results["chat"]
         c["gap_closed"] = (c["transplant"]["bits_per_byte"] - c["healed"]["bits_per_byte"]) / (c["transplant"]["bits_per_byte"] - c["source"])
         print(f"chat text: source {c['source']:.4f}, transplant {c['transplant']['bits_per_byte']:.4f}, healed {c['healed']['bits_per_byte']:.4f} ({c['gap_closed']:.0%} of the gap)")
+    if args.llama_cpp and "heal" in results:
+        results["llama_cpp"] = {label: llama_cpp_agreement(folder, args.llama_cpp.split(","), args.work)
+                                for label, folder in (("transplant", folders[method]), ("healed", healed))}
     for name in filter(None, args.baselines.split(",")):
         out = args.work / f"tokensurgeon-{name}"
         seconds = None
