@@ -198,9 +198,9 @@ def _save_sft(backend, tdir: Path, sft_result: dict) -> None:
 def _read(path: Path) -> dict | None:
     """A file the main process writes, as the main process sees it now, on every process.
 
-    Every branch taken on it must be taken by all processes alike: the main process can finish a
-    broadcast before the others reach it, so another process reading the file itself could see it
-    already written and skip a collective the main process made (a hang, seen under load).
+    Every branch taken on it must be taken by all processes alike. The main process writes such a
+    file and then broadcasts; another process that read the file itself after the write would skip
+    that broadcast, and both would hang (seen when one process loaded its model late).
     """
     return ranks.on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
 
