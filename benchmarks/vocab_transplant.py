@@ -138,25 +138,13 @@ def baseline_arm(name: str, flags: list[str], source: Path, donor: Path, work: P
 
 def llama_cpp_agreement(folder: Path, types: list[str], work: Path, tokens: int = 256) -> dict:
     """Per export type: llama.cpp's greedy next token on heldout.txt against the float32 checkpoint's, and a chat answer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qwenforge.export.llama_cpp import exported_agreement, hf_greedy
 
-    from qwenforge.export.gguf import export
-    from qwenforge.export.llama_cpp import chat_reply, greedy_next_tokens, llama_cpp_server
-
-    ids = AutoTokenizer.from_pretrained(folder)(default_text("heldout.txt").read_text())["input_ids"][:tokens]
-    with torch.no_grad():
-        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
+    reference = hf_greedy(folder, default_text("heldout.txt").read_text(), tokens)
     rows = {}
     for kind in types:
-        gguf = work / f"{folder.name}-{kind}.gguf"
-        export(folder, gguf, kind)
-        with llama_cpp_server(gguf, context=tokens + 64, threads=1) as server:
-            reply = chat_reply(server, "What is the capital of France?")
-            chosen = greedy_next_tokens(server, ids)
-        gguf.unlink()
-        gguf.with_suffix(".Modelfile").unlink()
-        rows[kind] = {"top1": sum(a == b for a, b in zip(chosen, reference)) / len(reference), "reply": reply}
-        print(f"{folder.name} {kind} in llama.cpp: top-1 {rows[kind]['top1']:.1%} of {len(reference)} tokens; {reply!r}")
+        rows[kind] = exported_agreement(folder, reference, work / f"{folder.name}-{kind}.gguf", kind, question="What is the capital of France?")
+        print(f"{folder.name} {kind} in llama.cpp: top-1 {rows[kind]['top1']:.1%} of {len(reference[1])} tokens; {rows[kind]['reply']!r}")
     return rows
 
 

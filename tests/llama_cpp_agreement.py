@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from qwenforge.files import default_text
 
@@ -17,30 +16,20 @@ needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is No
 
 def hf_argmax(folder) -> tuple[list[int], list[int]]:
     """(held-out token ids, the HF checkpoint's greedy next token after each prefix)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qwenforge.export.llama_cpp import hf_greedy
 
-    ids = AutoTokenizer.from_pretrained(str(folder))(default_text("heldout.txt").read_text())["input_ids"][:HELDOUT_TOKENS]
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    with torch.no_grad():
-        return ids, model(torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
+    return hf_greedy(folder, default_text("heldout.txt").read_text(), HELDOUT_TOKENS)
 
 
 def llama_cpp_agreement(folder: Path, reference, gguf: Path, export_type: str, ask: bool = False) -> float:
     """Export `folder` to `gguf`, run it in llama.cpp (asking the test question if `ask`), return top-1 agreement."""
-    from qwenforge.export.gguf import export
-    from qwenforge.export.llama_cpp import chat_reply, greedy_next_tokens, llama_cpp_server
+    from qwenforge.export.llama_cpp import exported_agreement
 
-    export(folder, gguf, export_type)
-    ids, predicted = reference
-    with llama_cpp_server(gguf, context=HELDOUT_TOKENS + 64, threads=2) as server:
-        if ask:
-            reply = chat_reply(server, "What is the capital of France?")
-            assert "Paris" in reply, reply
-        chosen = greedy_next_tokens(server, ids)
-    gguf.unlink()
-    agreement = sum(a == b for a, b in zip(chosen, predicted)) / len(predicted)
-    print(f"{Path(folder).name} {export_type}: llama.cpp top-1 agreement with the HF checkpoint over {len(predicted)} tokens: {agreement:.1%}")
-    return agreement
+    result = exported_agreement(folder, reference, gguf, export_type, threads=2, question="What is the capital of France?" if ask else None)
+    if ask:
+        assert "Paris" in result["reply"], result["reply"]
+    print(f"{Path(folder).name} {export_type}: llama.cpp top-1 agreement with the HF checkpoint over {len(reference[1])} tokens: {result['top1']:.1%}")
+    return result["top1"]
 
 
 def source_agreement(source: Path, export_type: str, run_dir: Path) -> float:

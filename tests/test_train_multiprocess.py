@@ -50,10 +50,9 @@ if os.environ.get("RANK") == "1":
     load = pytorch.PyTorchBackend.load
     def late(self, *args, **kwargs):
         load(self, *args, **kwargs)
-        time.sleep(LATE_SECONDS)
+        time.sleep(10)
     pytorch.PyTorchBackend.load = late
 """
-LATE_SECONDS = 10
 
 
 def free_port() -> int:
@@ -81,7 +80,7 @@ def test_two_gloo_processes_train_one_adapter(tmp_path, qwen25_tokenizer_dir):
     ]
     late = tmp_path / "late"
     late.mkdir()
-    (late / "sitecustomize.py").write_text(LATE_RANK.replace("LATE_SECONDS", str(LATE_SECONDS)))
+    (late / "sitecustomize.py").write_text(LATE_RANK)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(late), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)  # ~45 s alone; a hang never ends
